@@ -1,0 +1,445 @@
+"""One typed configuration for training and inference, validated once at the edge.
+
+A config comes from a Python file of top-level assignments (the original VADER / Open-Sora format,
+e.g. ``configs/opensora-v1-2/vader/vader_train.py``) plus command-line overrides
+(``--lr 1e-4``, ``--num-frames 2s``, ``--scheduler.num_sampling_steps 10``). Everything a user can
+get wrong is reported as one ``VaderError`` line naming the key, the bad value and the valid
+choices; inner code then receives plain, already-checked values.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import runpy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from vader.errors import VaderError
+
+BACKPROP_MODES = ("last", "rand", "specific")
+SPECIFIC_CUTOFF = 15  # the original's `specific` mode: gradients from step 15 (0-based) on
+DECODE_FRAME_MODES = ("-1", "fml", "all", "alt")
+DTYPES = ("fp32", "fp16", "bf16", "fp8")
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
+LOGGER_TYPES = ("wandb", "tensorboard", "none")
+HPS_VERSIONS = ("v2.1", "v2.0")
+DECODE_STRATEGIES = ("exact", "latent")
+MODEL_TYPES = ("STDiT3-XL/2", "STDiT3-tiny")
+VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
+TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
+SCHEDULER_TYPES = ("rflow",)
+
+
+def _doc(text: str, **kw: Any) -> Any:
+    return {"doc": text, **kw}
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser. Keys beyond these are STDiT3 architecture overrides (hidden_size, depth, ...)."""
+
+    type: str = field(default="STDiT3-XL/2", metadata=_doc("denoiser architecture", choices=MODEL_TYPES))
+    from_pretrained: str | None = field(
+        default="hpcai-tech/OpenSora-STDiT-v3", metadata=_doc("hub id or local folder; None = random init")
+    )
+    qk_norm: bool = field(default=True, metadata=_doc("RMS-norm q and k per head (Open-Sora v1.2: True)"))
+    enable_flash_attn: bool = field(default=False, metadata=_doc("accepted for compatibility; no effect"))
+    enable_layernorm_kernel: bool = field(default=False, metadata=_doc("accepted for compatibility; no effect"))
+    overrides: dict[str, Any] = field(default_factory=dict, metadata=_doc("STDiT3 architecture overrides"))
+
+
+@dataclass
+class VAEConfig:
+    type: str = field(default="OpenSoraVAE_V1_2", metadata=_doc("VAE architecture", choices=VAE_TYPES))
+    from_pretrained: str | None = field(
+        default="hpcai-tech/OpenSora-VAE-v1.2", metadata=_doc("hub id or local folder; None = random init")
+    )
+    micro_frame_size: int = field(default=17, metadata=_doc("frames per temporal VAE chunk"))
+    micro_batch_size: int = field(default=4, metadata=_doc("frames per spatial VAE micro-batch"))
+
+
+@dataclass
+class TextEncoderConfig:
+    type: str = field(default="t5", metadata=_doc("text encoder", choices=TEXT_ENCODER_TYPES))
+    from_pretrained: str | None = field(
+        default="DeepFloyd/t5-v1_1-xxl", metadata=_doc("hub id or local folder; None = random init")
+    )
+    model_max_length: int = field(default=300, metadata=_doc("T5 tokens per prompt (padded)"))
+
+
+@dataclass
+class SchedulerConfig:
+    type: str = field(default="rflow", metadata=_doc("sampler", choices=SCHEDULER_TYPES))
+    use_timestep_transform: bool = field(default=True, metadata=_doc("Open-Sora's resolution/length shift"))
+    num_sampling_steps: int = field(default=30, metadata=_doc("Euler steps of the rectified-flow sampler"))
+    cfg_scale: float = field(default=7.0, metadata=_doc("classifier-free guidance scale"))
+    num_timesteps: int = field(default=1000, metadata=_doc("timestep range of the denoiser"))
+    use_discrete_timesteps: bool = field(default=False, metadata=_doc("round timesteps to integers"))
+    transform_scale: float = field(default=1.0, metadata=_doc("extra factor in the timestep transform"))
+
+
+NESTED = {"model": ModelConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig, "scheduler": SchedulerConfig}
+
+
+@dataclass
+class VaderConfig:
+    # --- what to generate (Open-Sora keys) ---
+    resolution: str = field(default="240p", metadata=_doc("Open-Sora resolution name"))
+    aspect_ratio: str = field(default="9:16", metadata=_doc("Open-Sora aspect ratio, e.g. 3:4"))
+    image_size: tuple[int, int] | None = field(
+        default=None, metadata=_doc("(height, width) in pixels; overrides resolution/aspect_ratio")
+    )
+    num_frames: int | str = field(default=16, metadata=_doc("frames, or Open-Sora length '2s' (=51), '4s', ..."))
+    fps: int = field(default=24, metadata=_doc("frame rate the denoiser is conditioned on"))
+    frame_interval: int = field(default=1, metadata=_doc("accepted for compatibility"))
+    save_fps: int = field(default=24, metadata=_doc("frame rate of saved mp4 files"))
+    multi_resolution: str = field(default="STDiT2", metadata=_doc("accepted for compatibility"))
+    condition_frame_length: int = field(default=5, metadata=_doc("accepted for compatibility"))
+    align: int = field(default=5, metadata=_doc("accepted for compatibility"))
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("denoiser (dict)"))
+    vae: VAEConfig = field(default_factory=VAEConfig, metadata=_doc("video VAE (dict)"))
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata=_doc("text encoder (dict)"))
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata=_doc("sampler (dict)"))
+    aes: float | None = field(default=6.5, metadata=_doc("aesthetic score appended to every prompt"))
+    flow: float | None = field(default=None, metadata=_doc("motion score appended to every prompt"))
+    camera_motion: str | None = field(default=None, metadata=_doc("camera motion appended to every prompt"))
+    prompt_path: str | None = field(default=None, metadata=_doc("text file, one prompt per line"))
+    prompt: list[str] | None = field(default=None, metadata=_doc("prompts given inline (instead of prompt_path)"))
+    start_index: int | None = field(default=None, metadata=_doc("first prompt of the file to use"))
+    end_index: int | None = field(default=None, metadata=_doc("one past the last prompt to use"))
+    verbose: int = field(default=1, metadata=_doc("0 = quiet, 1 = progress bars"))
+    # --- VADER ---
+    is_vader_training: bool = field(default=True, metadata=_doc("`vader run`: train if True, else infer"))
+    train_batch_size: int = field(default=1, metadata=_doc("videos per process per micro-step"))
+    val_batch_size: int = field(default=1, metadata=_doc("videos per process per validation run"))
+    num_val_runs: int = field(default=2, metadata=_doc("validation runs; videos = runs × val_batch_size × processes"))
+    seed: int = field(default=200, metadata=_doc("the same seed gives the same run"))
+    lora_ckpt_path: str | None = field(default=None, metadata=_doc("initial LoRA: our checkpoint or the original .pt"))
+    resume_from: str | None = field(default=None, metadata=_doc("checkpoint folder or 'latest' to resume training"))
+    project_dir: str = field(default="./project_dir", metadata=_doc("runs are written to project_dir/<run name>/"))
+    run_name: str | None = field(default=None, metadata=_doc("name of the run folder; default: a timestamp"))
+    lr: float = field(default=2e-4, metadata=_doc("AdamW learning rate (constant)"))
+    reward_fn: str | dict[str, float] = field(default="hps", metadata=_doc("reward name, or {name: weight}"))
+    gradient_accumulation_steps: int = field(default=8, metadata=_doc("micro-steps per optimizer step"))
+    lora_rank: int = field(default=16, metadata=_doc("LoRA rank"))
+    lora_alpha: float = field(default=8.0, metadata=_doc("LoRA alpha (peft default 8, as the original)"))
+    lora_dropout: float = field(default=0.01, metadata=_doc("LoRA dropout"))
+    dtype: str = field(default="bf16", metadata=_doc("dtype of the frozen model weights", choices=DTYPES))
+    mixed_precision: str = field(default="bf16", metadata=_doc("autocast precision", choices=MIXED_PRECISIONS))
+    logger_type: str = field(default="wandb", metadata=_doc("experiment tracker", choices=LOGGER_TYPES))
+    use_wandb: bool = field(default=True, metadata=_doc("False turns wandb off even if logger_type='wandb'"))
+    wandb_entity: str = field(default="", metadata=_doc("wandb entity (team or user)"))
+    wandb_project: str = field(default="vader", metadata=_doc("wandb project"))
+    validation_steps: int = field(default=10, metadata=_doc("validate every N optimizer steps (0 = never)"))
+    checkpointing_steps: int = field(default=1, metadata=_doc("save the LoRA every N optimizer steps (0 = end only)"))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_doc("keep only the newest N checkpoints"))
+    debug: bool = field(default=False, metadata=_doc("tiny run: 2 sampling steps, 2 optimizer steps, no tracker"))
+    use_AdamW8bit: bool = field(default=False, metadata=_doc("bitsandbytes AdamW8bit instead of AdamW"))
+    hps_version: str = field(default="v2.1", metadata=_doc("HPS checkpoint version", choices=HPS_VERSIONS))
+    num_train_epochs: int = field(default=200, metadata=_doc("passes over the prompt list"))
+    max_train_steps: int | None = field(default=800, metadata=_doc("optimizer steps; overrides epochs"))
+    max_grad_norm: float = field(default=1.0, metadata=_doc("gradient clipping norm (0 = off)"))
+    backprop_mode: str | int = field(
+        default="last", metadata=_doc("steps that get gradients: last | rand | specific | K (last K steps)")
+    )
+    decode_frame: str = field(default="-1", metadata=_doc("frames to decode: '-1' random | 'N' | fml | all | alt"))
+    decode_strategy: str = field(
+        default="exact", metadata=_doc("'exact' decodes the true output frames; 'latent' the original's shortcut",
+                                       choices=DECODE_STRATEGIES)
+    )
+    is_sample_preview: bool = field(default=True, metadata=_doc("generate and save validation videos"))
+    grad_checkpoint: bool = field(default=True, metadata=_doc("checkpoint each denoiser call with gradients"))
+
+    # ---- derived values (computed by validate) ----
+    @property
+    def height_width(self) -> tuple[int, int]:
+        from vader.sizes import image_size
+
+        if self.image_size is not None:
+            return (int(self.image_size[0]), int(self.image_size[1]))
+        return image_size(self.resolution, self.aspect_ratio)
+
+    @property
+    def frames(self) -> int:
+        from vader.sizes import parse_num_frames
+
+        return parse_num_frames(self.num_frames)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name in NESTED:
+            overrides = out[name].pop("overrides", None)
+            if overrides:
+                out[name].update(overrides)
+        return out
+
+
+TOP_KEYS = {f.name for f in fields(VaderConfig)}
+
+
+def _nearest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _literal(text: str) -> Any:
+    """A command-line value: a Python literal where it parses as one, else the raw string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Top-level assignments of a Python config file (mmengine/Open-Sora style)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VaderError(f"config file not found: {path}")
+    try:
+        namespace = runpy.run_path(str(path))
+    except Exception as exc:  # a user file with a syntax or runtime error
+        raise VaderError(f"could not read config file {path}: {type(exc).__name__}: {exc}") from None
+    out: dict[str, Any] = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+            continue
+        out[key] = value
+    _relative_to_file(out, path.parent)
+    return out
+
+
+def _relative_to_file(values: dict[str, Any], folder: Path) -> None:
+    """A relative prompt_path that is not found from the working directory is read next to the
+    config file, so shipped configs work from anywhere."""
+    prompt_path = values.get("prompt_path")
+    if isinstance(prompt_path, str) and not Path(prompt_path).is_absolute() and not Path(prompt_path).exists():
+        beside = folder / prompt_path
+        if beside.exists():
+            values["prompt_path"] = str(beside)
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` and `key=value`; hyphens in keys become underscores; dots nest."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--"):
+            body = token[2:]
+            if "=" in body:
+                key, value = body.split("=", 1)
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                key, value = body, argv[i + 1]
+                i += 1
+            else:
+                key, value = body, "true"  # a bare flag such as --debug
+        elif "=" in token:
+            key, value = token.split("=", 1)
+        else:
+            raise VaderError(f"unexpected argument '{token}': overrides look like --key value or key=value")
+        out[key.replace("-", "_")] = _literal(value)
+        i += 1
+    return out
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            sub = merged.get(head)
+            if not isinstance(sub, dict):
+                sub = {}
+            sub[rest] = value
+            merged[head] = sub
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict) and key in NESTED:
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise VaderError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(repr, choices))}")
+
+
+def _check_type(key: str, value: Any, kind: type | tuple[type, ...], *, positive: bool = False) -> None:
+    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise VaderError(f"{key}={value!r} must be a number, not a bool")
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise VaderError(f"{key}={value!r} must be of type {names}")
+    if positive and value <= 0:
+        raise VaderError(f"{key}={value!r} must be > 0")
+
+
+def _build_nested(name: str, raw: Any) -> Any:
+    cls = NESTED[name]
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise VaderError(f"{name}={raw!r} must be a dict such as {name} = dict(type=..., from_pretrained=...)")
+    own = {f.name for f in fields(cls)} - {"overrides"}
+    arch = _architecture_keys(name)
+    kwargs: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in own:
+            kwargs[key] = value
+        elif key in arch:
+            overrides[key] = value
+        else:
+            raise VaderError(f"unknown key '{name}.{key}'{_nearest(key, sorted(own | arch))}")
+    obj = cls(**kwargs)
+    if overrides:
+        if "overrides" not in {f.name for f in fields(cls)}:
+            raise VaderError(f"{name} does not take architecture overrides: {sorted(overrides)}")
+        obj.overrides = overrides  # type: ignore[attr-defined]
+    return obj
+
+
+def _architecture_keys(name: str) -> set[str]:
+    if name != "model":
+        return set()
+    from vader.models.stdit3 import STDiT3Config
+
+    return {f.name for f in fields(STDiT3Config)}
+
+
+def build_config(raw: dict[str, Any]) -> VaderConfig:
+    """Turn a merged dict (file + overrides) into a validated `VaderConfig`."""
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in TOP_KEYS:
+            raise VaderError(f"unknown config key '{key}'{_nearest(key, sorted(TOP_KEYS))}")
+        kwargs[key] = _build_nested(key, value) if key in NESTED else value
+    cfg = VaderConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, argv: list[str] | None = None) -> VaderConfig:
+    raw = load_config_file(path) if path is not None else {}
+    return build_config(_merge(raw, parse_overrides(argv or [])))
+
+
+def validate(cfg: VaderConfig) -> None:
+    """Check every value once; normalise a few forgiving spellings in place."""
+    _check_choice("model.type", cfg.model.type, MODEL_TYPES)
+    _check_choice("vae.type", cfg.vae.type, VAE_TYPES)
+    _check_choice("text_encoder.type", cfg.text_encoder.type, TEXT_ENCODER_TYPES)
+    _check_choice("scheduler.type", cfg.scheduler.type, SCHEDULER_TYPES)
+    _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    _check_choice("logger_type", cfg.logger_type, LOGGER_TYPES)
+    _check_choice("hps_version", cfg.hps_version, HPS_VERSIONS)
+    _check_choice("decode_strategy", cfg.decode_strategy, DECODE_STRATEGIES)
+    for key in ("train_batch_size", "val_batch_size", "gradient_accumulation_steps", "lora_rank", "fps", "save_fps"):
+        _check_type(key, getattr(cfg, key), int, positive=True)
+    for key in ("num_val_runs", "validation_steps", "checkpointing_steps", "num_train_epochs", "seed"):
+        _check_type(key, getattr(cfg, key), int)
+        if getattr(cfg, key) < 0:
+            raise VaderError(f"{key}={getattr(cfg, key)!r} must be >= 0")
+    if cfg.max_train_steps is not None:
+        _check_type("max_train_steps", cfg.max_train_steps, int, positive=True)
+    _check_type("lr", cfg.lr, (int, float), positive=True)
+    _check_type("max_grad_norm", cfg.max_grad_norm, (int, float))
+    _check_type("lora_alpha", cfg.lora_alpha, (int, float), positive=True)
+    if not 0 <= cfg.lora_dropout < 1:
+        raise VaderError(f"lora_dropout={cfg.lora_dropout!r} must be in [0, 1)")
+    for key in ("is_vader_training", "use_wandb", "debug", "use_AdamW8bit", "is_sample_preview", "grad_checkpoint"):
+        _check_type(key, getattr(cfg, key), bool)
+    sched = cfg.scheduler
+    _check_type("scheduler.num_sampling_steps", sched.num_sampling_steps, int, positive=True)
+    _check_type("scheduler.cfg_scale", sched.cfg_scale, (int, float))
+    cfg.height_width  # noqa: B018 - raises VaderError on a bad resolution/aspect_ratio/image_size
+    _validate_image_size(cfg)
+    num_frames = cfg.frames
+    cfg.backprop_mode = _validate_backprop_mode(cfg.backprop_mode, sched.num_sampling_steps)
+    cfg.decode_frame = _validate_decode_frame(cfg.decode_frame, num_frames)
+    _validate_reward(cfg.reward_fn)
+    if cfg.prompt is not None and not (
+        isinstance(cfg.prompt, list) and all(isinstance(p, str) for p in cfg.prompt) and cfg.prompt
+    ):
+        raise VaderError(f"prompt={cfg.prompt!r} must be a non-empty list of strings")
+    if cfg.prompt_path is not None and not Path(cfg.prompt_path).is_file():
+        raise VaderError(f"prompt_path={cfg.prompt_path!r}: no such file")
+
+
+def _validate_image_size(cfg: VaderConfig) -> None:
+    height, width = cfg.height_width
+    if height < 16 or width < 16:
+        raise VaderError(f"image_size={cfg.image_size!r} must be at least 16x16 pixels")
+
+
+def _validate_backprop_mode(mode: Any, num_steps: int) -> str | int:
+    if isinstance(mode, str) and mode.isdigit():
+        mode = int(mode)
+    if isinstance(mode, bool) or not isinstance(mode, (str, int)):
+        raise VaderError(f"backprop_mode={mode!r}: choose 'last', 'rand', 'specific' or an integer K (last K steps)")
+    if isinstance(mode, int):
+        if not 1 <= mode <= num_steps:
+            raise VaderError(
+                f"backprop_mode={mode!r}: K must be between 1 and scheduler.num_sampling_steps={num_steps}"
+            )
+        return mode
+    _check_choice("backprop_mode", mode, (*BACKPROP_MODES, "<integer K>"))
+    if mode == "specific" and num_steps <= SPECIFIC_CUTOFF:
+        raise VaderError(
+            f"backprop_mode='specific' starts at step {SPECIFIC_CUTOFF} but scheduler.num_sampling_steps="
+            f"{num_steps}; use more steps, 'last', 'rand' or an integer K"
+        )
+    return mode
+
+
+def _validate_decode_frame(value: Any, num_frames: int) -> str:
+    text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text is None:
+        raise VaderError(f"decode_frame={value!r}: choose '-1', a frame index like '3', 'fml', 'all' or 'alt'")
+    if text in DECODE_FRAME_MODES:
+        return text
+    if text.isdigit():
+        if int(text) >= num_frames:
+            raise VaderError(f"decode_frame={value!r} is out of range: the video has frames 0..{num_frames - 1}")
+        return text
+    raise VaderError(f"decode_frame={value!r} is not valid; choose '-1' (random), a frame index such as '3', "
+                     "'fml', 'all' or 'alt'")
+
+
+def _validate_reward(reward_fn: Any) -> None:
+    from vader.rewards import reward_names
+
+    names = reward_names()
+    if isinstance(reward_fn, str):
+        _check_choice("reward_fn", reward_fn, names)
+        return
+    if not isinstance(reward_fn, dict) or not reward_fn:
+        raise VaderError(f"reward_fn={reward_fn!r} must be a reward name or a dict {{name: weight}}")
+    for name, weight in reward_fn.items():
+        _check_choice("reward_fn", name, names)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise VaderError(f"reward_fn[{name!r}]={weight!r} must be a number (the weight)")
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every key: used by the README and `vader config --keys`."""
+    rows: list[tuple[str, str, str]] = []
+    for f in fields(VaderConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name in NESTED:
+            for sub in fields(NESTED[f.name]):
+                if sub.name == "overrides":
+                    continue
+                rows.append((f"{f.name}.{sub.name}", repr(getattr(default, sub.name)), sub.metadata.get("doc", "")))
+            continue
+        rows.append((f.name, repr(default), f.metadata.get("doc", "")))
+    return rows

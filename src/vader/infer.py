@@ -1,0 +1,30 @@
+"""Inference: generate videos for the prompts, optionally with a trained LoRA.
+
+As the original script in inference mode: num_val_runs × val_batch_size × num_processes videos,
+cycling through the prompt list, from fixed seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vader.checkpoint import add_lora, load_lora, lora_config
+from vader.config import VaderConfig
+from vader.run import Run, make_accelerator, prepare_text
+from vader.video import VideoGenerator
+
+
+def infer(cfg: VaderConfig) -> list[Path]:
+    """Returns this process's mp4 paths (under <run>/samples/)."""
+    accelerator = make_accelerator(cfg)
+    run = Run.create(cfg, accelerator, kind="infer")
+    gen = VideoGenerator.build(cfg, accelerator.device)
+    prepare_text(gen, run.prompts, run, accelerator)
+    if cfg.lora_ckpt_path:
+        add_lora(gen.denoiser, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+        load_lora(gen.denoiser, cfg.lora_ckpt_path)
+        run.note(f"loaded LoRA {cfg.lora_ckpt_path}")
+    paths, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")
+    run.note(f"{len(paths)} video(s) per process in {run.dir / 'samples'}")
+    accelerator.end_training()
+    return paths

@@ -1,0 +1,233 @@
+"""A run's folder, logs, trackers, RNG streams and validation videos.
+
+    project_dir/<run_name>/
+      config.json         the resolved, validated config
+      metrics.jsonl       one JSON line per optimizer step (and per validation)
+      reward_curve.png    reward per step
+      checkpoints/        checkpoint-<step>/ (peft adapter + resume state)
+      lora/               the final adapter
+      samples/            step-<n>/<prompt-index>-<seed>.mp4
+      logs/               tensorboard / wandb files
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from tqdm.auto import tqdm
+
+from vader.config import VaderConfig
+from vader.errors import VaderError
+from vader.media import plot_reward_curve, write_video
+
+
+def make_accelerator(cfg: VaderConfig) -> Accelerator:
+    """An Accelerator that needs no `accelerate config`: CPU when there is no GPU."""
+    mixed = cfg.mixed_precision
+    cuda = torch.cuda.is_available()
+    if mixed in ("fp16", "fp8") and not cuda:
+        raise VaderError(f"mixed_precision={mixed!r} needs a CUDA GPU; on CPU use 'bf16' or 'no'")
+    if mixed == "fp8":
+        raise VaderError("mixed_precision='fp8' is not supported in this version (it needs TransformerEngine/"
+                         "torchao setup); use 'bf16'")
+    return Accelerator(mixed_precision=mixed, cpu=not cuda, log_with=None)
+
+
+def step_seed(seed: int, *parts: int | str) -> int:
+    """A 63-bit seed for one (step, micro-step, rank, ...) that does not depend on history."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def set_step_seed(seed: int, step: int, micro: int, rank: int) -> random.Random:
+    """Seed torch's global RNG (LoRA dropout) and return a Python RNG for this micro-step.
+
+    Each micro-step gets its own stream, so a resumed run draws exactly what an uninterrupted one
+    would, and the same seed gives the same run."""
+    s = step_seed(seed, "train", step, micro, rank)
+    torch.manual_seed(s)
+    return random.Random(s)
+
+
+def make_generator(rng: random.Random) -> torch.Generator:
+    return torch.Generator().manual_seed(rng.getrandbits(63))
+
+
+def load_prompts(cfg: VaderConfig) -> list[str]:
+    if cfg.prompt:
+        prompts = list(cfg.prompt)
+    elif cfg.prompt_path:
+        lines = Path(cfg.prompt_path).read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+    else:
+        raise VaderError("no prompts: set prompt_path (a text file, one prompt per line) or prompt=[...]")
+    prompts = prompts[cfg.start_index: cfg.end_index]
+    if not prompts:
+        raise VaderError(f"no prompts left after start_index={cfg.start_index}, end_index={cfg.end_index}")
+    return prompts
+
+
+def prepare_text(gen, prompts: list[str], run: Run, accelerator: Accelerator) -> None:
+    """Encode every prompt once (cached on disk under project_dir), then free the text encoder."""
+    from vader.models.text import EmbeddingCache
+
+    cache = EmbeddingCache(Path(run.cfg.project_dir) / ".cache" / "text")
+    gen.encode_prompts(prompts, cache=cache)
+    gen.release_text_encoder()
+
+
+@dataclass
+class Run:
+    cfg: VaderConfig
+    accelerator: Accelerator
+    dir: Path
+    prompts: list[str]
+    kind: str
+    history: list[dict] = field(default_factory=list)
+    bar: tqdm | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def create(cls, cfg: VaderConfig, accelerator: Accelerator, kind: str) -> Run:
+        name = [cfg.run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(name)  # all ranks write into the main process's folder
+        folder = Path(cfg.project_dir) / name[0]
+        run = cls(cfg, accelerator, folder, load_prompts(cfg), kind)
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+            run._init_trackers()
+        accelerator.wait_for_everyone()
+        return run
+
+    # ---- trackers ----
+    def _trackers(self) -> list[str]:
+        cfg = self.cfg
+        if cfg.debug or cfg.logger_type == "none" or (cfg.logger_type == "wandb" and not cfg.use_wandb):
+            return []
+        return [cfg.logger_type]
+
+    def _init_trackers(self) -> None:
+        trackers = self._trackers()
+        if not trackers:
+            return
+        logs = self.dir / "logs"
+        logs.mkdir(exist_ok=True)
+        acc = self.accelerator
+        acc.project_configuration = ProjectConfiguration(project_dir=str(self.dir), logging_dir=str(logs))
+        acc.log_with = _filter_trackers(trackers)
+        kwargs = {"wandb": {"dir": str(logs), "name": self.dir.name, **({"entity": self.cfg.wandb_entity}
+                                                                         if self.cfg.wandb_entity else {})}}
+        flat = {k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v)
+                for k, v in self.cfg.to_dict().items()}
+        acc.init_trackers(self.cfg.wandb_project if trackers == ["wandb"] else "tb", config=flat,
+                          init_kwargs=kwargs if trackers == ["wandb"] else {})
+
+    # ---- logging ----
+    def note(self, text: str) -> None:
+        if self.accelerator.is_main_process and self.cfg.verbose:
+            tqdm.write(f"[vader] {text}")
+
+    def log_start(self, total: int, trainable: int, start: int = 0) -> None:
+        self.note(f"run folder {self.dir} | {len(self.prompts)} prompts | {trainable:,} trainable LoRA parameters "
+                  f"| {total} optimizer steps on {self.accelerator.num_processes} process(es)")
+        if self.accelerator.is_main_process and self.cfg.verbose:
+            self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        row = {"step": step, **metrics, "time": round(time.perf_counter() - self.started, 3)}
+        self.history.append(row)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}", reward=f"{metrics.get('reward', 0):.4f}")
+
+    # ---- validation / inference videos ----
+    def sample_videos(self, gen, reward, folder: Path, tag: str = "val") -> tuple[list[Path], float | None]:
+        """num_val_runs × val_batch_size videos per process from fixed seeds, saved as mp4 (and scored).
+
+        Run r, process p, slot j uses prompt (r·P + p)·B + j (cycling through the prompt list), so
+        every process makes different videos and the same seed makes the same ones."""
+        acc, cfg = self.accelerator, self.cfg
+        gen.denoiser.eval()
+        paths, scores = [], []
+        for run_index in range(cfg.num_val_runs):
+            seed = step_seed(cfg.seed, tag, run_index, acc.process_index)
+            first = (run_index * acc.num_processes + acc.process_index) * cfg.val_batch_size
+            indices = [(first + j) % len(self.prompts) for j in range(cfg.val_batch_size)]
+            prompts = [self.prompts[i] for i in indices]
+            with acc.autocast():
+                videos = gen.generate(prompts, torch.Generator().manual_seed(seed))
+                if reward is not None:
+                    with torch.no_grad():
+                        scores.append(reward(videos, gen.reward_prompts(prompts)).reward.float())
+            for j, video in enumerate(videos):
+                name = f"run{run_index}-rank{acc.process_index}-{j}-prompt{indices[j]:04d}.mp4"
+                paths.append(write_video(folder / name, video, fps=cfg.save_fps))
+        mean = acc.gather(torch.cat(scores)).mean().item() if scores else None
+        return paths, mean
+
+    def validate(self, gen, reward, step: int) -> list[Path]:
+        paths, mean = self.sample_videos(gen, reward, self.dir / "samples" / f"step-{step:06d}")
+        if mean is not None:
+            self.log_validation(step, mean, paths)
+        return paths
+
+    def log_validation(self, step: int, reward: float, paths: list[Path]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, "val_reward": reward, "videos": [str(p) for p in paths]}) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({"val_reward": reward}, step=step)
+            _log_videos(self.accelerator, paths, step)
+
+    def finish(self) -> None:
+        acc = self.accelerator
+        if acc.is_main_process:
+            if self.bar is not None:
+                self.bar.close()
+            metrics = self.dir / "metrics.jsonl"
+            if metrics.is_file() and self.history:
+                plot_reward_curve(metrics, self.dir / "reward_curve.png")
+                first, last = self.history[0], self.history[-1]
+                self.note(f"reward {first['reward']:.4f} (step {first['step']}) -> {last['reward']:.4f} "
+                          f"(step {last['step']}); outputs in {self.dir}")
+        acc.wait_for_everyone()
+        acc.end_training()
+
+
+def _filter_trackers(trackers: list[str]) -> list[str]:
+    if "wandb" in trackers:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise VaderError("logger_type='wandb' needs wandb: `pip install 'vader[wandb]'`, or set "
+                             "logger_type='tensorboard' (or use_wandb=False)") from None
+        os.environ.setdefault("WANDB_SILENT", "true")
+    return trackers
+
+
+def _log_videos(accelerator: Accelerator, paths: list[Path], step: int) -> None:
+    try:
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+    except Exception:
+        return
+    import wandb
+
+    tracker.log({"videos": [wandb.Video(str(p), format="mp4") for p in paths]}, step=step)

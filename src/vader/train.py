@@ -1,0 +1,191 @@
+"""VADER training: sample with the LoRA denoiser, decode chosen frames, score, step the LoRA.
+
+Read top to bottom: setup, then `train_step` (one optimizer step over gradient-accumulation
+micro-steps), then the loop with logging, checkpoints and validation.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from vader.checkpoint import (
+    add_lora,
+    checkpoint_dirs,
+    find_resume_dir,
+    load_lora,
+    lora_config,
+    prune_checkpoints,
+    save_adapter,
+)
+from vader.config import VaderConfig
+from vader.errors import VaderError
+from vader.frames import decode_selected, select_frames
+from vader.rewards import build_reward
+from vader.run import Run, make_accelerator, make_generator, prepare_text, set_step_seed
+from vader.sampling import backprop_cutoff
+from vader.video import VideoGenerator
+
+
+@dataclass
+class StepResult:
+    loss: float
+    reward: float
+    reward_std: float
+    grad_norm: float
+    cutoff: int
+    frames: list[int]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: VaderConfig) -> torch.optim.Optimizer:
+    if not cfg.use_AdamW8bit:
+        return torch.optim.AdamW(params, lr=cfg.lr)
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr)
+    except Exception as exc:  # missing package or no usable kernels on this machine
+        raise VaderError(f"use_AdamW8bit=True needs bitsandbytes with working kernels ({type(exc).__name__}: "
+                         f"{exc}); install it with `pip install 'vader[bnb]'` or set use_AdamW8bit=False") from None
+
+
+def total_train_steps(cfg: VaderConfig, num_prompts: int, num_processes: int) -> int:
+    """Optimizer steps: epochs over the prompts, capped by max_train_steps."""
+    per_step = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
+    per_epoch = max(1, math.ceil(num_prompts / per_step))
+    steps = cfg.num_train_epochs * per_epoch
+    return min(steps, cfg.max_train_steps) if cfg.max_train_steps else steps
+
+
+def pick_prompts(prompts: list[str], cfg: VaderConfig, step: int, micro: int, rank: int, world: int) -> list[str]:
+    """Deterministic epoch-wise shuffling: every prompt once per epoch, the same on resume."""
+    out = []
+    for j in range(cfg.train_batch_size):
+        index = ((step * cfg.gradient_accumulation_steps + micro) * world + rank) * cfg.train_batch_size + j
+        epoch, position = divmod(index, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
+        out.append(prompts[order[position]])
+    return out
+
+
+def train_step(gen: VideoGenerator, reward, optimizer, params, cfg: VaderConfig, accelerator: Accelerator,
+               prompts: list[str], step: int) -> StepResult:
+    rank, world = accelerator.process_index, accelerator.num_processes
+    accum = cfg.gradient_accumulation_steps
+    optimizer.zero_grad(set_to_none=True)
+    rewards, losses = [], []
+    for micro in range(accum):
+        rng = set_step_seed(cfg.seed, step, micro, rank)
+        batch = pick_prompts(prompts, cfg, step, micro, rank, world)
+        cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
+        frames = select_frames(cfg.decode_frame, gen.num_frames, rng)
+        with accelerator.autocast():
+            latents = gen.sample_latents(batch, make_generator(rng), cutoff=cutoff,
+                                         grad_checkpoint=cfg.grad_checkpoint)
+            video = decode_selected(gen.vae, latents.to(gen.dtype), gen.num_frames, frames, cfg.decode_strategy)
+            out = reward(video, gen.reward_prompts(batch))
+        accelerator.backward(out.loss.mean() / accum)
+        rewards.append(out.reward.detach())
+        losses.append(out.loss.detach())
+    average_gradients(params, accelerator)
+    grad_norm = _clip(params, cfg.max_grad_norm, accelerator)
+    optimizer.step()
+    reward_all = accelerator.gather(torch.cat(rewards).float())
+    loss_all = accelerator.gather(torch.cat(losses).float())
+    return StepResult(loss=loss_all.mean().item(), reward=reward_all.mean().item(),
+                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff,
+                      frames=frames)
+
+
+def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """All-reduce the LoRA gradients once per optimizer step (the denoiser is not DDP-wrapped: its
+    forward runs many times per backward, which DDP's reducer does not allow)."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = accelerator.reduce(flat, reduction="mean")
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def _clip(params: list[torch.nn.Parameter], max_norm: float, accelerator: Accelerator) -> float:
+    if max_norm and max_norm > 0:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def train(cfg: VaderConfig) -> Path:
+    accelerator = make_accelerator(cfg)
+    run = Run.create(cfg, accelerator, kind="train")
+    gen = VideoGenerator.build(cfg, accelerator.device)
+    prompts = run.prompts
+    prepare_text(gen, prompts, run, accelerator)
+    reward = build_reward(cfg.reward_fn).to(accelerator.device)
+
+    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    params = add_lora(gen.denoiser, lora)
+    # eval mode as the original: no caption dropout while sampling (and so no LoRA dropout either)
+    gen.denoiser.eval()
+    if cfg.lora_ckpt_path:
+        load_lora(gen.denoiser, cfg.lora_ckpt_path)
+    optimizer = accelerator.prepare(make_optimizer(params, cfg))
+
+    start = 0
+    if cfg.resume_from:
+        start = _resume(cfg, run, gen, optimizer)
+    total = total_train_steps(cfg, len(prompts), accelerator.num_processes)
+    run.log_start(total=total, trainable=sum(p.numel() for p in params), start=start)
+
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        result = train_step(gen, reward, optimizer, params, cfg, accelerator, prompts, step)
+        done = step + 1
+        run.log_step(done, {"loss": result.loss, "reward": result.reward, "reward_std": result.reward_std,
+                            "grad_norm": result.grad_norm, "lr": cfg.lr, "backprop_cutoff": result.cutoff,
+                            "step_seconds": time.perf_counter() - t0})
+        if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < total:
+            _save_checkpoint(cfg, run, gen, lora, optimizer, done, accelerator)
+        if cfg.is_sample_preview and cfg.validation_steps and (done == 1 or done % cfg.validation_steps == 0):
+            if done < total:
+                run.validate(gen, reward, done)
+
+    _save_checkpoint(cfg, run, gen, lora, optimizer, total, accelerator)
+    if accelerator.is_main_process:
+        save_adapter(run.dir / "lora", gen.denoiser, lora, extra={"step": total, "config": cfg.to_dict()})
+    if cfg.is_sample_preview:
+        run.validate(gen, reward, total)
+    run.finish()
+    return run.dir
+
+
+def _save_checkpoint(cfg, run: Run, gen, lora, optimizer, step: int, accelerator: Accelerator) -> None:
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {"step": step, "optimizer": optimizer.state_dict(), "seed": cfg.seed}
+        save_adapter(run.dir / "checkpoints" / f"checkpoint-{step:06d}", gen.denoiser, lora,
+                     extra={"step": step, "run": run.dir.name}, training_state=state)
+        prune_checkpoints(run.dir / "checkpoints", cfg.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def _resume(cfg: VaderConfig, run: Run, gen, optimizer) -> int:
+    folder = find_resume_dir(cfg.resume_from, Path(cfg.project_dir))
+    load_lora(gen.denoiser, folder)
+    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    run.note(f"resumed from {folder} at step {state['step']}")
+    return int(state["step"])
+
+
+__all__ = ["train", "train_step", "total_train_steps", "pick_prompts", "checkpoint_dirs"]

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import pytest
+from conftest import OPENSORA_INFER, OPENSORA_TRAIN, TINY_INFER, TINY_TRAIN
+
+from vader.config import describe_keys, load_config, parse_overrides
+from vader.errors import VaderError
+
+
+def test_original_configs_load_unchanged_with_original_defaults():
+    cfg = load_config(OPENSORA_TRAIN)
+    assert cfg.is_vader_training is True
+    assert (cfg.lr, cfg.lora_rank, cfg.gradient_accumulation_steps, cfg.seed) == (2e-4, 16, 8, 200)
+    assert (cfg.reward_fn, cfg.hps_version, cfg.backprop_mode, cfg.decode_frame) == ("hps", "v2.1", "last", "-1")
+    assert cfg.model.from_pretrained == "hpcai-tech/OpenSora-STDiT-v3"
+    assert cfg.scheduler.num_sampling_steps == 30 and cfg.scheduler.cfg_scale == 7.0
+    assert cfg.height_width == (240, 426) and cfg.frames == 16
+    inference = load_config(OPENSORA_INFER)
+    assert inference.is_vader_training is False and inference.num_val_runs == 4
+
+
+def test_opensora_flags_and_nested_overrides():
+    cfg = load_config(OPENSORA_TRAIN, ["--num-frames", "2s", "--resolution", "240p", "--aspect-ratio", "3:4",
+                                       "--scheduler.num_sampling_steps", "20", "lr=1e-4", "--use_wandb=false"])
+    assert cfg.frames == 51 and cfg.height_width == (276, 368)
+    assert cfg.scheduler.num_sampling_steps == 20 and cfg.lr == 1e-4 and cfg.use_wandb is False
+    assert cfg.scheduler.cfg_scale == 7.0  # the rest of the nested dict is kept
+
+
+def test_tiny_configs_validate_and_find_their_prompts():
+    for path in (TINY_TRAIN, TINY_INFER):
+        cfg = load_config(path)
+        assert cfg.prompt_path and cfg.prompt_path.endswith("prompts.txt")
+    assert load_config(TINY_INFER).is_vader_training is False
+
+
+def test_parse_overrides_types():
+    out = parse_overrides(["--a", "3", "--b", "none", "--c", "True", "--d", "{'hps': 1.0}", "--e", "hello",
+                           "--flag", "--x-y", "[1, 2]"])
+    assert out == {"a": 3, "b": None, "c": True, "d": {"hps": 1.0}, "e": "hello", "flag": True, "x_y": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--lrr", "1"], ["lrr", "did you mean 'lr'"]),
+        (["--model.depht", "2"], ["model.depht", "did you mean 'depth'"]),
+        (["--backprop_mode", "first"], ["backprop_mode='first'", "'last'", "'rand'", "'specific'"]),
+        (["--decode_frame", "mid"], ["decode_frame='mid'", "fml", "alt"]),
+        (["--decode_frame", "40"], ["decode_frame", "out of range", "0..16"]),
+        (["--dtype", "int8"], ["dtype='int8'", "'bf16'", "'fp8'"]),
+        (["--mixed_precision", "tf32"], ["mixed_precision='tf32'", "'no'"]),
+        (["--reward_fn", "clip"], ["reward_fn='clip'", "'hps'", "'colorfulness'"]),
+        (["--hps_version", "v3"], ["hps_version='v3'", "'v2.1'"]),
+        (["--logger_type", "mlflow"], ["logger_type='mlflow'", "'tensorboard'"]),
+        (["--resolution", "999p", "--image_size", "None"], ["999p", "240p"]),
+        (["--aspect-ratio", "5:1", "--image_size", "None"], ["5:1", "9:16"]),
+        (["--num-frames", "2min"], ["2min", "2s"]),
+        (["--backprop_mode", "specific"], ["specific", "15", "num_sampling_steps=8"]),
+        (["--backprop_mode", "99"], ["between 1 and"]),
+        (["--train_batch_size", "0"], ["train_batch_size=0", "> 0"]),
+        (["--lr", "'fast'"], ["lr='fast'", "type"]),
+        (["--model.type", "DiT"], ["model.type='DiT'", "STDiT3-XL/2"]),
+        (["--prompt_path", "/nope.txt"], ["prompt_path", "no such file"]),
+    ],
+)
+def test_bad_values_give_one_line_naming_key_value_and_choices(argv, needles):
+    with pytest.raises(VaderError) as info:
+        load_config(TINY_TRAIN, argv)
+    message = str(info.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message
+
+
+def test_backprop_mode_integer_and_decode_frame_int_are_normalised():
+    cfg = load_config(TINY_TRAIN, ["--backprop_mode", "3", "--decode_frame", "5"])
+    assert cfg.backprop_mode == 3 and cfg.decode_frame == "5"
+
+
+def test_reward_mix_is_validated():
+    assert load_config(TINY_TRAIN, ["--reward_fn", "{'colorfulness': 1.0, 'brightness': 0.5}"]).reward_fn == {
+        "colorfulness": 1.0, "brightness": 0.5}
+    with pytest.raises(VaderError, match="weight"):
+        load_config(TINY_TRAIN, ["--reward_fn", "{'colorfulness': 'a lot'}"])
+
+
+def test_missing_config_file_and_broken_file(tmp_path):
+    with pytest.raises(VaderError, match="not found"):
+        load_config(tmp_path / "none.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("lr = (\n")
+    with pytest.raises(VaderError, match="could not read config file"):
+        load_config(bad)
+
+
+def test_every_key_is_documented():
+    rows = describe_keys()
+    keys = {key for key, _, _ in rows}
+    seed_keys = {"is_vader_training", "train_batch_size", "val_batch_size", "num_val_runs", "seed", "lora_ckpt_path",
+                 "project_dir", "lr", "reward_fn", "gradient_accumulation_steps", "lora_rank", "dtype",
+                 "mixed_precision", "logger_type", "use_wandb", "wandb_entity", "validation_steps",
+                 "checkpointing_steps", "debug", "use_AdamW8bit", "hps_version", "num_train_epochs",
+                 "max_train_steps", "backprop_mode", "decode_frame", "is_sample_preview", "grad_checkpoint"}
+    assert seed_keys <= keys
+    assert all(doc for _, _, doc in rows)
