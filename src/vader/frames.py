@@ -32,10 +32,15 @@ def select_frames(mode: str, num_frames: int, rng: random.Random) -> list[int]:
     return [index]
 
 
-def latent_index_of_frame(frame: int, micro_frame_size: int = CHUNK_FRAMES) -> int:
-    """The latent frame whose decoding produces output `frame` (its causal right edge)."""
+def latent_index_of_frame(frame: int, micro_frame_size: int = CHUNK_FRAMES, num_frames: int | None = None) -> int:
+    """The latent frame whose decoding produces output `frame` (its causal right edge).
+
+    `num_frames` (the whole video's length) matters when the last chunk is shorter than
+    `micro_frame_size`: that chunk is front-padded to a multiple of 4 by its own length.
+    """
     chunk, within = divmod(frame, micro_frame_size)
-    padding = (TIME_COMPRESSION - micro_frame_size % TIME_COMPRESSION) % TIME_COMPRESSION
+    length = micro_frame_size if num_frames is None else min(micro_frame_size, num_frames - chunk * micro_frame_size)
+    padding = (TIME_COMPRESSION - length % TIME_COMPRESSION) % TIME_COMPRESSION
     latents_per_chunk = -(-micro_frame_size // TIME_COMPRESSION)
     return chunk * latents_per_chunk + (within + padding) // TIME_COMPRESSION
 
@@ -52,5 +57,5 @@ def decode_selected(vae, z: Tensor, num_frames: int, frames: list[int], strategy
     import torch
 
     micro = getattr(getattr(vae, "config", None), "micro_frame_size", CHUNK_FRAMES)
-    latents = [min(latent_index_of_frame(f, micro), z.shape[2] - 1) for f in frames]
+    latents = [min(latent_index_of_frame(f, micro, num_frames), z.shape[2] - 1) for f in frames]
     return torch.cat([vae.decode_latent_frame(z, i) for i in latents], dim=2)

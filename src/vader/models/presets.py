@@ -3,24 +3,47 @@
 The tiny stack has the same structure as the real one (STDiT3 blocks, AutoencoderKL + temporal VAE,
 T5 encoder) at toy sizes, randomly initialised from a seed, so every code path runs on a laptop CPU
 with no download.
+
+Published weights (`from_pretrained` = a hub id or a local folder in the hub's layout) are loaded by
+`load_denoiser` / `load_vae`, the equivalents of Open-Sora's `STDiT3.from_pretrained` and
+`VideoAutoencoderPipeline.from_pretrained`: the architecture is the preset's, then the checkpoint's
+`config.json`, then the config's overrides; the weights load strictly (every key, every shape) and
+straight into the target dtype and device (see `vader.models.loading`).
+
+The spatial SDXL VAE (`PixArt-alpha/pixart_sigma_sdxlvae_T5_diffusers`) that Open-Sora's
+`VideoAutoencoderPipeline` downloads while it is being built is *not* needed: its weights are inside
+`hpcai-tech/OpenSora-VAE-v1.2`'s `model.safetensors` (keys `spatial_vae.module.*`), so that one repo
+is the whole VAE.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import T5Config
 
 from vader.config import ModelConfig, TextEncoderConfig, VAEConfig
 from vader.errors import VaderError
-from vader.models.loading import load_strict, read_config, read_state_dict, resolve_weights
+from vader.models.loading import Checkpoint, load_checkpoint, local_config, resolve_checkpoint
 from vader.models.stdit3 import STDiT3, STDiT3Config, stdit3_xl_2_config
 from vader.models.text import T5TextEncoder, tiny_t5
 from vader.models.vae import VideoVAE, VideoVAEConfig, opensora_vae_v1_2_config, tiny_vae_config
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_T5_DIM = 32
+
+# The published checkpoints of Open-Sora v1.2 (the defaults of ModelConfig / VAEConfig / TextEncoderConfig).
+STDIT3_XL2_REPO = "hpcai-tech/OpenSora-STDiT-v3"
+VAE_V1_2_REPO = "hpcai-tech/OpenSora-VAE-v1.2"
+T5_XXL_REPO = "DeepFloyd/t5-v1_1-xxl"
+
+# `DeepFloyd/t5-v1_1-xxl`'s encoder (4,762,310,656 parameters), for describing it without its config.json.
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+              is_encoder_decoder=False, tie_word_embeddings=False)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -30,54 +53,153 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+# ---------------------------------------------------------------------------------------------
+# Architectures
+# ---------------------------------------------------------------------------------------------
+
+
 def tiny_stdit3_config(caption_channels: int = TINY_T5_DIM, model_max_length: int = 16) -> STDiT3Config:
     return STDiT3Config(hidden_size=64, depth=2, num_heads=4, mlp_ratio=2.0, caption_channels=caption_channels,
                         model_max_length=model_max_length)
 
 
-def denoiser_config(cfg: ModelConfig, caption_channels: int, model_max_length: int) -> STDiT3Config:
+def _stdit3_config(values: dict[str, Any], overrides: dict[str, Any], source: str) -> STDiT3Config:
+    known = {f.name for f in dataclasses.fields(STDiT3Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise VaderError(f"model overrides {unknown} are not STDiT3 settings; valid: {', '.join(sorted(known))}")
+    try:
+        return STDiT3Config.from_dict({**values, **overrides})
+    except (TypeError, ValueError) as exc:
+        raise VaderError(f"STDiT3 config from {source}: {exc}") from None
+
+
+def denoiser_config(cfg: ModelConfig, caption_channels: int, model_max_length: int,
+                    published: dict[str, Any] | None = None) -> STDiT3Config:
+    """The denoiser's architecture: preset (type), then the checkpoint's config.json, then overrides.
+
+    The result must take the text encoder's captions (caption_channels x model_max_length), as the
+    reference passes both to `STDiT3.from_pretrained`; a mismatch is a one-line VaderError.
+    """
     if cfg.type == "STDiT3-tiny":
         base = tiny_stdit3_config(caption_channels, model_max_length)
     else:
-        base = stdit3_xl_2_config()
+        base = dataclasses.replace(stdit3_xl_2_config(), caption_channels=caption_channels,
+                                   model_max_length=model_max_length)
     base.qk_norm = cfg.qk_norm
+    config = _stdit3_config({**base.to_dict(), **(published or {})}, cfg.overrides,
+                            cfg.from_pretrained or cfg.type)
+    if (config.caption_channels, config.model_max_length) != (caption_channels, model_max_length):
+        source = f"model.from_pretrained={cfg.from_pretrained!r}" if published else f"model.type={cfg.type!r}"
+        raise VaderError(
+            f"{source} takes captions of {config.caption_channels} channels x {config.model_max_length} tokens, "
+            f"but the text encoder gives {caption_channels} x {model_max_length}; set text_encoder.type / "
+            "text_encoder.model_max_length to match (Open-Sora v1.2: T5-XXL, 4096 x 300)"
+        )
+    return config
+
+
+def vae_config(cfg: VAEConfig, published: dict[str, Any] | None = None) -> VideoVAEConfig:
+    """The VAE's architecture: preset (type), then the checkpoint's config.json; chunking from `cfg`.
+
+    The hub's config.json (`vae_2d` / `vae_temporal` sections) only names registry types with a fixed
+    architecture, so from it only `shift` / `scale` are taken; a config.json in our own layout
+    (`VideoVAEConfig.to_dict()`: `spatial`, `temporal`, ...) describes the whole architecture.
+    """
+    base = tiny_vae_config() if cfg.type.endswith("-tiny") else opensora_vae_v1_2_config()
+    if published:
+        if "vae_2d" in published or "vae_temporal" in published:
+            published = {k: published[k] for k in ("shift", "scale") if k in published}
+        try:
+            base = VideoVAEConfig.from_dict({**base.to_dict(), **published})
+        except (TypeError, ValueError) as exc:
+            raise VaderError(f"VAE config from {cfg.from_pretrained}: {exc}") from None
+    return dataclasses.replace(base, micro_frame_size=cfg.micro_frame_size, micro_batch_size=cfg.micro_batch_size)
+
+
+def text_encoder_config(cfg: TextEncoderConfig) -> T5Config:
+    """The T5 encoder's config with no download: the checkpoint's own if it is on this machine
+    (folder or HF cache), else T5-XXL's for type 't5' and the tiny one for 't5-tiny'."""
+    if cfg.type == "t5-tiny" and not cfg.from_pretrained:
+        return tiny_t5(d_model=TINY_T5_DIM, model_max_length=cfg.model_max_length).model.config  # ms to build
+    published = local_config(cfg.from_pretrained)
+    if published.get("model_type") == "t5":
+        return T5Config.from_dict(published)
+    return T5Config(**T5_XXL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading published weights (the `from_pretrained` entry points)
+# ---------------------------------------------------------------------------------------------
+
+
+def load_denoiser(name_or_path: str = STDIT3_XL2_REPO, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None, *,
+                  base: STDiT3Config | None = None) -> STDiT3:
+    """`STDiT3.from_pretrained`: a hub id or folder -> frozen STDiT3 in `dtype` on `device`.
+
+    Architecture: `base` (default XL/2), then the checkpoint's config.json, then `overrides`.
+    """
+    checkpoint = resolve_checkpoint(name_or_path, "model.from_pretrained")
+    config = _stdit3_config({**(base or stdit3_xl_2_config()).to_dict(), **checkpoint.config}, overrides or {},
+                            name_or_path)
+    return _load_denoiser(config, checkpoint, dtype, device)
+
+
+def load_vae(name_or_path: str = VAE_V1_2_REPO, dtype: torch.dtype = torch.float32,
+             device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None, *,
+             base: VideoVAEConfig | None = None) -> VideoVAE:
+    """`VideoAutoencoderPipeline.from_pretrained`: a hub id or folder -> frozen VideoVAE in `dtype` on `device`.
+
+    Architecture: `base` (default v1.2), then the checkpoint's config.json, then `overrides`
+    (VideoVAEConfig fields, e.g. micro_batch_size). One repo holds the spatial and temporal weights.
+    """
+    checkpoint = resolve_checkpoint(name_or_path, "vae.from_pretrained")
+    published = dict(checkpoint.config)
+    if "vae_2d" in published or "vae_temporal" in published:
+        published = {k: published[k] for k in ("micro_frame_size", "shift", "scale") if k in published}
     try:
-        return dataclasses.replace(base, **cfg.overrides) if cfg.overrides else base
-    except TypeError as exc:
-        raise VaderError(f"model overrides {cfg.overrides}: {exc}") from None
+        config = VideoVAEConfig.from_dict({**(base or opensora_vae_v1_2_config()).to_dict(), **published,
+                                           **(overrides or {})})
+    except (TypeError, ValueError) as exc:
+        raise VaderError(f"VAE config from {name_or_path}: {exc}") from None
+    return _load_vae(config, checkpoint, dtype, device)
+
+
+def _load_denoiser(config: STDiT3Config, checkpoint: Checkpoint, dtype: torch.dtype,
+                   device: torch.device | str) -> STDiT3:
+    return _freeze(load_checkpoint(lambda: STDiT3(config), checkpoint, dtype, device))
+
+
+def _load_vae(config: VideoVAEConfig, checkpoint: Checkpoint, dtype: torch.dtype,
+              device: torch.device | str) -> VideoVAE:
+    return _freeze(load_checkpoint(lambda: VideoVAE(config), checkpoint, dtype, device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from the run config
+# ---------------------------------------------------------------------------------------------
 
 
 def build_denoiser(cfg: ModelConfig, caption_channels: int, model_max_length: int, dtype: torch.dtype,
                    device: torch.device) -> STDiT3:
-    config = denoiser_config(cfg, caption_channels, model_max_length)
     if cfg.from_pretrained:
-        config_path, weights = resolve_weights(cfg.from_pretrained)
-        published = read_config(config_path)
-        if published:
-            config = STDiT3Config.from_dict({**config.to_dict(), **published, **cfg.overrides})
-        model = STDiT3(config)
-        load_strict(model, read_state_dict(weights, dtype), cfg.from_pretrained)
-    else:
-        model = STDiT3(config)
-        # Random weights (tiny preset, benchmarks): N(0, 1/sqrt(hidden)) everywhere, not the reference's
-        # zero-init, so that every LoRA target changes the output and receives a reward gradient.
-        model.init_weights(std=config.hidden_size**-0.5)
+        checkpoint = resolve_checkpoint(cfg.from_pretrained, "model.from_pretrained")
+        config = denoiser_config(cfg, caption_channels, model_max_length, checkpoint.config)
+        return _load_denoiser(config, checkpoint, dtype, device)
+    config = denoiser_config(cfg, caption_channels, model_max_length)
+    model = STDiT3(config)
+    # Random weights (tiny preset, benchmarks): N(0, 1/sqrt(hidden)) everywhere, not the reference's
+    # zero-init, so that every LoRA target changes the output and receives a reward gradient.
+    model.init_weights(std=config.hidden_size**-0.5)
     return _freeze(model.to(device=device, dtype=dtype))
 
 
 def build_vae(cfg: VAEConfig, dtype: torch.dtype, device: torch.device) -> VideoVAE:
-    config = tiny_vae_config() if cfg.type.endswith("-tiny") else opensora_vae_v1_2_config()
-    config = dataclasses.replace(config, micro_frame_size=cfg.micro_frame_size, micro_batch_size=cfg.micro_batch_size)
     if cfg.from_pretrained:
-        config_path, weights = resolve_weights(cfg.from_pretrained)
-        published = read_config(config_path)
-        if published:
-            config = VideoVAEConfig.from_dict({**config.to_dict(), **published})
-        model = VideoVAE(config)
-        load_strict(model, read_state_dict(weights, dtype), cfg.from_pretrained)
-    else:
-        model = VideoVAE(config)
-    return _freeze(model.to(device=device, dtype=dtype))
+        checkpoint = resolve_checkpoint(cfg.from_pretrained, "vae.from_pretrained")
+        return _load_vae(vae_config(cfg, checkpoint.config), checkpoint, dtype, device)
+    return _freeze(VideoVAE(vae_config(cfg)).to(device=device, dtype=dtype))
 
 
 def build_text_encoder(cfg: TextEncoderConfig, device: torch.device) -> T5TextEncoder:
