@@ -96,12 +96,16 @@ def save_adapter(folder: Path, model: nn.Module, config: LoraConfig, extra: dict
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(folder)
-    state = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
-    save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
-    config.save_pretrained(str(tmp))
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(extra or {}, indent=2))
+    try:
+        state = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+        save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(extra or {}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _commit_dir(tmp, folder)
     return folder
 
@@ -110,7 +114,8 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("checkpoint-*") if (p / STATE_FILE).is_file() and (p / ADAPTER_FILE).is_file()]
+    found = [p for p in root.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()
+             and (p / STATE_FILE).is_file() and (p / ADAPTER_FILE).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 

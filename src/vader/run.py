@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
@@ -39,6 +40,9 @@ def make_accelerator(cfg: VaderConfig) -> Accelerator:
     if mixed == "fp8":
         raise VaderError("mixed_precision='fp8' is not supported in this version (it needs TransformerEngine/"
                          "torchao setup); use 'bf16'")
+    # A process may train more than once (tests, notebooks): drop the previous run's precision
+    # settings but keep the distributed state (process group) that PartialState holds.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed, cpu=not cuda, log_with=None)
 
 

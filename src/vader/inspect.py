@@ -1,0 +1,264 @@
+"""`vader inspect`: what a config builds, from the meta device, with no download and no weights.
+
+For each model (denoiser, vae, text_encoder) it reports the architecture, the parameters per
+top-level module, the memory its weights take in the run's dtype, and for the denoiser which
+modules LoRA wraps and how many parameters `lora_rank` trains. With `keys=True` it lists every
+state-dict key and its shape instead (`key<TAB>d0,d1,...`), the format of the reference listings
+in tests/fixtures, so a checkpoint can be compared with what the code expects.
+
+A checkpoint's config.json is used when it is already on this machine (a local folder or the
+Hugging Face cache); otherwise the preset architecture is described.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vader.config import VaderConfig
+from vader.errors import VaderError
+from vader.models.loading import build_on_meta, local_config
+
+PARTS = ("denoiser", "vae", "text_encoder")
+_ALIASES = {"model": "denoiser", "text-encoder": "text_encoder", "t5": "text_encoder"}
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass
+class MetaModel:
+    """One part of the stack built on the meta device, and what to say about where it came from."""
+
+    part: str
+    title: str  # e.g. "STDiT3-XL/2"
+    source: str  # hub id / folder, and whether its config.json was read
+    settings: str  # the architecture in one line
+    model: nn.Module
+    dtype: torch.dtype  # the dtype its weights are loaded in for a run
+
+
+def inspect(cfg: VaderConfig, part: str | None = None, keys: bool = False) -> str:
+    """The text `vader inspect CONFIG [--part PART] [--keys]` prints.
+
+    part: None (all), 'denoiser', 'vae' or 'text_encoder'. keys: list `key<TAB>shape` lines (for a
+    single part exactly the state-dict listing; for all parts each block follows a `# <part>` line).
+    """
+    parts = _parts(part)
+    blocks = []
+    for name in parts:
+        built = build_meta(cfg, name)
+        if keys:
+            listing = key_listing(built.model)
+            blocks.append(listing if len(parts) == 1 else f"# {name}: {built.title}\n{listing}")
+        else:
+            blocks.append(_summary(built, cfg))
+    return ("\n" if keys else "\n\n").join(blocks)
+
+
+def _parts(part: str | None) -> tuple[str, ...]:
+    if part is None:
+        return PARTS
+    name = _ALIASES.get(part, part)
+    if name not in PARTS:
+        raise VaderError(f"part={part!r} is not valid; choose one of: {', '.join(PARTS)} (or leave it out for all)")
+    return (name,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building on meta
+# ---------------------------------------------------------------------------------------------
+
+
+def build_meta(cfg: VaderConfig, part: str) -> MetaModel:
+    """Build one part of `cfg`'s stack on the meta device (no memory, no download)."""
+    return _BUILDERS[_parts(part)[0]](cfg)
+
+
+def _source(name: str | None) -> tuple[str, dict]:
+    if not name:
+        return "random init (from_pretrained=None)", {}
+    published = local_config(name)
+    note = "its config.json read" if published else "config.json not on this machine: preset architecture"
+    return f"{name} ({note})", published
+
+
+def _run_dtype(cfg: VaderConfig) -> torch.dtype:
+    from vader.models.presets import TORCH_DTYPES
+
+    return TORCH_DTYPES.get(cfg.dtype, torch.bfloat16)  # fp8 is refused at build time
+
+
+def _denoiser(cfg: VaderConfig) -> MetaModel:
+    from vader.models.presets import denoiser_config, text_encoder_config
+    from vader.models.stdit3 import STDiT3
+
+    t5 = text_encoder_config(cfg.text_encoder)
+    source, published = _source(cfg.model.from_pretrained)
+    config = denoiser_config(cfg.model, t5.d_model, cfg.text_encoder.model_max_length, published)
+    settings = (f"hidden_size {config.hidden_size}, depth {config.depth} spatial + {config.depth} temporal, "
+                f"{config.num_heads} heads, mlp_ratio {config.mlp_ratio}, patch {list(config.patch_size)}, "
+                f"in/out channels {config.in_channels}/{config.out_channels}, captions "
+                f"{config.caption_channels} x {config.model_max_length}, qk_norm {config.qk_norm}")
+    model = build_on_meta(lambda: STDiT3(config))
+    return MetaModel("denoiser", cfg.model.type, source, settings, model, _run_dtype(cfg))
+
+
+def _vae(cfg: VaderConfig) -> MetaModel:
+    from vader.models.presets import vae_config
+    from vader.models.vae import VideoVAE
+
+    source, published = _source(cfg.vae.from_pretrained)
+    config = vae_config(cfg.vae, published)
+    spatial, temporal = config.spatial, config.temporal
+    settings = (f"spatial AutoencoderKL channels {spatial['block_out_channels']}, layers_per_block "
+                f"{spatial['layers_per_block']} (its weights are in the VAE checkpoint); temporal filters {temporal.filters}, multipliers "
+                f"{list(temporal.channel_multipliers)}, {temporal.num_res_blocks} res blocks, "
+                f"{temporal.time_downsample_factor}x in time; chunks of {config.micro_frame_size} frames, "
+                f"spatial micro-batch {config.micro_batch_size}")
+    model = build_on_meta(lambda: VideoVAE(config))
+    return MetaModel("vae", cfg.vae.type, source, settings, model, _run_dtype(cfg))
+
+
+def _text_encoder(cfg: VaderConfig) -> MetaModel:
+    from transformers import T5EncoderModel
+
+    from vader.models.presets import text_encoder_config
+
+    config = text_encoder_config(cfg.text_encoder)
+    source, _ = _source(cfg.text_encoder.from_pretrained)
+    settings = (f"T5 encoder: d_model {config.d_model}, {config.num_layers} layers, {config.num_heads} heads x "
+                f"{config.d_kv}, {config.feed_forward_proj} d_ff {config.d_ff}, vocab {config.vocab_size}; "
+                f"{cfg.text_encoder.model_max_length} tokens per prompt, encoded once and cached")
+    model = build_on_meta(lambda: T5EncoderModel(config))
+    # Always fp32 as in Open-Sora; used once per prompt, then dropped.
+    return MetaModel("text_encoder", cfg.text_encoder.type, source, settings, model, torch.float32)
+
+
+_BUILDERS: dict[str, Callable[[VaderConfig], MetaModel]] = {
+    "denoiser": _denoiser,
+    "vae": _vae,
+    "text_encoder": _text_encoder,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting and listing
+# ---------------------------------------------------------------------------------------------
+
+
+def key_listing(model: nn.Module) -> str:
+    """Every state-dict key and its shape, `key<TAB>d0,d1,...` per line, in state-dict order."""
+    return "\n".join(f"{k}\t{','.join(str(d) for d in v.shape)}" for k, v in model.state_dict().items())
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (a tied weight counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def module_counts(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(top-level name, parameters, buffer elements); a tensor shared by two modules counts at the first."""
+    seen: set[int] = set()
+    rows = []
+
+    def take(tensors: list[torch.Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+        return total
+
+    for name, p in model.named_parameters(recurse=False):
+        rows.append((name, take([p]), 0))
+    for name, b in model.named_buffers(recurse=False):
+        rows.append((name, 0, take([b])))
+    for name, child in model.named_children():
+        rows.append((name, take(list(child.parameters())), take(list(child.buffers()))))
+    return rows
+
+
+@dataclass
+class LoraSummary:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: list[str]  # the module names LoRA matches (checkpoint.LORA_TARGETS)
+    modules: Counter  # (target name, in_features, out_features) -> how many modules
+    tensors: int
+    trainable: int
+
+
+def lora_summary(model: nn.Module, rank: int, alpha: float = 8.0, dropout: float = 0.01) -> LoraSummary:
+    """Inject the run's LoRA into `model` (meta is fine) with peft and count what it adds."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    from vader.checkpoint import LORA_TARGETS, lora_config
+
+    inject_adapter_in_model(lora_config(rank, alpha, dropout), model, low_cpu_mem_usage=True)
+    modules: Counter = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            modules[(name.rsplit(".", 1)[-1], base.in_features, base.out_features)] += 1
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    return LoraSummary(rank, alpha, dropout, list(LORA_TARGETS), modules, len(params),
+                       sum(p.numel() for p in params))
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes} B"
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def _summary(built: MetaModel, cfg: VaderConfig) -> str:
+    model = built.model
+    state = model.state_dict()
+    params = list(model.parameters())
+    buffers = list(model.buffers())
+    total = count_parameters(model)
+    buffer_elems = sum(b.numel() for b in buffers)
+    weight_bytes = (total + buffer_elems) * _BYTES.get(built.dtype, 4)
+    lines = [
+        f"{built.part}: {built.title}",
+        f"  from: {built.source}",
+        f"  architecture: {built.settings}",
+    ]
+    rows = module_counts(model)
+    width = max(len(r[0]) for r in rows) if rows else 10
+    lines.append(f"  {'module':<{width}}  {'parameters':>15}  {'buffer elements':>15}")
+    for name, n_params, n_buffers in rows:
+        lines.append(f"  {name:<{width}}  {n_params:>15,}  {n_buffers:>15,}")
+    lines.append(f"  total: {_n(total, 'parameter')} in {_n(len(params), 'tensor')}, "
+                 f"{_n(buffer_elems, 'buffer element')} in {_n(len(buffers), 'tensor')}, "
+                 f"{_n(len(state), 'state-dict key')}")
+    tied = len(state) - len(params) - len(buffers)
+    if tied > 0:
+        lines[-1] += f" ({tied} key{'s' * (tied > 1)} of tied weights, counted once)"
+    lines.append(f"  weights in {_dtype_name(built.dtype)}: {_size(weight_bytes)}"
+                 + ("" if built.part != "text_encoder" else " (always fp32; used once per prompt, then dropped)"))
+    if built.part == "denoiser":
+        lora = lora_summary(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        per_target = ", ".join(f"{n} {name} {i}->{o}" for (name, i, o), n in sorted(
+            lora.modules.items(), key=lambda kv: lora.targets.index(kv[0][0]) if kv[0][0] in lora.targets else 99))
+        lines.append(f"  LoRA r={lora.rank} (alpha {lora.alpha:g}, scale {lora.alpha / lora.rank:g}, dropout "
+                     f"{lora.dropout:g}) on Linear modules named {', '.join(lora.targets)}: "
+                     f"{sum(lora.modules.values())} modules ({per_target})")
+        lines.append(f"  LoRA trainable parameters: {lora.trainable:,} in {lora.tensors} tensors "
+                     f"({100 * lora.trainable / total:.2f}% of the denoiser), trained in fp32: "
+                     f"{_size(lora.trainable * 4)} + AdamW state {_size(lora.trainable * 8)}")
+    return "\n".join(lines)
