@@ -28,14 +28,6 @@ from vader.errors import VaderError
 from vader.models.presets import tiny_stdit3_config
 from vader.models.stdit3 import STDiT3, stdit3_xl_2_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny tensors: a second OpenMP thread only adds sync, and on a busy 2-core box each op then waits
-    for a time slice (~60x slower measured). Runs after conftest's `_threads`, which resets it per test."""
-    torch.set_num_threads(1)
-
-
 RANK = 4
 DEPTH = 2  # tiny_stdit3_config: 2 spatial + 2 temporal blocks
 # per block: attn.qkv, cross_attn.q_linear, cross_attn.kv_linear; A and B each

@@ -11,14 +11,6 @@ from torch import nn
 from vader.frames import decode_selected, latent_index_of_frame, select_frames
 from vader.models.vae import VideoVAE, tiny_vae_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny tensors: a second OpenMP thread only adds sync, and on a busy 2-core box each op then waits
-    for a time slice (~60x slower measured). Runs after conftest's `_threads`, which resets it per test."""
-    torch.set_num_threads(1)
-
-
 # 8 x 16 pixels -> 1 x 2 latents: non-square so an H/W mix-up shows, and cheap to decode.
 H, W = 8, 16
 

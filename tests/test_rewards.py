@@ -11,14 +11,6 @@ from vader.errors import VaderError
 from vader.rewards import PLANNED, Reward, RewardOutput, WeightedReward, build_reward
 from vader.rewards.builtin import Brightness, Colorfulness
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    """Tiny tensors: a second OpenMP thread only adds sync, and on a busy 2-core box each op then waits
-    for a time slice (~60x slower measured). Runs after conftest's `_threads`, which resets it per test."""
-    torch.set_num_threads(1)
-
-
 H, W = 8, 12
 
 

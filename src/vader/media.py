@@ -28,17 +28,26 @@ def write_video(path: str | Path, video: Tensor, fps: int = 24) -> Path:
     if (h, w) != frames.shape[1:3]:
         frames = np.pad(frames, ((0, 0), (0, h - frames.shape[1]), (0, w - frames.shape[2]), (0, 0)), mode="edge")
     tmp = path.with_name(f".{path.stem}.tmp.mp4")
-    with av.open(str(tmp), mode="w") as container:
+    try:
+        _encode(tmp, frames, fps)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+    return path
+
+
+def _encode(path: Path, frames: np.ndarray, fps: int) -> None:
+    height, width = frames.shape[1:3]
+    with av.open(str(path), mode="w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"crf": "18", "preset": "fast"}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    tmp.replace(path)
-    return path
 
 
 def read_video(path: str | Path) -> Tensor:
