@@ -250,6 +250,8 @@ def test_load_vae_entry_point(vae_dir: Path, source_vae: VideoVAE) -> None:
     model = load_vae(str(vae_dir), torch.bfloat16, "cpu", {"micro_batch_size": 1})
     assert model.config.temporal == source_vae.config.temporal and model.config.micro_batch_size == 1
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with pytest.raises(VaderError, match="not VideoVAEConfig settings"):
+        load_vae(str(vae_dir), overrides={"micro_batch": 1})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     vader infer CONFIG [--key value ...]     generate videos, optionally with lora_ckpt_path
     vader run CONFIG [--key value ...]       the original script's behaviour: follows is_vader_training
     vader config CONFIG [--key value ...]    print the resolved, validated config (loads no model)
+    vader inspect CONFIG [--part P] [--keys] parameter counts / LoRA targets / key listing, on meta
 
 Overrides use the config's key names (`--lr 1e-4`, `--scheduler.num_sampling_steps 10`) and accept
 Open-Sora's hyphenated flags (`--num-frames 2s --resolution 240p --aspect-ratio 3:4 --prompt-path F`).
@@ -23,6 +24,7 @@ COMMANDS = {
     "infer": "generate videos (with an optional LoRA: --lora_ckpt_path PATH)",
     "run": "train or infer as the config's is_vader_training says (drop-in for the original script)",
     "config": "print the resolved, validated config as JSON without loading any model",
+    "inspect": "parameter counts, LoRA targets and (--keys) state-dict keys, from the meta device (no download)",
 }
 
 
@@ -39,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="Python config file, e.g. configs/opensora-v1-2/vader/vader_train.py")
         if name == "config":
             p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+        if name == "inspect":
+            p.add_argument("--part", choices=["denoiser", "vae", "text_encoder"], help="only this model")
+            p.add_argument("--keys", action="store_true", help="print every state-dict key<TAB>shape")
     return parser
 
 
@@ -78,6 +83,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     from vader.config import load_config
 
     cfg = load_config(args.config, overrides)
+    if args.command == "inspect":
+        from vader.inspect import inspect
+
+        print(inspect(cfg, part=args.part, keys=args.keys))
+        return 0
     if args.command == "config":
         print(json.dumps(cfg.to_dict(), indent=2, default=str))
         return 0

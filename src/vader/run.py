@@ -66,18 +66,25 @@ def make_generator(rng: random.Random) -> torch.Generator:
     return torch.Generator().manual_seed(rng.getrandbits(63))
 
 
-def load_prompts(cfg: VaderConfig) -> list[str]:
+def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
+    """Prompts, and explicit labels given as `prompt<TAB>label` lines (ActPred's target action)."""
+    labels: dict[str, str] = {}
     if cfg.prompt:
         prompts = list(cfg.prompt)
     elif cfg.prompt_path:
-        lines = Path(cfg.prompt_path).read_text(encoding="utf-8").splitlines()
-        prompts = [line.strip() for line in lines if line.strip()]
+        prompts = []
+        for line in Path(cfg.prompt_path).read_text(encoding="utf-8").splitlines():
+            text, _, label = line.partition("\t")
+            if text.strip():
+                prompts.append(text.strip())
+                if label.strip():
+                    labels[text.strip()] = label.strip()
     else:
         raise VaderError("no prompts: set prompt_path (a text file, one prompt per line) or prompt=[...]")
     prompts = prompts[cfg.start_index: cfg.end_index]
     if not prompts:
         raise VaderError(f"no prompts left after start_index={cfg.start_index}, end_index={cfg.end_index}")
-    return prompts
+    return prompts, {p: labels[p] for p in prompts if p in labels}
 
 
 def prepare_text(gen, prompts: list[str], run: Run, accelerator: Accelerator) -> None:
@@ -95,6 +102,7 @@ class Run:
     accelerator: Accelerator
     dir: Path
     prompts: list[str]
+    labels: dict[str, str]  # prompt -> explicit reward label (prompts file `prompt<TAB>label`)
     kind: str
     history: list[dict] = field(default_factory=list)
     bar: tqdm | None = None
@@ -106,7 +114,7 @@ class Run:
         if accelerator.num_processes > 1:
             broadcast_object_list(name)  # all ranks write into the main process's folder
         folder = Path(cfg.project_dir) / name[0]
-        run = cls(cfg, accelerator, folder, load_prompts(cfg), kind)
+        run = cls(cfg, accelerator, folder, *load_prompts(cfg), kind)
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))

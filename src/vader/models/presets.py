@@ -158,6 +158,10 @@ def load_vae(name_or_path: str = VAE_V1_2_REPO, dtype: torch.dtype = torch.float
     published = dict(checkpoint.config)
     if "vae_2d" in published or "vae_temporal" in published:
         published = {k: published[k] for k in ("micro_frame_size", "shift", "scale") if k in published}
+    known = {f.name for f in dataclasses.fields(VideoVAEConfig)}
+    unknown = sorted(set(overrides or {}) - known)
+    if unknown:
+        raise VaderError(f"VAE overrides {unknown} are not VideoVAEConfig settings; valid: {', '.join(sorted(known))}")
     try:
         config = VideoVAEConfig.from_dict({**(base or opensora_vae_v1_2_config()).to_dict(), **published,
                                            **(overrides or {})})
