@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub
 
 from vader.config import load_config  # noqa: E402
-from vader.inspect import PARTS, build_meta, count_parameters, lora_summary  # noqa: E402
+from vader.inspection import PARTS, build_meta, count_parameters, lora_summary  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[1] / "configs" / "opensora-v1-2" / "vader" / "vader_train.py"
 

@@ -68,3 +68,10 @@ def test_run_trains_with_the_training_config(tmp_path):
     code = main(["run", str(TINY_TRAIN), *FAST, "--project_dir", str(tmp_path), "--run_name", "t",
                  "--max_train_steps", "1"])
     assert code == 0 and (tmp_path / "t" / "lora" / "adapter_model.safetensors").is_file()
+
+
+def test_inspect_keys_of_the_published_denoiser_match_the_reference_listing(capsys):
+    assert main(["inspect", str(OPENSORA_TRAIN), "--part", "denoiser", "--keys"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    fixture = (REPO / "tests" / "fixtures" / "stdit3" / "stdit3_xl2_keys.tsv").read_text().strip().splitlines()
+    assert out == fixture and len(out) == 973

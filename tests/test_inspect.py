@@ -12,7 +12,7 @@ from conftest import OPENSORA_TRAIN, TINY_TRAIN
 from vader.checkpoint import add_lora, lora_config
 from vader.config import load_config
 from vader.errors import VaderError
-from vader.inspect import build_meta, inspect, key_listing, lora_summary
+from vader.inspection import build_meta, inspect, key_listing, lora_summary
 from vader.models import loading
 from vader.models.presets import build_denoiser, build_vae, tiny_stdit3_config
 from vader.models.stdit3 import STDiT3

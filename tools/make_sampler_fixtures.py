@@ -18,7 +18,8 @@ What comes from the reference, not from this script:
 Each case writes tests/fixtures/sampler/<case>.safetensors with inputs.* (z, y, mask, y_null,
 the conditioning tensors), the mask passed to RFLOW.sample if any, and reference.* outputs:
 `timesteps` [steps, n] (what the model received, first CFG half), `step_inputs` [steps, n, ...]
-(z entering each step) and `z` (the final latents). The case settings are JSON in the metadata
+(z entering each step), `model_outputs` [steps, 2n, 2C, ...] (the denoiser's raw outputs, so a
+test can replay them and check the sampler's own arithmetic exactly) and `z` (the final latents). The case settings are JSON in the metadata
 under "case"; "weights_sha256" identifies the denoiser weights.
 
 Needs the reference's own environment (see tools/make_stdit3_fixtures.py), e.g.:
@@ -48,22 +49,30 @@ SEED = 4321
 N_PROMPTS = 2
 TOKEN_LENGTHS = (3, 8)  # prompt 0 padded (3 of 8 tokens), prompt 1 full length
 
+VIDEO_240P = dict(height=276, width=368, num_frames=51, fps=24, latent=(3, 5, 7), steps=5, cfg_scale=7.0)
 CASES = {
     # 240p 3:4 pixel sizes and 51 frames on a small latent: the transform uses the pixel values
     # and num_frames // 17 * 5 = 15 latent frames; fp32 conditioning and noise, mask=None.
-    "video_fp32": dict(noise_seed=1, height=276, width=368, num_frames=51, fps=24, dtype="float32", latent=(3, 5, 7),
-                       steps=5, cfg_scale=7.0, frame_mask=False),
+    "video_fp32": dict(VIDEO_240P, noise_seed=1, dtype="float32", frame_mask=False),
     # The same (same noise) with the all-ones frame mask VADER's training script passes (x_mask all
     # True and an unused randn_like per step); checked here to give the same latents as mask=None.
-    "video_fp32_mask": dict(noise_seed=1, height=276, width=368, num_frames=51, fps=24, dtype="float32", latent=(3, 5, 7),
-                            steps=5, cfg_scale=7.0, frame_mask=True),
+    "video_fp32_mask": dict(VIDEO_240P, noise_seed=1, dtype="float32", frame_mask=True),
     # As VADER runs: bf16 conditioning (the shift ratio is rounded in bf16), noise drawn in bf16,
     # all-ones frame mask. The denoiser stays fp32.
-    "video_bf16": dict(noise_seed=2, height=276, width=368, num_frames=51, fps=24, dtype="bfloat16", latent=(3, 5, 7),
-                       steps=5, cfg_scale=7.0, frame_mask=True),
+    "video_bf16": dict(VIDEO_240P, noise_seed=2, dtype="bfloat16", frame_mask=True),
     # A single frame: the transform's num_frames == 1 branch and fps = IMG_FPS.
-    "image_bf16": dict(noise_seed=3, height=240, width=426, num_frames=1, fps=24, dtype="bfloat16", latent=(1, 5, 7),
-                       steps=4, cfg_scale=7.0, frame_mask=True),
+    "image_bf16": dict(
+        height=240,
+        width=426,
+        num_frames=1,
+        fps=24,
+        latent=(1, 5, 7),
+        steps=4,
+        cfg_scale=7.0,
+        noise_seed=3,
+        dtype="bfloat16",
+        frame_mask=True,
+    ),
 }
 
 
@@ -82,8 +91,9 @@ def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
 
 def _load_stdit3_tool() -> types.ModuleType:
     """tools/make_stdit3_fixtures.py, for its stand-ins (xformers, checkpoint loader, namespaces)."""
-    spec = importlib.util.spec_from_file_location("make_stdit3_fixtures", Path(__file__).with_name(
-        "make_stdit3_fixtures.py"))
+    spec = importlib.util.spec_from_file_location(
+        "make_stdit3_fixtures", Path(__file__).with_name("make_stdit3_fixtures.py")
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -137,7 +147,8 @@ class FixedT5:
 
 
 class Recorder(torch.nn.Module):
-    """Calls the reference model; keeps the first CFG half of each step's (x, t) and the x_mask."""
+    """Calls the reference model; keeps the first CFG half of each step's (x, t), the x_mask and the
+    model's whole output (both CFG halves, velocity and sigma channels)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -145,13 +156,16 @@ class Recorder(torch.nn.Module):
         self.x: list[torch.Tensor] = []
         self.t: list[torch.Tensor] = []
         self.x_mask: list[torch.Tensor | None] = []
+        self.out: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         n = x.shape[0] // 2
         self.x.append(x[:n].detach().clone())
         self.t.append(t[:n].detach().clone())
         self.x_mask.append(kwargs.get("x_mask"))
-        return self.model(x, t, **kwargs)
+        out = self.model(x, t, **kwargs)
+        self.out.append(out.detach().clone())
+        return out
 
 
 def build_model(stdit3: types.ModuleType) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -171,8 +185,15 @@ def text_inputs(config_len: int, channels: int, g: torch.Generator) -> tuple[tor
     return y, mask
 
 
-def run_case(name: str, case: dict, model: torch.nn.Module, weights_hash: str, y_t5: torch.Tensor,
-             mask_t5: torch.Tensor, out: Path) -> torch.Tensor:
+def run_case(
+    name: str,
+    case: dict,
+    model: torch.nn.Module,
+    weights_hash: str,
+    y_t5: torch.Tensor,
+    mask_t5: torch.Tensor,
+    out: Path,
+) -> torch.Tensor:
     rf = importlib.import_module("opensora.schedulers.rf")
     t5 = importlib.import_module("opensora.models.text_encoder.t5")
     inference_utils = importlib.import_module("opensora.utils.inference_utils")
@@ -181,8 +202,13 @@ def run_case(name: str, case: dict, model: torch.nn.Module, weights_hash: str, y
     g = torch.Generator().manual_seed(SEED + case["noise_seed"])
     z = torch.randn(N_PROMPTS, 4, *case["latent"], generator=g, dtype=dtype)  # VADER: randn in the run dtype
     additional_args = inference_utils.prepare_multi_resolution_info(
-        "OpenSora", N_PROMPTS, (case["height"], case["width"]), case["num_frames"], case["fps"],
-        torch.device("cpu"), dtype,
+        "OpenSora",
+        N_PROMPTS,
+        (case["height"], case["width"]),
+        case["num_frames"],
+        case["fps"],
+        torch.device("cpu"),
+        dtype,
     )
     frame_mask = None
     if case["frame_mask"]:
@@ -197,13 +223,25 @@ def run_case(name: str, case: dict, model: torch.nn.Module, weights_hash: str, y
     encoded = encoder.encode(prompts)
     y_null = encoder.null(N_PROMPTS)
 
-    scheduler = rf.RFLOW(num_sampling_steps=case["steps"], num_timesteps=1000, cfg_scale=case["cfg_scale"],
-                         use_timestep_transform=True)
+    scheduler = rf.RFLOW(
+        num_sampling_steps=case["steps"],
+        num_timesteps=1000,
+        cfg_scale=case["cfg_scale"],
+        use_timestep_transform=True,
+    )
     recorder = Recorder(model)
     with torch.no_grad():
-        final = scheduler.sample(recorder, encoder, z=z.clone(), prompts=prompts, device=torch.device("cpu"),
-                                 additional_args=dict(additional_args), mask=frame_mask, progress=False,
-                                 backprop_mode=None)
+        final = scheduler.sample(
+            recorder,
+            encoder,
+            z=z.clone(),
+            prompts=prompts,
+            device=torch.device("cpu"),
+            additional_args=dict(additional_args),
+            mask=frame_mask,
+            progress=False,
+            backprop_mode=None,
+        )
     if case["frame_mask"]:
         assert all(m is not None and bool(m.all()) for m in recorder.x_mask), "x_mask not all True"
 
@@ -215,6 +253,7 @@ def run_case(name: str, case: dict, model: torch.nn.Module, weights_hash: str, y
         **{f"inputs.cond.{k}": v for k, v in additional_args.items()},
         "reference.timesteps": torch.stack(recorder.t),
         "reference.step_inputs": torch.stack([x.float() for x in recorder.x]),
+        "reference.model_outputs": torch.stack(recorder.out),
         "reference.z": final,
     }
     if frame_mask is not None:
@@ -246,8 +285,10 @@ def main() -> None:
     g = torch.Generator().manual_seed(SEED)
     y_t5, mask_t5 = text_inputs(model.config.model_max_length, model.config.caption_channels, g)
     args.out.mkdir(parents=True, exist_ok=True)
-    finals = {name: run_case(name, case, model, weights_hash, y_t5, mask_t5, args.out)
-              for name, case in CASES.items()}
+    finals = {
+        name: run_case(name, case, model, weights_hash, y_t5, mask_t5, args.out)
+        for name, case in CASES.items()
+    }
     diff = (finals["video_fp32_mask"] - finals["video_fp32"]).abs().max().item()
     print(f"all-ones frame mask vs mask=None: max |diff| = {diff:.3g}")
     assert diff < 1e-6

@@ -84,7 +84,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     if args.command == "inspect":
-        from vader.inspect import inspect
+        from vader.inspection import inspect
 
         print(inspect(cfg, part=args.part, keys=args.keys))
         return 0
