@@ -20,7 +20,8 @@ the conditioning tensors), the mask passed to RFLOW.sample if any, and reference
 `timesteps` [steps, n] (what the model received, first CFG half), `step_inputs` [steps, n, ...]
 (z entering each step), `model_outputs` [steps, 2n, 2C, ...] (the denoiser's raw outputs, so a
 test can replay them and check the sampler's own arithmetic exactly) and `z` (the final latents). The case settings are JSON in the metadata
-under "case"; "weights_sha256" identifies the denoiser weights.
+under "case"; "weights_sha256" identifies the denoiser weights. (safetensors writes the metadata
+keys in a varying order, so a rerun can change the files' bytes but not their contents.)
 
 Needs the reference's own environment (see tools/make_stdit3_fixtures.py), e.g.:
 
