@@ -176,8 +176,8 @@ def test_prepare_errors_before_training(tiny) -> None:
     # an explicit label fixes it; keys match the cleaned (lower-case, no punctuation) prompt too
     tiny.prepare(["a cat sleeping"], labels={"A cat sleeping.": "dancing"})
     assert tiny.target_label("a cat sleeping") == "dancing"
-    tiny.prepare(["a man playing guitar"], labels={"a man playing guitar": "dancing"})  # explicit wins
-    assert tiny.target_label("a man playing guitar") == "dancing"
+    tiny.prepare(["a woman playing guitar"], labels={"a woman playing guitar": "dancing"})  # explicit wins
+    assert tiny.target_label("a woman playing guitar") == "dancing"
     with pytest.raises(VaderError, match=r"'playing piano'.*close matches: 'playing guitar'"):
         tiny.prepare(["a man on stage"], labels={"a man on stage": "playing piano"})
     with pytest.raises(VaderError, match="not among"):
@@ -225,17 +225,19 @@ def test_frames_resampled_to_model_length() -> None:
     assert sample_indices(16, 16) == list(range(16))
     assert sample_indices(8, 16) == [i // 2 for i in range(16)]  # 'alt' on 16 frames: each twice
     assert sample_indices(3, 16) == [0] * 5 + [1] * 6 + [2] * 5  # 'fml'
-    assert sample_indices(51, 16) == [1, 4, 7, 11, 14, 17, 20, 23, 27, 30, 33, 36, 39, 42, 46, 49]
+    spread = sample_indices(51, 16)  # 'all' on a 2 s video: 16 evenly spaced frames
+    assert spread[0] == 1 and spread[-1] == 49 and {b - a for a, b in zip(spread, spread[1:])} <= {3, 4}
     assert sample_indices(2, 4) == [0, 0, 1, 1]
 
 
-def test_grad_checkpoint_recomputes_with_equal_gradients(tiny_dir, tiny) -> None:
+def test_grad_checkpoint_recomputes_with_equal_gradients(tiny_dir) -> None:
+    plain = build_actpred(model=str(tiny_dir))
     ckpt = build_actpred(model=str(tiny_dir), grad_checkpoint=True)
     ckpt.eval()  # what build_reward does; the checkpointed layers must stay armed
     calls = []
     ckpt.model.videomae.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append(1))
     grads = []
-    for reward in (tiny, ckpt):
+    for reward in (plain, ckpt):
         frames = clip(seed=2).requires_grad_(True)
         reward(frames, ["a man playing guitar"]).loss.sum().backward()
         grads.append(frames.grad)
@@ -291,3 +293,19 @@ def test_preprocessing_matches_videomae_image_processor(shape, size) -> None:
     std = torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
     levels = (ours - ref).abs() * std * 255
     assert levels.max() <= 1.05 and levels.mean() <= 0.35
+
+
+def test_registry_builds_actpred_from_a_local_folder(tiny_dir) -> None:
+    """`build_reward('actpred', sources={'actpred': folder})`: the name the config uses; mixes forward
+    `prepare` (labels included) to ActPred."""
+    from vader.rewards import build_reward
+
+    reward = build_reward("actpred", sources={"actpred": str(tiny_dir)}, grad_checkpoint=True)
+    assert reward.name == "actpred" and not any(p.requires_grad for p in reward.parameters())
+    reward.prepare(["a man on stage"], {"a man on stage": "playing guitar"})
+    assert reward.target_label("a man on stage") == "playing guitar"
+    mix = build_reward({"actpred": 1.0, "colorfulness": 0.5}, sources={"actpred": str(tiny_dir)})
+    mix.prepare(["a man on stage"], {"a man on stage": "riding a bike"})
+    assert mix.parts["actpred"].target_label("a man on stage") == "riding a bike"
+    out = mix(clip(), ["a man on stage"])
+    assert out.reward.shape == (1,) and torch.isfinite(out.loss).all()

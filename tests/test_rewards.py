@@ -1,4 +1,4 @@
-"""Rewards: the weight-free built-ins, batching and frame averaging, mixes, and the reserved names."""
+"""Rewards: the weight-free built-ins, batching and frame averaging, mixes, offline checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from vader import rewards
 from vader.errors import VaderError
-from vader.rewards import PLANNED, Reward, RewardOutput, WeightedReward, build_reward
+from vader.rewards import Reward, RewardOutput, WeightedReward, build_reward
 from vader.rewards.builtin import Brightness, Colorfulness
 
 H, W = 8, 12
@@ -170,19 +170,11 @@ def test_single_reward_with_a_weight_is_scaled() -> None:
 
 
 @pytest.mark.parametrize("name", ["hps", "aesthetic", "aesthetic_hps", "pick_score", "actpred"])
-def test_reserved_rewards_say_not_available_yet(name: str) -> None:
-    assert name in PLANNED and name in rewards.reward_names()
+def test_model_rewards_offline_without_weights_name_the_repo(name: str) -> None:
+    assert name in rewards.reward_names()
     with pytest.raises(VaderError) as info:
-        build_reward(name)
-    message = str(info.value)
-    assert "\n" not in message
-    assert name in message and "not available yet" in message
-    assert "colorfulness" in message and "brightness" in message
-
-
-def test_reserved_reward_inside_a_mix_raises() -> None:
-    with pytest.raises(VaderError, match="'hps' is not available yet"):
-        build_reward({"colorfulness": 1.0, "hps": 1.0})
+        rewards.check_reward_weights(name)
+    assert "download" in str(info.value) and "/" in str(info.value)  # a hub repo id and the fix
 
 
 class _Learned(Reward):
@@ -203,7 +195,7 @@ class _Learned(Reward):
 
 @pytest.mark.parametrize("spec", ["learned", {"learned": 1.0, "brightness": 0.5}, {"learned": 3.0}])
 def test_built_rewards_are_frozen_and_in_eval_mode(monkeypatch: pytest.MonkeyPatch, spec) -> None:
-    monkeypatch.setitem(rewards.AVAILABLE, "learned", lambda **options: _Learned(**options))
+    monkeypatch.setitem(rewards.AVAILABLE, "learned", lambda scale=1.0, **_: _Learned(scale))
     reward = build_reward(spec, scale=2.0)
     params = list(reward.parameters())
     assert params and not any(p.requires_grad for p in params)

@@ -154,9 +154,14 @@ def test_epochs_and_prompt_order(tiny_cfg):
     assert pick_prompts(prompts, cfg, 5, 0, 0, 1) == pick_prompts(prompts, cfg, 5, 0, 0, 1)
 
 
-def test_reserved_reward_says_not_available(tiny_cfg):
-    with pytest.raises(VaderError, match="not available yet"):
-        train(tiny_cfg("--reward_fn", "hps", "--max_train_steps", "1"))
+def test_missing_reward_weights_offline_fail_before_any_generation(tiny_cfg):
+    cfg = tiny_cfg("--reward_fn", "{'hps': 1.0, 'pick_score': 0.5}", "--run_name", "nohub")
+    with pytest.raises(VaderError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert "xswu/HPSv2" in message and "HPS_v2.1_compressed.pt" in message
+    assert "yuvalkirstain/PickScore_v1" in message and "download" in message
+    assert not (Path(cfg.project_dir) / "nohub" / "metrics.jsonl").exists()
 
 
 def test_missing_real_weights_offline_is_one_clear_line(tiny_cfg):

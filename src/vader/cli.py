@@ -5,6 +5,7 @@
     vader run CONFIG [--key value ...]       the original script's behaviour: follows is_vader_training
     vader config CONFIG [--key value ...]    print the resolved, validated config (loads no model)
     vader inspect CONFIG [--part P] [--keys] parameter counts / LoRA targets / key listing, on meta
+    vader score --reward NAME [--prompt TEXT | --prompts FILE] VIDEO...   score mp4 files, print a table
 
 Overrides use the config's key names (`--lr 1e-4`, `--scheduler.num_sampling_steps 10`) and accept
 Open-Sora's hyphenated flags (`--num-frames 2s --resolution 240p --aspect-ratio 3:4 --prompt-path F`).
@@ -24,6 +25,7 @@ COMMANDS = {
     "infer": "generate videos (with an optional LoRA: --lora_ckpt_path PATH)",
     "run": "train or infer as the config's is_vader_training says (drop-in for the original script)",
     "config": "print the resolved, validated config as JSON without loading any model",
+    "score": "score existing mp4 files with any reward: vader score --reward NAME --prompt TEXT VIDEO...",
     "inspect": "parameter counts, LoRA targets and (--keys) state-dict keys, from the meta device (no download)",
 }
 
@@ -36,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
+        if name == "score":
+            sub.add_parser(name, help=help_text, add_help=False)
+            continue
         p = sub.add_parser(name, help=help_text, description=help_text + ".\n\n" + _OVERRIDE_HELP,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("config", help="Python config file, e.g. configs/opensora-v1-2/vader/vader_train.py")
@@ -56,6 +61,10 @@ _OVERRIDE_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "score":  # its own arguments: videos and prompts, not a config file
+        from vader.score import score_main
+
+        return score_main(argv[1:])
     parser = _parser()
     known, overrides = parser.parse_known_args(argv)
     if "-h" in overrides or "--help" in overrides:

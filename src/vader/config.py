@@ -123,6 +123,14 @@ class VaderConfig:
     run_name: str | None = field(default=None, metadata=_doc("name of the run folder; default: a timestamp"))
     lr: float = field(default=2e-4, metadata=_doc("AdamW learning rate (constant)"))
     reward_fn: str | dict[str, float] = field(default="hps", metadata=_doc("reward name, or {name: weight}"))
+    reward_sources: dict[str, str] | None = field(
+        default=None, metadata=_doc("per-model hub id or local path for reward weights (see README: Rewards)")
+    )
+    reward_resize: str | None = field(
+        default=None, metadata=_doc("frames -> 224px: None = each reward's original ('squash' for aesthetic/hps, "
+                                    "'crop' for pick_score), or 'squash' / 'crop' for all")
+    )
+    reward_grad_checkpoint: bool = field(default=False, metadata=_doc("checkpoint the reward model's layers"))
     gradient_accumulation_steps: int = field(default=8, metadata=_doc("micro-steps per optimizer step"))
     lora_rank: int = field(default=16, metadata=_doc("LoRA rank"))
     lora_alpha: float = field(default=8.0, metadata=_doc("LoRA alpha (peft default 8, as the original)"))
@@ -369,6 +377,7 @@ def validate(cfg: VaderConfig) -> None:
     cfg.backprop_mode = _validate_backprop_mode(cfg.backprop_mode, sched.num_sampling_steps)
     cfg.decode_frame = _validate_decode_frame(cfg.decode_frame, num_frames)
     _validate_reward(cfg.reward_fn)
+    _validate_reward_inputs(cfg)
     if cfg.prompt is not None and not (
         isinstance(cfg.prompt, list) and all(isinstance(p, str) for p in cfg.prompt) and cfg.prompt
     ):
@@ -430,6 +439,21 @@ def _validate_reward(reward_fn: Any) -> None:
         _check_choice("reward_fn", name, names)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise VaderError(f"reward_fn[{name!r}]={weight!r} must be a number (the weight)")
+
+
+def _validate_reward_inputs(cfg: VaderConfig) -> None:
+    """Cheap checks that would otherwise fail only after the models are loaded."""
+    from vader.rewards.hub import validate_sources
+
+    validate_sources(cfg.reward_sources)
+    if cfg.reward_resize is not None:
+        _check_choice("reward_resize", cfg.reward_resize, ("squash", "crop"))
+    _check_type("reward_grad_checkpoint", cfg.reward_grad_checkpoint, bool)
+    names = {cfg.reward_fn} if isinstance(cfg.reward_fn, str) else set(cfg.reward_fn)
+    if "actpred" in names:
+        from vader.rewards.actpred import check_decode_frame
+
+        check_decode_frame(cfg.decode_frame)
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

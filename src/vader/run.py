@@ -96,6 +96,22 @@ def prepare_text(gen, prompts: list[str], run: Run, accelerator: Accelerator) ->
     gen.release_text_encoder()
 
 
+def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device):
+    """The frozen reward, with every prompt's text side (and ActPred's target action) prepared once."""
+    from vader.models.presets import torch_dtype
+    from vader.rewards import build_reward
+
+    reward = build_reward(cfg.reward_fn, device=device, dtype=torch_dtype(cfg.dtype), hps_version=cfg.hps_version,
+                          grad_checkpoint=cfg.reward_grad_checkpoint, sources=cfg.reward_sources,
+                          resize=cfg.reward_resize)
+    labels = {gen.reward_prompts([p])[0]: label for p, label in run.labels.items()}
+    reward.prepare(list(dict.fromkeys(gen.reward_prompts(run.prompts))), labels)
+    targets = getattr(reward, "targets", None)
+    if targets:
+        run.note("reward targets: " + "; ".join(f"{p!r} -> {t!r}" for p, t in list(targets.items())[:8]))
+    return reward
+
+
 @dataclass
 class Run:
     cfg: VaderConfig

@@ -27,8 +27,8 @@ from vader.checkpoint import (
 from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import decode_selected, select_frames
-from vader.rewards import build_reward
-from vader.run import Run, make_accelerator, make_generator, prepare_text, set_step_seed
+from vader.rewards import check_reward_weights
+from vader.run import Run, make_accelerator, make_generator, make_reward, prepare_text, set_step_seed
 from vader.sampling import backprop_cutoff
 from vader.video import VideoGenerator
 
@@ -128,10 +128,11 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float, accelerator: Accele
 def train(cfg: VaderConfig) -> Path:
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="train")
+    check_reward_weights(cfg.reward_fn, cfg.hps_version, cfg.reward_sources)  # before any model loads
     gen = VideoGenerator.build(cfg, accelerator.device)
     prompts = run.prompts
     prepare_text(gen, prompts, run, accelerator)
-    reward = build_reward(cfg.reward_fn).to(accelerator.device)
+    reward = make_reward(cfg, gen, run, accelerator.device)
 
     lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     params = add_lora(gen.denoiser, lora)

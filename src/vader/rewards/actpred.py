@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vader.errors import VaderError
-from vader.rewards.base import Reward, RewardOutput
+from vader.rewards.base import Reward, RewardOutput, as_dtype
 from vader.rewards.kinetics import prompt_key, resolve_label
 
 ACTPRED_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
@@ -216,7 +216,8 @@ class ActPred(Reward):
         unknown = set(explicit) - {prompt_key(p) for p in prompts}
         if unknown:
             raise VaderError(
-                f"action labels were given for prompts that are not among the {len(set(prompts))} prompts: "
+                f"action labels were given for prompts that are not among the {len(set(prompts))} prompts "
+                "(compared ignoring case and punctuation; key labels by the prompt text the reward sees): "
                 + ", ".join(repr(k) for k in sorted(unknown)[:3])
             )
         errors: list[VaderError] = []
@@ -298,7 +299,7 @@ def _load_processor(name: str) -> Any | None:
 
 def build_actpred(
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     model: str | nn.Module | None = None,
     processor: Any = None,
     grad_checkpoint: bool = False,
@@ -312,9 +313,7 @@ def build_actpred(
     ImageNet mean/std (what the Kinetics VideoMAE checkpoints use). Other keyword arguments (e.g.
     hps_version) are accepted and ignored, so one call can build any reward.
     """
-    if isinstance(dtype, str):
-        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[dtype]
+    dtype = as_dtype(dtype)
     name = ACTPRED_MODEL if model is None else model
     if isinstance(name, nn.Module):
         module = name

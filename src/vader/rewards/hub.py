@@ -29,7 +29,8 @@ SOURCE_KEYS: dict[str, str] = {
                       "(default trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth = sac+logos+ava1-l14-linearMSE)",
     "hps": "HPS checkpoint ({'state_dict': ...}): local file, hub repo or repo/file "
            "(default xswu/HPSv2/HPS_v2.1_compressed.pt, or HPS_v2_compressed.pt for hps_version v2.0)",
-    "hps_arch": "open_clip model name the HPS checkpoint fits (default ViT-H-14)",
+    "hps_arch": "open_clip model name the HPS checkpoint fits, or a path to an open_clip model-config .json "
+                "(default ViT-H-14)",
     "pick_score": "PickScore CLIPModel: hub id or local folder (default yuvalkirstain/PickScore_v1)",
     "pick_score_processor": "PickScore tokenizer + image processor: hub id or local folder "
                             "(default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
@@ -73,7 +74,9 @@ class WeightSource:
     def describe(self) -> str:
         if self.local:
             return f"local path {self.local}"
-        return f"{self.repo} file {self.filename}" if self.filename else f"{self.repo} (model folder)"
+        if self.filename:
+            return f"{self.repo} file {self.filename}"
+        return f"{self.repo} ({'tokenizer/processor files' if self.kind == 'processor' else 'model folder'})"
 
 
 def file_source(key: str, what: str, spec: str | os.PathLike | None, default_repo: str, default_file: str) -> WeightSource:
@@ -136,9 +139,9 @@ def is_available(src: WeightSource, cache_dir: str | os.PathLike | None = None) 
 def problem(src: WeightSource) -> str:
     """What is wrong with an unavailable source, and the fix."""
     if src.local:
-        return f"local path {src.local} does not exist (fix the path in sources[{src.key!r}])"
+        return f"local path {src.local} does not exist (fix the path in reward_sources[{src.key!r}])"
     return (f"{src.describe()} is not in the Hugging Face cache; run `{src.download_command()}` "
-            f"(huggingface-cli download on huggingface_hub < 1.0), or set sources[{src.key!r}] to a local path")
+            f"(huggingface-cli download on huggingface_hub < 1.0), or set reward_sources[{src.key!r}] to a local path")
 
 
 def missing_line(reward: str, src: WeightSource) -> str:
@@ -177,7 +180,7 @@ def resolve_file(src: WeightSource) -> str:
 def pretrained_path(src: WeightSource) -> str:
     """What `from_pretrained` gets: the local folder or the hub id."""
     if src.local and not Path(src.local).is_dir():
-        raise VaderError(f"{src.what}: local path {src.local} is not a folder (fix sources[{src.key!r}])")
+        raise VaderError(f"{src.what}: local path {src.local} is not a folder (fix reward_sources[{src.key!r}])")
     return src.local or src.repo
 
 
