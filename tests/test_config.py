@@ -104,3 +104,11 @@ def test_every_key_is_documented():
                  "max_train_steps", "backprop_mode", "decode_frame", "is_sample_preview", "grad_checkpoint"}
     assert seed_keys <= keys
     assert all(doc for _, _, doc in rows)
+
+
+def test_readme_documents_every_key():
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in readme]
+    assert not missing, f"README config table lacks {missing}"
