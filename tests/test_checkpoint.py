@@ -216,8 +216,12 @@ def test_wrong_rank_names_the_shape_and_lora_rank(tmp_path: Path) -> None:
     folder = save_adapter(tmp_path / "lora", model, lora_config(8))
     fresh, _ = lora_model(rank=RANK, lora_seed=None)
     before = lora_state_dict(fresh)
-    with pytest.raises(VaderError) as info:
+    with pytest.raises(VaderError, match="trained with lora_rank=8"):  # our folder knows its rank
         load_lora(fresh, folder)
+    bare = tmp_path / "peft_model_8.pt"  # the original's files do not: the shapes tell
+    torch.save({PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}, bare)
+    with pytest.raises(VaderError) as info:
+        load_lora(fresh, bare)
     message = str(info.value)
     assert "lora_rank" in message and "shape" in message
     assert "(8, 64)" in message and "(4, 64)" in message and "\n" not in message

@@ -112,3 +112,28 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in readme]
     assert not missing, f"README config table lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--lora_dropout", "abc"], "lora_dropout"),
+        (["--image_size", "abc"], "image_size"),
+        (["--image_size", "(0,)"], "image_size"),
+        (["--prompt_path", "5"], "prompt_path"),
+        (["--start_index", "abc"], "start_index"),
+        (["--aes", "abc"], "aes"),
+        (["--scheduler.num_timesteps", "abc"], "scheduler.num_timesteps"),
+        (["--vae.micro_frame_size", "0"], "vae.micro_frame_size"),
+        (["--checkpoints_total_limit", "0"], "checkpoints_total_limit"),
+        (["--max_train_steps", "None", "--num_train_epochs", "0"], "trains nothing"),
+        (["--lora_ckpt_path", "/no/such/lora"], "lora_ckpt_path"),
+    ],
+)
+def test_every_plain_key_is_type_checked(argv, needle):
+    with pytest.raises(VaderError, match=needle.replace(".", r"\.")):
+        load_config(TINY_TRAIN, argv)
+
+
+def test_string_keys_accept_numbers_from_the_command_line():
+    assert load_config(TINY_TRAIN, ["--run_name", "7"]).run_name == "7"

@@ -46,6 +46,25 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
+def saved_lora_config(path: str | Path) -> LoraConfig | None:
+    """The LoraConfig saved beside an adapter (our folders), or None (a bare file, the original .pt)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    return LoraConfig.from_pretrained(str(folder))
+
+
+def _check_scale(model: nn.Module, saved: LoraConfig | None, path: Path) -> None:
+    """Rank and alpha set the LoRA's scale: loading with other values would silently change it."""
+    current = getattr(model, "peft_config", {}).get("default")
+    if saved is None or current is None:
+        return
+    if (saved.r, float(saved.lora_alpha)) != (current.r, float(current.lora_alpha)):
+        raise VaderError(f"LoRA {path} was trained with lora_rank={saved.r}, lora_alpha={saved.lora_alpha}; "
+                         f"set those (now {current.r}, {current.lora_alpha})")
+
+
 def load_lora(model: nn.Module, path: str | Path) -> int:
     """Load our adapter folder/safetensors or the original VADER `peft_model_<step>.pt`; returns #tensors."""
     path = Path(path)
@@ -54,6 +73,7 @@ def load_lora(model: nn.Module, path: str | Path) -> int:
     if not path.is_file():
         raise VaderError(f"lora_ckpt_path={str(path)!r}: no such file (expected a checkpoint folder, "
                          f"{ADAPTER_FILE} or an original peft_model_<step>.pt)")
+    _check_scale(model, saved_lora_config(path), path)
     if path.suffix == ".safetensors":
         state = load_file(str(path))
     else:

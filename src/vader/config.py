@@ -167,7 +167,11 @@ class VaderConfig:
         from vader.sizes import image_size
 
         if self.image_size is not None:
-            return (int(self.image_size[0]), int(self.image_size[1]))
+            size = self.image_size
+            if not (isinstance(size, (tuple, list)) and len(size) == 2
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
+                raise VaderError(f"image_size={size!r} must be (height, width) in pixels, e.g. (240, 426)")
+            return (size[0], size[1])
         return image_size(self.resolution, self.aspect_ratio)
 
     @property
@@ -361,9 +365,11 @@ def validate(cfg: VaderConfig) -> None:
             raise VaderError(f"{key}={getattr(cfg, key)!r} must be >= 0")
     if cfg.max_train_steps is not None:
         _check_type("max_train_steps", cfg.max_train_steps, int, positive=True)
+    _validate_plain_fields(cfg)
     _check_type("lr", cfg.lr, (int, float), positive=True)
     _check_type("max_grad_norm", cfg.max_grad_norm, (int, float))
     _check_type("lora_alpha", cfg.lora_alpha, (int, float), positive=True)
+    _check_type("lora_dropout", cfg.lora_dropout, (int, float))
     if not 0 <= cfg.lora_dropout < 1:
         raise VaderError(f"lora_dropout={cfg.lora_dropout!r} must be in [0, 1)")
     for key in ("is_vader_training", "use_wandb", "debug", "use_AdamW8bit", "is_sample_preview", "grad_checkpoint"):
@@ -384,6 +390,45 @@ def validate(cfg: VaderConfig) -> None:
         raise VaderError(f"prompt={cfg.prompt!r} must be a non-empty list of strings")
     if cfg.prompt_path is not None and not Path(cfg.prompt_path).is_file():
         raise VaderError(f"prompt_path={cfg.prompt_path!r}: no such file")
+
+
+STR_KEYS = ("project_dir", "run_name", "wandb_entity", "wandb_project", "prompt_path", "camera_motion",
+            "lora_ckpt_path", "resume_from")
+
+
+def _validate_plain_fields(cfg: VaderConfig) -> None:
+    """Types of the keys the rest of validate() does not check one by one."""
+    for key in STR_KEYS:  # `--run_name 7` parses as an int: a name is still meant
+        value = getattr(cfg, key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            setattr(cfg, key, str(value))
+        elif value is not None and not isinstance(value, str):
+            raise VaderError(f"{key}={value!r} must be a string")
+    if not cfg.project_dir:
+        raise VaderError("project_dir='' must name a folder")
+    for key in ("start_index", "end_index"):
+        if getattr(cfg, key) is not None:
+            _check_type(key, getattr(cfg, key), int)
+    for key in ("aes", "flow"):
+        if getattr(cfg, key) is not None:
+            _check_type(key, getattr(cfg, key), (int, float))
+    if cfg.checkpoints_total_limit is not None:
+        _check_type("checkpoints_total_limit", cfg.checkpoints_total_limit, int, positive=True)
+    if cfg.max_train_steps is None and cfg.num_train_epochs == 0:
+        raise VaderError("num_train_epochs=0 with max_train_steps=None trains nothing; set either to > 0")
+    _check_type("scheduler.num_timesteps", cfg.scheduler.num_timesteps, int, positive=True)
+    _check_type("scheduler.transform_scale", cfg.scheduler.transform_scale, (int, float), positive=True)
+    for key in ("use_timestep_transform", "use_discrete_timesteps"):
+        _check_type(f"scheduler.{key}", getattr(cfg.scheduler, key), bool)
+    _check_type("vae.micro_frame_size", cfg.vae.micro_frame_size, int, positive=True)
+    _check_type("vae.micro_batch_size", cfg.vae.micro_batch_size, int, positive=True)
+    _check_type("text_encoder.model_max_length", cfg.text_encoder.model_max_length, int, positive=True)
+    for name in NESTED:
+        source = getattr(getattr(cfg, name), "from_pretrained", None)
+        if source is not None and not isinstance(source, str):
+            raise VaderError(f"{name}.from_pretrained={source!r} must be a hub id, a local folder or None")
+    if cfg.lora_ckpt_path is not None and not Path(cfg.lora_ckpt_path).exists():
+        raise VaderError(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: no such file or folder")
 
 
 def _validate_image_size(cfg: VaderConfig) -> None:

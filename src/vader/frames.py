@@ -12,7 +12,6 @@ from torch import Tensor
 # The temporal VAE turns each 5-latent-frame chunk into 17 frames, front-padded to 20 and trimmed
 # by 3: latent j of a chunk covers output frames up to 4*j - 3 + 3 (causal, 4x upsampling).
 CHUNK_FRAMES = 17
-CHUNK_LATENTS = 5
 TIME_COMPRESSION = 4
 
 

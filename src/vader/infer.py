@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vader.checkpoint import add_lora, load_lora, lora_config
+from vader.checkpoint import add_lora, load_lora, lora_config, saved_lora_config
 from vader.config import VaderConfig
 from vader.run import Run, make_accelerator, prepare_text
 from vader.video import VideoGenerator
@@ -19,9 +19,11 @@ def infer(cfg: VaderConfig) -> list[Path]:
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="infer")
     gen = VideoGenerator.build(cfg, accelerator.device)
-    prepare_text(gen, run.prompts, run, accelerator)
+    prepare_text(gen, run.prompts, run)
     if cfg.lora_ckpt_path:
-        add_lora(gen.denoiser, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+        # our adapter folders carry their rank/alpha; the original .pt files need lora_rank/lora_alpha
+        saved = saved_lora_config(cfg.lora_ckpt_path)
+        add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
         load_lora(gen.denoiser, cfg.lora_ckpt_path)
         run.note(f"loaded LoRA {cfg.lora_ckpt_path}")
     paths, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")

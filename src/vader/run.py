@@ -37,6 +37,8 @@ def make_accelerator(cfg: VaderConfig) -> Accelerator:
     cuda = torch.cuda.is_available()
     if mixed in ("fp16", "fp8") and not cuda:
         raise VaderError(f"mixed_precision={mixed!r} needs a CUDA GPU; on CPU use 'bf16' or 'no'")
+    if mixed == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise VaderError("mixed_precision='bf16' is not supported by this GPU; use 'fp16' (and dtype='fp16') or 'no'")
     if mixed == "fp8":
         raise VaderError("mixed_precision='fp8' is not supported in this version (it needs TransformerEngine/"
                          "torchao setup); use 'bf16'")
@@ -87,7 +89,7 @@ def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     return prompts, {p: labels[p] for p in prompts if p in labels}
 
 
-def prepare_text(gen, prompts: list[str], run: Run, accelerator: Accelerator) -> None:
+def prepare_text(gen, prompts: list[str], run: Run) -> None:
     """Encode every prompt once (cached on disk under project_dir), then free the text encoder."""
     from vader.models.text import EmbeddingCache
 
@@ -158,8 +160,13 @@ class Run:
                                                                          if self.cfg.wandb_entity else {})}}
         flat = {k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) or v is None else v)
                 for k, v in self.cfg.to_dict().items()}
-        acc.init_trackers(self.cfg.wandb_project if trackers == ["wandb"] else "tb", config=flat,
-                          init_kwargs=kwargs if trackers == ["wandb"] else {})
+        try:
+            acc.init_trackers(self.cfg.wandb_project if trackers == ["wandb"] else "tb", config=flat,
+                              init_kwargs=kwargs if trackers == ["wandb"] else {})
+        except Exception as exc:  # e.g. wandb without an API key or network
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise VaderError(f"logger_type={self.cfg.logger_type!r} could not start ({first}); run `wandb login`, "
+                             "set WANDB_MODE=offline, or use --logger_type tensorboard / --debug True") from None
 
     # ---- logging ----
     def note(self, text: str) -> None:
@@ -171,6 +178,16 @@ class Run:
                   f"| {total} optimizer steps on {self.accelerator.num_processes} process(es)")
         if self.accelerator.is_main_process and self.cfg.verbose:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def keep_history_until(self, step: int) -> None:
+        """On resume into the same folder: drop metrics logged after the checkpoint, keep the rest."""
+        path = self.dir / "metrics.jsonl"
+        if not self.accelerator.is_main_process or not path.is_file():
+            return
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.history = [r for r in rows if "reward" in r]
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:

@@ -17,7 +17,6 @@ from accelerate import Accelerator
 
 from vader.checkpoint import (
     add_lora,
-    checkpoint_dirs,
     find_resume_dir,
     load_lora,
     lora_config,
@@ -40,7 +39,6 @@ class StepResult:
     reward_std: float
     grad_norm: float
     cutoff: int
-    frames: list[int]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: VaderConfig) -> torch.optim.Optimizer:
@@ -100,8 +98,7 @@ def train_step(gen: VideoGenerator, reward, optimizer, params, cfg: VaderConfig,
     reward_all = accelerator.gather(torch.cat(rewards).float())
     loss_all = accelerator.gather(torch.cat(losses).float())
     return StepResult(loss=loss_all.mean().item(), reward=reward_all.mean().item(),
-                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff,
-                      frames=frames)
+                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff)
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -121,30 +118,40 @@ def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator
 def _clip(params: list[torch.nn.Parameter], max_norm: float, accelerator: Accelerator) -> float:
     if max_norm and max_norm > 0:
         return float(accelerator.clip_grad_norm_(params, max_norm))
+    accelerator.unscale_gradients()  # fp16: log the true norm, not the loss-scaled one
     grads = [p.grad.norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
 def train(cfg: VaderConfig) -> Path:
+    # cheap checks first: nothing is loaded or created for a run that cannot start
+    resume_dir = find_resume_dir(cfg.resume_from, Path(cfg.project_dir)) if cfg.resume_from else None
+    check_reward_weights(cfg.reward_fn, cfg.hps_version, cfg.reward_sources)
+    if resume_dir is not None and cfg.run_name is None:
+        run_dir = resume_dir.parent.parent
+        if resume_dir.parent.name == "checkpoints" and run_dir.parent.resolve() == Path(cfg.project_dir).resolve():
+            cfg.run_name = run_dir.name  # continue in the resumed run's folder, metrics and curve included
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="train")
-    check_reward_weights(cfg.reward_fn, cfg.hps_version, cfg.reward_sources)  # before any model loads
     gen = VideoGenerator.build(cfg, accelerator.device)
     prompts = run.prompts
-    prepare_text(gen, prompts, run, accelerator)
+    prepare_text(gen, prompts, run)
     reward = make_reward(cfg, gen, run, accelerator.device)
 
+    torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process, whatever ran before
     lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     params = add_lora(gen.denoiser, lora)
     # eval mode as the original: no caption dropout while sampling (and so no LoRA dropout either)
     gen.denoiser.eval()
+    # grad_checkpoint: each denoiser call with gradients (sampling.py) and, inside it, each block;
+    # the VAE decode that the reward backpropagates through recomputes chunk by chunk
+    gen.denoiser.gradient_checkpointing = cfg.grad_checkpoint
+    gen.vae.enable_gradient_checkpointing(cfg.grad_checkpoint)
     if cfg.lora_ckpt_path:
         load_lora(gen.denoiser, cfg.lora_ckpt_path)
     optimizer = accelerator.prepare(make_optimizer(params, cfg))
 
-    start = 0
-    if cfg.resume_from:
-        start = _resume(cfg, run, gen, optimizer)
+    start = _resume(cfg, resume_dir, run, gen, optimizer, accelerator) if resume_dir else 0
     total = total_train_steps(cfg, len(prompts), accelerator.num_processes)
     run.log_start(total=total, trainable=sum(p.numel() for p in params), start=start)
 
@@ -161,32 +168,45 @@ def train(cfg: VaderConfig) -> Path:
             if done < total:
                 run.validate(gen, reward, done)
 
-    _save_checkpoint(cfg, run, gen, lora, optimizer, total, accelerator)
+    final = max(total, start)
+    _save_checkpoint(cfg, run, gen, lora, optimizer, final, accelerator)
     if accelerator.is_main_process:
-        save_adapter(run.dir / "lora", gen.denoiser, lora, extra={"step": total, "config": cfg.to_dict()})
+        save_adapter(run.dir / "lora", gen.denoiser, lora, extra={"step": final, "config": cfg.to_dict()})
     if cfg.is_sample_preview:
-        run.validate(gen, reward, total)
+        run.validate(gen, reward, final)
     run.finish()
     return run.dir
+
+
+def _layout(cfg: VaderConfig, accelerator: Accelerator) -> dict[str, int]:
+    """What decides each step's prompts and noise: a resume must see the same values."""
+    return {"seed": cfg.seed, "num_processes": accelerator.num_processes, "train_batch_size": cfg.train_batch_size,
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
 def _save_checkpoint(cfg, run: Run, gen, lora, optimizer, step: int, accelerator: Accelerator) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "optimizer": optimizer.state_dict(), "seed": cfg.seed}
+        state = {"step": step, "optimizer": optimizer.state_dict(), **_layout(cfg, accelerator)}
         save_adapter(run.dir / "checkpoints" / f"checkpoint-{step:06d}", gen.denoiser, lora,
                      extra={"step": step, "run": run.dir.name}, training_state=state)
         prune_checkpoints(run.dir / "checkpoints", cfg.checkpoints_total_limit)
     accelerator.wait_for_everyone()
 
 
-def _resume(cfg: VaderConfig, run: Run, gen, optimizer) -> int:
-    folder = find_resume_dir(cfg.resume_from, Path(cfg.project_dir))
-    load_lora(gen.denoiser, folder)
+def _resume(cfg: VaderConfig, folder: Path, run: Run, gen, optimizer, accelerator: Accelerator) -> int:
     state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
+    saved = {k: state[k] for k in _layout(cfg, accelerator) if k in state}
+    now = {k: v for k, v in _layout(cfg, accelerator).items() if k in saved}
+    if saved != now:
+        diff = ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in saved if saved[k] != now[k])
+        raise VaderError(f"resume_from={str(folder)!r} was trained with {diff}; resume with the same values, or "
+                         "start a new run with lora_ckpt_path to only reuse its LoRA")
+    load_lora(gen.denoiser, folder)
     optimizer.load_state_dict(state["optimizer"])
+    run.keep_history_until(int(state["step"]))
     run.note(f"resumed from {folder} at step {state['step']}")
     return int(state["step"])
 
 
-__all__ = ["train", "train_step", "total_train_steps", "pick_prompts", "checkpoint_dirs"]
+__all__ = ["train", "train_step", "total_train_steps", "pick_prompts"]

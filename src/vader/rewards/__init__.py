@@ -19,7 +19,7 @@ from vader.rewards.builtin import Brightness, Colorfulness
 from vader.rewards.hub import SOURCE_KEYS, WeightSource, check_sources, folder_source, validate_sources
 
 __all__ = [
-    "AVAILABLE", "PLANNED", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "WeightedReward",
+    "AVAILABLE", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "WeightedReward",
     "build_reward", "check_reward_weights", "required_weights", "reward_names", "reward_sources",
 ]
 
@@ -73,11 +73,10 @@ AVAILABLE: dict[str, Callable[..., Reward]] = {
     "pick_score": _pick_score,
     "actpred": _actpred,
 }
-PLANNED: tuple[str, ...] = ()  # every seed reward is available now; kept for imports
 
 
 def reward_names() -> tuple[str, ...]:
-    return (*AVAILABLE, *PLANNED)
+    return tuple(AVAILABLE)
 
 
 def _spec(reward_fn: str | dict[str, float]) -> dict[str, float]:
