@@ -10,16 +10,14 @@ from pathlib import Path
 
 from vader.checkpoint import add_lora, load_lora, lora_config, saved_lora_config
 from vader.config import VaderConfig
-from vader.run import Run, make_accelerator, prepare_text
-from vader.video import VideoGenerator
+from vader.run import Run, build_generator, make_accelerator
 
 
 def infer(cfg: VaderConfig) -> list[Path]:
     """Returns this process's mp4 paths (under <run>/samples/)."""
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="infer")
-    gen = VideoGenerator.build(cfg, accelerator.device)
-    prepare_text(gen, run.prompts, run)
+    gen = build_generator(cfg, run, accelerator.device)
     if cfg.lora_ckpt_path:
         # our adapter folders carry their rank/alpha; the original .pt files need lora_rank/lora_alpha
         saved = saved_lora_config(cfg.lora_ckpt_path)

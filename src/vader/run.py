@@ -89,13 +89,13 @@ def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     return prompts, {p: labels[p] for p in prompts if p in labels}
 
 
-def prepare_text(gen, prompts: list[str], run: Run) -> None:
-    """Encode every prompt once (cached on disk under project_dir), then free the text encoder."""
+def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
+    """The pipeline with every prompt encoded once (cached on disk under project_dir) and T5 released."""
     from vader.models.text import EmbeddingCache
+    from vader.video import VideoGenerator
 
-    cache = EmbeddingCache(Path(run.cfg.project_dir) / ".cache" / "text")
-    gen.encode_prompts(prompts, cache=cache)
-    gen.release_text_encoder()
+    cache = EmbeddingCache(Path(cfg.project_dir) / ".cache" / "text")
+    return VideoGenerator.build(cfg, device, prompts=run.prompts, cache=cache)
 
 
 def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device):

@@ -27,7 +27,7 @@ from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import decode_selected, select_frames
 from vader.rewards import check_reward_weights
-from vader.run import Run, make_accelerator, make_generator, make_reward, prepare_text, set_step_seed
+from vader.run import Run, build_generator, make_accelerator, make_generator, make_reward, set_step_seed
 from vader.sampling import backprop_cutoff
 from vader.video import VideoGenerator
 
@@ -133,9 +133,8 @@ def train(cfg: VaderConfig) -> Path:
             cfg.run_name = run_dir.name  # continue in the resumed run's folder, metrics and curve included
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="train")
-    gen = VideoGenerator.build(cfg, accelerator.device)
+    gen = build_generator(cfg, run, accelerator.device)
     prompts = run.prompts
-    prepare_text(gen, prompts, run)
     reward = make_reward(cfg, gen, run, accelerator.device)
 
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process, whatever ran before

@@ -30,16 +30,24 @@ class VideoGenerator:
     embeddings: dict[str, tuple[Tensor, Tensor]]
 
     @classmethod
-    def build(cls, cfg: VaderConfig, device: torch.device) -> VideoGenerator:
+    def build(cls, cfg: VaderConfig, device: torch.device, prompts: list[str] | None = None,
+              cache=None) -> VideoGenerator:
+        """Text encoder first: with `prompts`, every prompt is encoded (through `cache`) and the text
+        encoder is released before the denoiser and the VAE load, so T5-XXL never shares memory
+        with them. Without `prompts` the encoder is kept for later `encode_prompts` calls."""
         dtype = torch_dtype(cfg.dtype)
         if device.type == "cpu" and dtype == torch.float16:
             raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
         torch.manual_seed(cfg.seed)  # random-init (tiny) weights must be identical on every process
         text_encoder = build_text_encoder(cfg.text_encoder, device)
-        denoiser = build_denoiser(cfg.model, text_encoder.output_dim, cfg.text_encoder.model_max_length, dtype,
-                                  device)
-        vae = build_vae(cfg.vae, dtype, device)
-        return cls(denoiser, vae, text_encoder, cfg, device, dtype, {})
+        caption_channels = text_encoder.output_dim
+        gen = cls(None, None, text_encoder, cfg, device, dtype, {})  # type: ignore[arg-type]
+        if prompts is not None:
+            gen.encode_prompts(prompts, cache=cache)
+            gen.release_text_encoder()
+        gen.denoiser = build_denoiser(cfg.model, caption_channels, cfg.text_encoder.model_max_length, dtype, device)
+        gen.vae = build_vae(cfg.vae, dtype, device)
+        return gen
 
     # ---- sizes ----
     @property
