@@ -164,28 +164,12 @@ def test_missing_reward_weights_offline_fail_before_any_generation(tiny_cfg):
     assert not (Path(cfg.project_dir) / "nohub" / "metrics.jsonl").exists()
 
 
-def test_missing_real_weights_offline_is_one_clear_line(tiny_cfg):
-    cfg = tiny_cfg("--model.type", "STDiT3-XL/2", "--model.from_pretrained", "hpcai-tech/OpenSora-STDiT-v3")
+def test_missing_real_weights_offline_are_all_named_before_anything_starts(tiny_cfg):
+    cfg = tiny_cfg("--model.type", "STDiT3-XL/2", "--model.from_pretrained", "hpcai-tech/OpenSora-STDiT-v3",
+                   "--text_encoder", "{'type': 't5', 'from_pretrained': 'DeepFloyd/t5-v1_1-xxl'}")
     with pytest.raises(VaderError) as info:
         train(cfg)
-    assert "hpcai-tech/OpenSora-STDiT-v3" in str(info.value) and "download" in str(info.value)
-
-
-def test_resume_latest_continues_in_the_same_run_folder(tiny_cfg, tmp_path):
-    first = train(tiny_cfg("--run_name", "cont", "--max_train_steps", "2", "--checkpointing_steps", "1"))
-    again = train(tiny_cfg("--resume_from", "latest", "--max_train_steps", "4"))
-    assert again == first
-    assert [r["step"] for r in _metrics(first) if "reward" in r] == [1, 2, 3, 4]
-
-
-def test_resume_with_another_batch_layout_is_refused(trained, tiny_cfg):
-    cfg, run = trained
-    with pytest.raises(VaderError, match="train_batch_size=2 \\(now 1\\)"):
-        train(tiny_cfg("--project_dir", cfg.project_dir, "--run_name", "other", "--train_batch_size", "1",
-                       "--resume_from", str(run / "checkpoints" / "checkpoint-000004")))
-
-
-def test_lora_with_other_rank_is_refused_when_training_on_top(trained, tiny_cfg):
-    _, run = trained
-    with pytest.raises(VaderError, match="lora_rank=4"):
-        train(tiny_cfg("--lora_ckpt_path", str(run / "lora"), "--lora_rank", "8", "--max_train_steps", "1"))
+    lines = str(info.value).splitlines()
+    assert "hpcai-tech/OpenSora-STDiT-v3" in lines[1] and "DeepFloyd/t5-v1_1-xxl" in lines[2]
+    assert all("download" in line for line in lines[1:])
+    assert not Path(cfg.project_dir).exists()  # no run folder for a run that could not start

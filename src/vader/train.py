@@ -26,6 +26,7 @@ from vader.checkpoint import (
 from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import decode_selected, select_frames
+from vader.models.presets import check_model_weights
 from vader.rewards import check_reward_weights
 from vader.run import Run, build_generator, make_accelerator, make_generator, make_reward, set_step_seed
 from vader.sampling import backprop_cutoff
@@ -127,6 +128,7 @@ def train(cfg: VaderConfig) -> Path:
     # cheap checks first: nothing is loaded or created for a run that cannot start
     resume_dir = find_resume_dir(cfg.resume_from, Path(cfg.project_dir)) if cfg.resume_from else None
     check_reward_weights(cfg.reward_fn, cfg.hps_version, cfg.reward_sources)
+    check_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
     if resume_dir is not None and cfg.run_name is None:
         run_dir = resume_dir.parent.parent
         if resume_dir.parent.name == "checkpoints" and run_dir.parent.resolve() == Path(cfg.project_dir).resolve():

@@ -216,6 +216,25 @@ def build_text_encoder(cfg: TextEncoderConfig, device: torch.device) -> T5TextEn
     return T5TextEncoder.from_pretrained(cfg.from_pretrained, model_max_length=cfg.model_max_length, device=device)
 
 
+def check_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> None:
+    """Offline, name every missing model (one line each) before anything is created or loaded.
+    Online, missing weights download when the models are built."""
+    from vader.models.loading import hub_offline, resolve_checkpoint
+
+    if not hub_offline():
+        return
+    problems = []
+    for key, source in (("model", model.from_pretrained), ("vae", vae.from_pretrained),
+                        ("text_encoder", text_encoder.from_pretrained)):
+        if source:
+            try:
+                resolve_checkpoint(source, what=f"{key}.from_pretrained")
+            except VaderError as exc:
+                problems.append(f"- {exc}")
+    if problems:
+        raise VaderError("model weights are missing; nothing was started:\n" + "\n".join(problems))
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
