@@ -173,3 +173,17 @@ def test_missing_real_weights_offline_are_all_named_before_anything_starts(tiny_
     assert "hpcai-tech/OpenSora-STDiT-v3" in lines[1] and "DeepFloyd/t5-v1_1-xxl" in lines[2]
     assert all("download" in line for line in lines[1:])
     assert not Path(cfg.project_dir).exists()  # no run folder for a run that could not start
+
+
+def test_diverged_lora_across_processes_is_caught():
+    from types import SimpleNamespace
+
+    from vader.train import _check_ranks_agree
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    fake = SimpleNamespace(num_processes=2, device=torch.device("cpu"),
+                           gather=lambda t: torch.cat([t, t + 1]))  # the other rank drifted
+    with pytest.raises(RuntimeError, match="differ between processes"):
+        _check_ranks_agree(params, fake)
+    fake.gather = lambda t: torch.cat([t, t])
+    _check_ranks_agree(params, fake)

@@ -170,6 +170,7 @@ def train(cfg: VaderConfig) -> Path:
                 run.validate(gen, reward, done)
 
     final = max(total, start)
+    _check_ranks_agree(params, accelerator)
     _save_checkpoint(cfg, run, gen, lora, optimizer, final, accelerator)
     if accelerator.is_main_process:
         save_adapter(run.dir / "lora", gen.denoiser, lora, extra={"step": final, "config": cfg.to_dict()})
@@ -177,6 +178,16 @@ def train(cfg: VaderConfig) -> Path:
         run.validate(gen, reward, final)
     run.finish()
     return run.dir
+
+
+def _check_ranks_agree(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Only the main process saves the LoRA: make sure every process trained the same one."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().abs().sum() for p in params]).sum().reshape(1)
+    sums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.allclose(sums, sums[:1].expand_as(sums), rtol=1e-6):
+        raise RuntimeError(f"LoRA weights differ between processes (checksums {sums.tolist()}): a bug, please report")
 
 
 def _layout(cfg: VaderConfig, accelerator: Accelerator) -> dict[str, int]:
