@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import random
 
+import torch
 from torch import Tensor
+
+from vader.sizes import TIME_COMPRESSION
 
 # The temporal VAE turns each 5-latent-frame chunk into 17 frames, front-padded to 20 and trimmed
 # by 3: latent j of a chunk covers output frames up to 4*j - 3 + 3 (causal, 4x upsampling).
 CHUNK_FRAMES = 17
-TIME_COMPRESSION = 4
 
 
 def select_frames(mode: str, num_frames: int, rng: random.Random) -> list[int]:
@@ -53,8 +55,5 @@ def decode_selected(vae, z: Tensor, num_frames: int, frames: list[int], strategy
     """
     if strategy == "exact":
         return vae.decode(z, num_frames=num_frames, frames=frames)
-    import torch
-
-    micro = getattr(getattr(vae, "config", None), "micro_frame_size", CHUNK_FRAMES)
-    latents = [min(latent_index_of_frame(f, micro, num_frames), z.shape[2] - 1) for f in frames]
+    latents = [min(latent_index_of_frame(f, vae.micro_frame_size, num_frames), z.shape[2] - 1) for f in frames]
     return torch.cat([vae.decode_latent_frame(z, i) for i in latents], dim=2)
