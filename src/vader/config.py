@@ -31,6 +31,7 @@ MODEL_TYPES = ("STDiT3-XL/2", "STDiT3-tiny")
 VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
+VIDEO_QUALITIES = ("standard", "high", "lossless")
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -160,6 +161,19 @@ class VaderConfig:
     )
     is_sample_preview: bool = field(default=True, metadata=_doc("generate and save validation videos"))
     grad_checkpoint: bool = field(default=True, metadata=_doc("checkpoint each denoiser call with gradients"))
+    max_nonfinite_steps: int = field(
+        default=3, metadata=_doc("stop after N optimizer steps in a row with a non-finite loss, reward or gradient "
+                                 "(each such step is skipped, counted and logged)")
+    )
+    allow_config_change: bool = field(
+        default=False, metadata=_doc("resume even where keys that change results differ from the checkpoint's run "
+                                     "(the differences are logged in the run folder)")
+    )
+    video_quality: str = field(
+        default="standard", metadata=_doc("saved mp4s: 'standard' (H.264 crf 23, small), 'high' (crf 10) or "
+                                          "'lossless' (H.264 RGB crf 0: scores equal the logged ones)",
+                                          choices=VIDEO_QUALITIES)
+    )
 
     # ---- derived values (computed by validate) ----
     @property
@@ -357,6 +371,9 @@ def validate(cfg: VaderConfig) -> None:
     _check_choice("logger_type", cfg.logger_type, LOGGER_TYPES)
     _check_choice("hps_version", cfg.hps_version, HPS_VERSIONS)
     _check_choice("decode_strategy", cfg.decode_strategy, DECODE_STRATEGIES)
+    _check_choice("video_quality", cfg.video_quality, VIDEO_QUALITIES)
+    _check_type("max_nonfinite_steps", cfg.max_nonfinite_steps, int, positive=True)
+    _check_type("allow_config_change", cfg.allow_config_change, bool)
     for key in ("train_batch_size", "val_batch_size", "gradient_accumulation_steps", "lora_rank", "fps", "save_fps"):
         _check_type(key, getattr(cfg, key), int, positive=True)
     for key in ("num_val_runs", "validation_steps", "checkpointing_steps", "num_train_epochs", "seed"):

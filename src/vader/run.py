@@ -70,17 +70,12 @@ def make_generator(rng: random.Random) -> torch.Generator:
 
 def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     """Prompts, and explicit labels given as `prompt<TAB>label` lines (ActPred's target action)."""
-    labels: dict[str, str] = {}
+    from vader.prompts import read_prompt_file, read_prompt_lines
+
     if cfg.prompt:
-        prompts = list(cfg.prompt)
+        prompts, labels = read_prompt_lines(cfg.prompt)
     elif cfg.prompt_path:
-        prompts = []
-        for line in Path(cfg.prompt_path).read_text(encoding="utf-8").splitlines():
-            text, _, label = line.partition("\t")
-            if text.strip():
-                prompts.append(text.strip())
-                if label.strip():
-                    labels[text.strip()] = label.strip()
+        prompts, labels = read_prompt_file(cfg.prompt_path)
     else:
         raise VaderError("no prompts: set prompt_path (a text file, one prompt per line) or prompt=[...]")
     prompts = prompts[cfg.start_index: cfg.end_index]

@@ -170,15 +170,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prompts_from(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    from vader.rewards.kinetics import read_prompt_lines
+    from vader.prompts import read_prompt_file, read_prompt_lines
 
     if args.prompts is not None:
-        path = Path(args.prompts)
-        if not path.is_file():
-            raise VaderError(f"--prompts {args.prompts!r}: no such file")
-        prompts, labels = read_prompt_lines(path.read_text(encoding="utf-8").splitlines())
-        if not prompts:
-            raise VaderError(f"--prompts {args.prompts!r} has no prompts")
+        prompts, labels = read_prompt_file(args.prompts, key="--prompts")
     elif args.prompt is not None:
         prompts, labels = read_prompt_lines([args.prompt])
         prompts = prompts or [""]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from vader.errors import VaderError
+from vader.prompts import TAB_HINT, read_prompt_lines, split_prompt_label  # noqa: F401 - re-exported
 
 # The 400 class names of Kinetics-400 (Kay et al. 2017) in class-index order, which is alphabetical;
 # VideoMAE's Kinetics checkpoints use these names as `config.id2label`. Separated by " | ".
@@ -104,7 +105,6 @@ _STOP = FILLER | {"and", "at", "by", "for", "from", "in", "into", "is", "are", "
                   "people", "boy", "girl", "young", "old", "child", "kid"}
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)*")
 _BRACKETS = re.compile(r"\([^)]*\)")
-TAB_HINT = "prompt<TAB>label"
 
 
 def _fold(word: str) -> str:
@@ -257,33 +257,6 @@ def resolve_label(prompt: str, labels: Iterable[str] = KINETICS_400, explicit: s
         f"classifier's {len(labels)} classes (Kinetics-400 names such as 'playing guitar'); {hint}"
         f"name it in the prompt or give it after a TAB in the prompts file ({prompt.strip()}<TAB>{example})"
     )
-
-
-def split_prompt_label(line: str) -> tuple[str, str | None]:
-    """`prompt<TAB>label` -> (prompt, label); a line without a TAB -> (line, None)."""
-    prompt, tab, label = line.partition("\t")
-    label = label.strip()
-    if "\t" in label:
-        raise VaderError(f"prompts file line {line!r} has more than one TAB; the format is {TAB_HINT}")
-    return prompt.strip(), (label or None) if tab else None
-
-
-def read_prompt_lines(lines: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Prompts (blank lines skipped) and {prompt: label} for the lines that give a label after a TAB."""
-    prompts: list[str] = []
-    labels: dict[str, str] = {}
-    for line in lines:
-        if not line.strip():
-            continue
-        prompt, label = split_prompt_label(line)
-        if not prompt:
-            raise VaderError(f"prompts file line {line!r} has a label but no prompt; the format is {TAB_HINT}")
-        prompts.append(prompt)
-        if label is not None:
-            if labels.get(prompt, label) != label:
-                raise VaderError(f"prompt {prompt!r} is given two different labels: {labels[prompt]!r} and {label!r}")
-            labels[prompt] = label
-    return prompts, labels
 
 
 __all__ = [
