@@ -10,13 +10,13 @@ from pathlib import Path
 
 from vader.checkpoint import add_lora, load_lora, lora_config, saved_lora_config
 from vader.config import VaderConfig
-from vader.models.presets import check_model_weights
+from vader.preflight import preflight
 from vader.run import Run, build_generator, make_accelerator
 
 
 def infer(cfg: VaderConfig) -> list[Path]:
     """Returns this process's mp4 paths (under <run>/samples/)."""
-    check_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
+    preflight(cfg, "infer")  # every check that can fail, before a folder or a model exists
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="infer")
     gen = build_generator(cfg, run, accelerator.device)

@@ -1,31 +1,247 @@
 """Every check that needs more than the config itself, run once before anything is created.
 
 `preflight(cfg, command)` is the first call of every entry point (train, infer): a run that cannot
-start fails here with one `VaderError`, before a run folder, a tracker or a model exists.
+start fails here with one one-line `VaderError` naming every problem found, before a run folder, a
+tracker or a model exists. It creates nothing (no mkdir, no download) and makes at most one network
+call: a short probe of the hub, only when some weights are neither local nor cached and the hub is
+not marked offline.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import netrc
+import os
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
 from vader.config import VaderConfig
 from vader.errors import VaderError
 
+COMMANDS = ("train", "infer")
+WANDB_OFF_MODES = ("offline", "disabled", "dryrun")
+
 
 def preflight(cfg: VaderConfig, command: str) -> None:
-    """Raise one VaderError naming every problem found; create nothing."""
-    from vader.models.presets import check_model_weights
-    from vader.rewards import check_reward_weights
-
+    """Raise one VaderError (one line) naming every problem found; create nothing."""
+    if command not in COMMANDS:
+        raise ValueError(f"preflight command must be one of {COMMANDS}, not {command!r}")
+    checks: list[Callable[[VaderConfig, str], list[str]]] = [
+        check_project_dir, check_prompts, check_lora_files, check_tracker, check_runtime, check_weights,
+    ]
     problems: list[str] = []
-    checks = [lambda: check_model_weights(cfg.model, cfg.vae, cfg.text_encoder)]
-    if command == "train":
-        checks.append(lambda: check_reward_weights(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
     for check in checks:
         try:
-            check()
+            problems += check(cfg, command)
         except VaderError as exc:
             problems.append(str(exc))
     if problems:
-        raise VaderError("\n".join(problems))
+        raise VaderError("; also: ".join(" ".join(p.split()) for p in problems))
 
 
-__all__ = ["preflight"]
+# ---- the run folder -----------------------------------------------------------------------------
+
+
+def check_project_dir(cfg: VaderConfig, command: str) -> list[str]:
+    """project_dir (and the run folder in it) must be, or be creatable as, a writable folder.
+
+    Walks up to the first existing parent instead of trying a mkdir, so nothing is created."""
+    problems = []
+    for key, text in (("project_dir", cfg.project_dir), ("run_name", cfg.run_name)):
+        if text is not None and "\0" in text:
+            problems.append(f"{key}={text!r} contains a NUL character, which no file name can hold")
+    if problems:
+        return problems
+    target = Path(cfg.project_dir).expanduser().absolute()
+    problem = _folder_problem(target)
+    if problem:
+        return [f"project_dir={cfg.project_dir!r}: {problem}"]
+    if cfg.run_name:
+        run_dir = target / cfg.run_name
+        if _exists(run_dir) and not run_dir.is_dir():
+            return [f"run_name={cfg.run_name!r}: {run_dir} exists and is not a folder"]
+    return []
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except (OSError, ValueError):
+        return False
+
+
+def _folder_problem(target: Path) -> str | None:
+    existing = target
+    while not _exists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing == target:
+        if not target.is_dir():
+            return f"{target} exists and is not a folder"
+        if not os.access(target, os.W_OK | os.X_OK):
+            return f"the folder {target} is not writable"
+        return None
+    if not existing.is_dir():
+        return f"cannot create it: {existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot create it: {existing} is not writable"
+    return None
+
+
+# ---- inputs ---------------------------------------------------------------------------------------
+
+
+def check_prompts(cfg: VaderConfig, command: str) -> list[str]:
+    """The prompts must parse, with the one parser train, infer and score use."""
+    from vader.run import load_prompts
+
+    load_prompts(cfg)
+    return []
+
+
+def check_lora_files(cfg: VaderConfig, command: str) -> list[str]:
+    """A LoRA named by lora_ckpt_path (and, for train, the adapter of a resume_from folder) must be a
+    readable weights file: a zero-length, truncated or corrupt file is caught here, not after the
+    models are loaded. Reads the safetensors header, or the .pt file's tensors (a LoRA is small)."""
+    from vader.checkpoint import ADAPTER_FILE
+
+    problems = []
+    if cfg.lora_ckpt_path:
+        path = Path(cfg.lora_ckpt_path)
+        if path.is_dir():
+            path = path / ADAPTER_FILE
+            if not path.is_file():
+                problems.append(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: the folder has no {ADAPTER_FILE} "
+                                "(expected a checkpoint or lora folder, an adapter file or an original .pt)")
+                path = None
+        if path is not None:
+            problem = weights_file_problem(path)
+            if problem:
+                problems.append(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: {problem}")
+    if command == "train" and cfg.resume_from and cfg.resume_from != "latest":
+        adapter = Path(cfg.resume_from) / ADAPTER_FILE
+        problem = weights_file_problem(adapter) if adapter.is_file() else None
+        if problem:
+            problems.append(f"resume_from={cfg.resume_from!r}: {problem}")
+    return problems
+
+
+def weights_file_problem(path: Path) -> str | None:
+    """Why `path` is not a readable tensor file (.safetensors or torch.save), or None if it is."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return f"cannot read {path} ({exc.strerror or type(exc).__name__})"
+    if size == 0:
+        return f"{path} is empty (0 bytes)"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:  # checks the header against the file size
+                handle.keys()
+        else:
+            import torch
+
+            # mmap reads only the zip directory and the pickle; a legacy (non-zip) file is read whole
+            torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # any parse failure of a user file: corrupt, truncated, not weights
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        return f"{path} is not a readable weights file, it may be truncated or corrupt ({type(exc).__name__}" \
+               + (f": {first})" if first else ")")
+    return None
+
+
+# ---- tracker and optional packages ------------------------------------------------------------
+
+
+def check_tracker(cfg: VaderConfig, command: str) -> list[str]:
+    """The experiment tracker must be able to start: the package is there, and wandb has credentials
+    (or runs offline), so a run does not fail after its folder is made."""
+    if cfg.debug or cfg.logger_type == "none" or (cfg.logger_type == "wandb" and not cfg.use_wandb):
+        return []
+    fixes = "or use --logger_type tensorboard, or --debug True (no tracker)"
+    if cfg.logger_type == "tensorboard":
+        if not (_installed("tensorboard") or _installed("tensorboardX")):
+            return ["logger_type='tensorboard' needs the tensorboard package: `pip install tensorboard`, "
+                    "or use --logger_type none"]
+        return []
+    if not _installed("wandb"):
+        return [f"logger_type='wandb' needs wandb: `pip install 'vader[wandb]'`, {fixes}"]
+    if os.environ.get("WANDB_MODE", "").strip().lower() in WANDB_OFF_MODES or os.environ.get("WANDB_API_KEY"):
+        return []
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    if _netrc_has(host):
+        return []
+    return [f"logger_type='wandb' has no credentials (no WANDB_API_KEY, no {host} entry in ~/.netrc): run "
+            f"`wandb login`, or set WANDB_MODE=offline, {fixes}"]
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _netrc_has(host: str) -> bool:
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_runtime(cfg: VaderConfig, command: str) -> list[str]:
+    """Settings that are valid keys but fail on this machine or in this version."""
+    from vader.models.presets import torch_dtype
+
+    problems = []
+    try:
+        torch_dtype(cfg.dtype)
+    except VaderError as exc:
+        problems.append(str(exc))
+    if command == "train" and cfg.use_AdamW8bit and not _installed("bitsandbytes"):
+        problems.append("use_AdamW8bit=True needs bitsandbytes: `pip install 'vader[bnb]'`, or set "
+                        "use_AdamW8bit=False")
+    return problems
+
+
+# ---- weights --------------------------------------------------------------------------------------
+
+
+def check_weights(cfg: VaderConfig, command: str) -> list[str]:
+    """Every model and reward weight the run needs, in one line: local paths that do not exist always;
+    hub weights that are not cached when offline, or when the hub does not answer a short probe."""
+    from vader.models.presets import missing_model_weights
+    from vader.rewards.hub import HUB_PROBE_TIMEOUT, hub_endpoint, hub_reachable, offline
+
+    found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
+    if command == "train":
+        from vader.rewards import reward_sources
+        from vader.rewards.hub import missing
+
+        found += missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
+    problems = [m.problem if m.problem and m.problem.startswith(m.key) else f"{m.key}={m.name!r}: {m.problem}"
+                for m in found if m.fetch is None]
+    fetchable = [m for m in found if m.fetch is not None]
+    if not fetchable:
+        return problems
+    if offline():
+        why, hint = "offline: HF_HUB_OFFLINE is set", ""
+    elif not hub_reachable():
+        why = (f"the hub {hub_endpoint()} did not answer within {HUB_PROBE_TIMEOUT:g} s, so nothing can be "
+               "downloaded")
+        hint = "; on a machine without network set HF_HUB_OFFLINE=1"
+    else:
+        return problems  # they download when the models are built
+    names = ", ".join(m.name for m in fetchable)
+    commands = " && ".join(dict.fromkeys(m.fetch for m in fetchable if m.fetch))
+    keys = ", ".join(dict.fromkeys(m.key for m in fetchable))
+    problems.append(f"missing weights ({why}): {names}; fetch with: {commands} (huggingface-cli download on "
+                    f"huggingface_hub < 1.0), or point the keys at local paths ({keys}){hint}")
+    return problems
+
+
+__all__ = ["preflight", "weights_file_problem"]

@@ -19,6 +19,7 @@ is the whole VAE.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from vader.models.loading import Checkpoint, load_checkpoint, local_config, reso
 from vader.models.stdit3 import STDiT3, STDiT3Config, stdit3_xl_2_config
 from vader.models.text import T5TextEncoder, tiny_t5
 from vader.models.vae import VideoVAE, VideoVAEConfig, opensora_vae_v1_2_config, tiny_vae_config
+from vader.rewards.hub import MissingWeight
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_T5_DIM = 32
@@ -216,23 +218,46 @@ def build_text_encoder(cfg: TextEncoderConfig, device: torch.device) -> T5TextEn
     return T5TextEncoder.from_pretrained(cfg.from_pretrained, model_max_length=cfg.model_max_length, device=device)
 
 
-def check_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> None:
-    """Offline, name every missing model (one line each) before anything is created or loaded.
-    Online, missing weights download when the models are built."""
-    from vader.models.loading import hub_offline, resolve_checkpoint
+def missing_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> list[MissingWeight]:
+    """Every denoiser / VAE / T5 checkpoint the config names that cannot load without network.
 
-    if not hub_offline():
-        return
-    problems = []
-    for key, source in (("model", model.from_pretrained), ("vae", vae.from_pretrained),
-                        ("text_encoder", text_encoder.from_pretrained)):
-        if source:
+    Never touches the network: a hub id counts as present when its weights are in the Hugging Face
+    cache; a local path must exist and hold weights. Whether a missing hub checkpoint is an error
+    (offline, hub unreachable) or a download to come is the caller's decision (`vader.preflight`).
+    """
+    from vader.models.loading import _from_cache, _is_repo_id, resolve_checkpoint
+
+    out: list[MissingWeight] = []
+    for key, source in (("model.from_pretrained", model.from_pretrained), ("vae.from_pretrained", vae.from_pretrained),
+                        ("text_encoder.from_pretrained", text_encoder.from_pretrained)):
+        if not source:
+            continue
+        local = Path(source).expanduser()
+        if local.exists() or not _is_repo_id(source):
             try:
-                resolve_checkpoint(source, what=f"{key}.from_pretrained")
+                resolve_checkpoint(source, what=key)  # a local path: no network call
             except VaderError as exc:
-                problems.append(f"- {exc}")
-    if problems:
-        raise VaderError("model weights are missing; nothing was started:\n" + "\n".join(problems))
+                out.append(MissingWeight(key, source, problem=str(exc)))
+            continue
+        if _from_cache(source, None, None) is None:
+            out.append(MissingWeight(key, source, fetch=f"hf download {source}"))
+    return out
+
+
+def check_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> None:
+    """Offline, name every missing model in one line before anything is created or loaded.
+    Online, missing hub weights download when the models are built. (`vader.preflight` does this
+    and more, for models and rewards together.)"""
+    from vader.models.loading import hub_offline
+
+    found = missing_model_weights(model, vae, text_encoder)
+    local = [m for m in found if m.fetch is None]
+    if local:
+        raise VaderError("; ".join(m.problem or m.name for m in local))
+    if found and hub_offline():
+        names = ", ".join(m.name for m in found)
+        fetch = " && ".join(m.fetch for m in found if m.fetch)
+        raise VaderError(f"missing weights (offline, HF_HUB_OFFLINE is set): {names}; fetch with: {fetch}")
 
 
 def _freeze(model: nn.Module) -> nn.Module:

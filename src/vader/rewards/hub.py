@@ -202,3 +202,70 @@ def validate_sources(sources: dict | None) -> dict[str, str]:
         raise VaderError(f"unknown reward source key(s) {', '.join(map(repr, unknown))}; valid keys: "
                          + ", ".join(SOURCE_KEYS))
     return {k: os.fspath(v) for k, v in sources.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class MissingWeight:
+    """One model file or folder a run needs that is not on this machine.
+
+    `fetch` is the command that gets it from the hub; None when it cannot be fetched (a local path
+    that does not exist, a folder without weights), and `problem` then says what is wrong.
+    """
+
+    key: str  # the config key that names it, e.g. "model.from_pretrained" or "reward_sources['hps']"
+    name: str  # hub repo id, repo/file, or the local path
+    fetch: str | None = None
+    problem: str | None = None
+
+
+def missing(needed: Iterable[tuple[str, WeightSource]],
+            cache_dir: str | os.PathLike | None = None) -> list[MissingWeight]:
+    """Every reward source in `needed` that cannot load without network (no network call)."""
+    out: list[MissingWeight] = []
+    for _reward, src in needed:
+        if is_available(src, cache_dir):
+            continue
+        key = f"reward_sources[{src.key!r}]"
+        if src.local:
+            out.append(MissingWeight(key, src.local, problem=f"{src.what}: no such file or folder"))
+        else:
+            name = f"{src.repo}/{src.filename}" if src.filename else src.repo
+            out.append(MissingWeight(key, name, fetch=src.download_command()))
+    return out
+
+
+HUB_PROBE_TIMEOUT = 3.0  # seconds; huggingface_hub itself retries for about a minute before giving up
+
+
+def hub_endpoint() -> str:
+    """The hub URL downloads would use: HF_ENDPOINT as the environment says now, else the library's."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """True when the hub endpoint answers an HTTP HEAD within `timeout` seconds (any status counts).
+
+    Runs in a daemon thread joined with the timeout, because a socket timeout does not bound a DNS
+    lookup, which can block far longer on a machine without network.
+    """
+    import threading
+    import urllib.error
+    import urllib.request
+
+    answered: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout)
+            answered.append(True)
+        except urllib.error.HTTPError:  # the server answered, with an error status: it is reachable
+            answered.append(True)
+        except (OSError, ValueError):
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, name="vader-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answered and answered[0])
