@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from vader.media import plot_reward_curve, read_video, to_uint8, write_video
+from vader.errors import VaderError
+from vader.media import (
+    VIDEO_QUALITIES,
+    plot_reward_curve,
+    read_metrics,
+    read_video,
+    reward_curve_points,
+    to_uint8,
+    write_video,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -103,3 +112,86 @@ def test_reward_curve_with_few_points(tmp_path: Path) -> None:
     metrics.write_text(json.dumps({"step": 1, "reward": 0.3}) + "\n")
     out = plot_reward_curve(metrics, tmp_path / "curve.png")
     assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def noisy_video(t: int = 5, h: int = 21, w: int = 30, seed: int = 0) -> torch.Tensor:
+    """Per-pixel noise in every channel: the hardest case for a lossy codec (and odd sizes)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(3, t, h, w, generator=g) * 2 - 1
+
+
+def as_saved(video: torch.Tensor) -> torch.Tensor:
+    """What a perfect codec would give back: the video rounded to uint8, in [-1, 1]."""
+    return torch.from_numpy(to_uint8(video)).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("video", [noisy_video(), smooth_video(t=4, h=15, w=17)], ids=["noise", "smooth-odd"])
+def test_lossless_round_trip_is_exact(tmp_path: Path, video: torch.Tensor) -> None:
+    back = read_video(write_video(tmp_path / "clip.mp4", video, quality="lossless"))
+    assert back.shape == video.shape  # no padding: RGB needs no even size
+    assert torch.equal(back, as_saved(video))
+
+
+def test_high_quality_is_closer_than_standard(tmp_path: Path) -> None:
+    video = noisy_video(h=32, w=48)
+    errors = {}
+    for quality in ("standard", "high"):
+        back = read_video(write_video(tmp_path / f"{quality}.mp4", video, quality=quality))
+        errors[quality] = (back[:, :, :32, :48] - as_saved(video)).abs().mean().item()
+    assert errors["high"] < errors["standard"] / 3, errors
+    assert errors["high"] > 0  # still a lossy codec: the lossless test is the one that must be exact
+
+
+@pytest.mark.parametrize("quality", sorted(VIDEO_QUALITIES))
+def test_same_frames_decode_to_identical_frames(tmp_path: Path, quality: str) -> None:
+    video = noisy_video(t=6, h=32, w=48, seed=3)
+    first = read_video(write_video(tmp_path / "a.mp4", video, quality=quality))
+    for i in range(2):
+        again = read_video(write_video(tmp_path / f"b{i}.mp4", video.clone(), quality=quality))
+        assert torch.equal(first, again)
+
+
+def test_unknown_video_quality_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(VaderError, match=r"video_quality='best' must be one of standard, high, lossless$"):
+        write_video(tmp_path / "x.mp4", smooth_video(t=2), quality="best")
+    assert not list(tmp_path.iterdir())
+
+
+def _write_rows(path: Path, rows: list, tail: str = "") -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_reward_curve_marks_null_and_nan_rewards(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "reward": 0.3 + 0.01 * s} for s in range(1, 9)]
+    rows[2]["reward"] = None  # a skipped non-finite step, as train writes it
+    rows[5]["reward"] = float("nan")  # json.dumps writes a bare NaN token (older runs)
+    _write_rows(metrics, rows)
+    steps, rewards, skipped = reward_curve_points(metrics)
+    assert skipped == [3, 6]
+    assert steps == [1, 2, 4, 5, 7, 8] and all(np.isfinite(rewards))
+    out = plot_reward_curve(metrics, tmp_path / "curve.png")
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_reward_curve_with_only_skipped_steps(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    _write_rows(metrics, [{"step": 1, "reward": None}, {"step": 2, "reward": None}])
+    assert reward_curve_points(metrics) == ([], [], [1, 2])
+    assert plot_reward_curve(metrics, tmp_path / "curve.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_torn_last_metrics_line_is_skipped(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "reward": 0.1 * s} for s in range(1, 4)]
+    _write_rows(metrics, rows, tail='{"step": 4, "rew')  # killed in the middle of an append
+    assert read_metrics(metrics) == rows
+    assert reward_curve_points(metrics)[0] == [1, 2, 3]
+    assert plot_reward_curve(metrics, tmp_path / "curve.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_broken_metrics_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "reward": 0.1}\n{"step": 2, "rew\n{"step": 3, "reward": 0.3}\n')
+    with pytest.raises(VaderError, match="line 2 is not JSON"):
+        read_metrics(metrics)
