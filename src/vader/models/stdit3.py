@@ -608,8 +608,11 @@ class STDiT3(nn.Module):
             -(-size // p) for size, p in zip((t_in, h_in, w_in), self.config.patch_size, strict=True)
         )
 
+        # The timestep stays fp32 up to the sinusoidal embedding: bf16 has 8 significant bits, so
+        # t = 985.87 would become 984 (cosine 0.90 against fp32 over the 256 frequencies). The
+        # original kept fp32 weights, so its cast to the weights' dtype never rounded t.
         t, t_mlp, t0, t0_mlp = self._embed_time(
-            _tile_batch(timestep.to(dtype), b, "timestep"), fps, x_mask, b
+            _tile_batch(timestep.float(), b, "timestep"), fps, x_mask, b
         )
         y, y_mask = self.encode_text(y, mask, b)
         if x_mask is not None:
@@ -629,7 +632,7 @@ class STDiT3(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """t = t_emb + fps_emb (for the final layer) and t_mlp = t_block(t) (for the blocks); the
         t0/t0_mlp pair is the same at timestep 0, needed only when x_mask is given."""
-        fps_emb = self.fps_embedder(_tile_batch(fps.reshape(-1), batch, "fps"))
+        fps_emb = self.fps_embedder(_tile_batch(fps.reshape(-1).float(), batch, "fps"))
         t = self.t_embedder(timestep) + fps_emb
         if x_mask is None:
             return t, self.t_block(t), None, None
