@@ -115,6 +115,7 @@ def test_score_actpred_tiny(videos, tmp_path, monkeypatch, capsys) -> None:
         return build_actpred(model=str(folder), **kw).eval()
 
     monkeypatch.setattr(rewards, "build_reward", fake_build_reward)
+    monkeypatch.setattr(rewards, "check_reward_weights", lambda *a, **k: None)  # the tiny model is local
     grey, vivid = videos
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a man playing guitar on stage\na kid on a street\triding a bike\n")
@@ -145,3 +146,49 @@ def test_format_table_alignment() -> None:
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1  # right-aligned numbers, same width
     assert "1.000e-05" in table and lines[-1].startswith("mean of 2")
+
+
+def test_weighted_reward_dict_like_training(videos, capsys) -> None:
+    from vader.media import read_video
+    from vader.rewards.builtin import Brightness
+
+    grey, vivid = videos
+    assert score_main(["--reward", "{'colorfulness': 1.0, 'brightness': 0.5}", "--prompt", "x", "--device", "cpu",
+                       str(grey), str(vivid)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["video", "prompt", "reward", "loss"]
+    for path, line in zip((grey, vivid), lines[2:4]):
+        frames = read_video(path)[None]
+        expected = Colorfulness()(frames, ["x"]).reward.item() + 0.5 * Brightness()(frames, ["x"]).reward.item()
+        assert float(line.split()[-2]) == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize(("reward", "message"), [
+    ("colourfulness", "reward_fn='colourfulness' is not valid; choose one of: 'colorfulness'"),
+    ("{'colorfulness': 1.0, 'hsp': 0.5}", "reward_fn='hsp' is not valid; choose one of:"),
+    ("{'colorfulness': 'a lot'}", "reward_fn['colorfulness']='a lot' must be a number (the weight)"),
+    ("{'colorfulness': float('inf')}", "is not a valid dict"),
+    ("{'colorfulness': 1e999}", "reward_fn['colorfulness']=inf must be a finite number"),
+    ("{}", "reward_fn={} must be a reward name or a dict {name: weight}"),
+    ("{'colorfulness': 1.0", "is not a valid dict"),
+])
+def test_bad_reward_is_one_line_exit_2(videos, capsys, reward: str, message: str) -> None:
+    grey, _ = videos
+    assert score_main(["--reward", reward, "--prompt", "x", str(grey)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vader: error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"a caf\xe9 at night\n", "is not UTF-8 text (bad byte at line 1)"),
+    (b"", "is empty: it needs one prompt per line"),
+    (b"\n  \n\t\n", "is empty: it needs one prompt per line"),
+])
+def test_bad_prompts_file_is_one_line_exit_2(videos, tmp_path, capsys, content: bytes, message: str) -> None:
+    grey, _ = videos
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(content)
+    assert score_main(["--reward", "colorfulness", "--prompts", str(prompts), str(grey)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"vader: error: --prompts={str(prompts)!r} ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err

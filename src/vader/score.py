@@ -2,6 +2,7 @@
 
     vader score --reward hps --prompt "a cat surfing a wave" out/*.mp4
     vader score --reward actpred --prompts prompts.txt a.mp4 b.mp4
+    vader score --reward "{'hps': 1.0, 'aesthetic': 0.5}" --prompt "a cat surfing a wave" out/*.mp4
 
 A prompts file holds one prompt per line (the i-th for the i-th video) or a single prompt for all
 videos; a line may give an explicit action label for ActPred after a TAB (`prompt<TAB>label`).
@@ -12,6 +13,7 @@ classifies the whole clip.
 from __future__ import annotations
 
 import argparse
+import ast
 import math
 import sys
 from dataclasses import dataclass
@@ -115,6 +117,29 @@ def match_prompts(prompts: list[str], num_videos: int, source: str = "prompts") 
     return list(prompts)
 
 
+def parse_reward(text: str) -> str | dict[str, float]:
+    """`--reward`: a reward name or a weighted mix written as a dict, exactly as the config's
+    reward_fn accepts it (validated by the config's own check, so the errors are the same)."""
+    from vader.config import _validate_reward
+
+    value: object = text.strip()
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise VaderError(f"reward_fn={text!r} is not a valid dict; write it as "
+                             "\"{'hps': 1.0, 'aesthetic': 0.5}\"") from None
+    _validate_reward(value)
+    for name, weight in (value.items() if isinstance(value, dict) else ()):
+        if not math.isfinite(weight):
+            raise VaderError(f"reward_fn[{name!r}]={weight!r} must be a finite number (the weight)")
+    return value  # type: ignore[return-value]
+
+
+def _reward_label(reward_fn: str | dict[str, float]) -> str:
+    return reward_fn if isinstance(reward_fn, str) else "reward"
+
+
 def _fmt(x: float) -> str:
     if math.isnan(x) or math.isinf(x):
         return str(x)
@@ -158,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (mp4 or anything PyAV reads)")
     p.add_argument("--reward", required=True, metavar="NAME",
-                   help="reward name, e.g. aesthetic, hps, pick_score, actpred, colorfulness")
+                   help="reward name, e.g. aesthetic, hps, pick_score, actpred, colorfulness, or a weighted mix "
+                        "as training's reward_fn takes it: \"{'hps': 1.0, 'aesthetic': 0.5}\"")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", metavar="TEXT", help="one prompt for every video")
     src.add_argument("--prompts", metavar="FILE", help="prompts file (one per video, or one for all)")
@@ -188,6 +214,7 @@ def run_score(args: argparse.Namespace) -> list[VideoScore]:
     """Build the reward, score the videos and print the table (raises VaderError on user mistakes)."""
     from vader import rewards
 
+    reward_fn = parse_reward(args.reward)
     prompts, labels = _prompts_from(args)
     prompts = match_prompts(prompts, len(args.videos), "prompts in " + repr(args.prompts) if args.prompts else "prompts")
     missing = [v for v in args.videos if not Path(v).is_file()]
@@ -195,10 +222,11 @@ def run_score(args: argparse.Namespace) -> list[VideoScore]:
         raise VaderError(f"no such video: {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
-    reward = rewards.build_reward(args.reward, device=device, dtype=dtype, hps_version=args.hps_version)
+    rewards.check_reward_weights(reward_fn, hps_version=args.hps_version)  # every missing model named at once
+    reward = rewards.build_reward(reward_fn, device=device, dtype=dtype, hps_version=args.hps_version)
     reward = reward.to(device)
     rows = score_rows(reward, [Path(v) for v in args.videos], prompts, labels, device)
-    print(format_table(rows, reward_name=args.reward))
+    print(format_table(rows, reward_name=_reward_label(reward_fn)))
     return rows
 
 
@@ -216,5 +244,5 @@ def score_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["VideoScore", "format_table", "match_prompts", "run_score", "score_main", "score_rows", "score_video",
+__all__ = ["VideoScore", "format_table", "match_prompts", "parse_reward", "run_score", "score_main", "score_rows", "score_video",
            "score_videos"]
