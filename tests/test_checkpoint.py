@@ -303,16 +303,64 @@ def test_prune_keeps_the_newest(tmp_path: Path) -> None:
     assert checkpoint_dirs(root) == [] and best.is_dir()  # keep=0 removes every step checkpoint only
 
 
-def test_find_resume_dir_latest_picks_the_newest_of_any_run(tmp_path: Path) -> None:
+def _run_with_config(project: Path, name: str, steps: list[int], mtime: float, **config) -> Path:
+    run = project / name
+    for i, step in enumerate(steps):
+        fake_checkpoint(run / "checkpoints", step, mtime=mtime + i)
+    (run / "config.json").parent.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"lr": 0.001, "reward_fn": "hps", "verbose": 1, **config}))
+    return run
+
+
+def test_latest_is_the_latest_checkpoint_of_the_named_run(tmp_path: Path) -> None:
     project = tmp_path / "runs"
-    fake_checkpoint(project / "run-a" / "checkpoints", 10, mtime=1_000)
-    newest = fake_checkpoint(project / "run-a" / "checkpoints", 20, mtime=3_000)
-    fake_checkpoint(project / "run-b" / "checkpoints", 30, mtime=2_000)
-    fake_checkpoint(project / "run-b" / "checkpoints", 40, training=False, mtime=9_000)  # not resumable
-    fake_checkpoint(project / "run-c" / "checkpoints", 50, state=False, mtime=9_000)  # incomplete
-    assert find_resume_dir("latest", project) == newest
-    later = fake_checkpoint(project / "run-b" / "checkpoints", 35, mtime=4_000)
-    assert find_resume_dir("latest", project) == later
+    _run_with_config(project, "run-a", [10, 20], mtime=1_000)
+    _run_with_config(project, "run-b", [30], mtime=5_000)  # newer, but not the named run
+    assert find_resume_dir("latest", project, "run-a", {"lr": 0.001}) == project / "run-a/checkpoints/checkpoint-000020"
+    with pytest.raises(VaderError, match="run_name='run-c' has no checkpoint"):
+        find_resume_dir("latest", project, "run-c", {})
+
+
+def test_latest_without_run_name_is_the_newest_run_with_the_same_config(tmp_path: Path) -> None:
+    project = tmp_path / "runs"
+    same = _run_with_config(project, "run-a", [10, 20], mtime=1_000)
+    _run_with_config(project, "run-b", [40], mtime=9_000, lr=0.002)  # newest, another lr
+    _run_with_config(project, "run-c", [50], mtime=9_500, verbose=0)  # newest: only a cosmetic key differs
+    fake_checkpoint(project / "run-d" / "checkpoints", 60, training=False, mtime=9_900)  # not resumable
+    assert find_resume_dir("latest", project, None, {"lr": 0.001, "reward_fn": "hps", "verbose": 1}) == \
+        project / "run-c/checkpoints/checkpoint-000050"
+    (project / "run-c" / "config.json").write_text(json.dumps({"lr": 0.001, "reward_fn": "aesthetic"}))
+    assert find_resume_dir("latest", project, None, {"lr": 0.001, "reward_fn": "hps"}) == \
+        same / "checkpoints" / "checkpoint-000020"
+
+
+def test_latest_refuses_a_changed_config_listing_the_differences(tmp_path: Path) -> None:
+    project = tmp_path / "runs"
+    _run_with_config(project, "run-a", [10], mtime=1_000, lr=0.0002)
+    with pytest.raises(VaderError) as info:
+        find_resume_dir("latest", project, None, {"lr": 0.001, "reward_fn": "aesthetic", "verbose": 0})
+    message = str(info.value)
+    assert "lr: 0.0002 -> 0.001; reward_fn: 'hps' -> 'aesthetic'" in message and "run_name" in message
+    assert "verbose" not in message and "\n" not in message
+
+
+def test_config_differences_ignore_cosmetic_keys_and_compare_nested_ones() -> None:
+    from vader.checkpoint import config_differences, describe_differences
+
+    saved = {"lr": 1e-3, "image_size": [32, 32], "scheduler": {"num_sampling_steps": 4, "cfg_scale": 7.0},
+             "vae": {"micro_batch_size": 4}, "max_train_steps": 10, "video_quality": "standard", "run_name": "a"}
+    current = {"lr": 1e-3, "image_size": (32, 32), "scheduler": {"num_sampling_steps": 8, "cfg_scale": 7.0},
+               "vae": {"micro_batch_size": 2}, "max_train_steps": 20, "video_quality": "lossless", "run_name": "b",
+               "new_key": 1}
+    diff = config_differences(saved, current)
+    assert diff == {"scheduler.num_sampling_steps": (4, 8)}
+    assert describe_differences(diff) == "scheduler.num_sampling_steps: 4 -> 8"
+
+
+def test_resume_from_a_checkpoint_without_its_adapter_blames_resume_from(tmp_path: Path) -> None:
+    folder = fake_checkpoint(tmp_path, 7, adapter=False)
+    with pytest.raises(VaderError, match=r"^resume_from=.*checkpoint-000007.*no adapter_model\.safetensors"):
+        find_resume_dir(str(folder), tmp_path)
 
 
 def test_find_resume_dir_with_a_path(tmp_path: Path) -> None:
@@ -324,7 +372,105 @@ def test_find_resume_dir_with_a_path(tmp_path: Path) -> None:
 
 def test_find_resume_dir_latest_without_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(VaderError, match="no checkpoint found"):
-        find_resume_dir("latest", tmp_path)
+        find_resume_dir("latest", tmp_path / "missing")
     fake_checkpoint(tmp_path / "run" / "checkpoints", 1, training=False)
     with pytest.raises(VaderError, match="no checkpoint found"):
         find_resume_dir("latest", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# damaged files: one line naming the file and the key
+
+
+def _truncate(path: Path, keep: int | None) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"" if keep is None else data[:keep])
+
+
+@pytest.mark.parametrize("damage", ["zero-length", "truncated", "garbage"])
+@pytest.mark.parametrize("kind", ["safetensors", "pt"])
+def test_corrupt_lora_file_is_one_line_naming_the_file_and_key(tmp_path: Path, damage: str, kind: str) -> None:
+    model, _ = lora_model()
+    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK))
+    path = folder / ADAPTER_FILE
+    if kind == "pt":
+        path = tmp_path / "peft_model_5.pt"
+        torch.save({PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}, path)
+    if damage == "garbage":
+        path.write_bytes(b"not a tensor file at all" * 10)
+    else:
+        _truncate(path, None if damage == "zero-length" else path.stat().st_size // 2)
+    fresh, _ = lora_model(lora_seed=None)
+    before = lora_state_dict(fresh)
+    for key in ("lora_ckpt_path", "resume_from"):
+        with pytest.raises(VaderError) as info:
+            load_lora(fresh, path, key=key)
+        message = str(info.value)
+        assert message.startswith(f"{key}=") and str(path) in message and "\n" not in message
+    assert all(torch.equal(v, before[k]) for k, v in lora_state_dict(fresh).items())
+
+
+def test_a_pt_file_that_is_not_a_lora_is_refused(tmp_path: Path) -> None:
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(VaderError, match="not a dict of tensors"):
+        load_lora(lora_model(lora_seed=None)[0], tmp_path / "list.pt")
+
+
+@pytest.mark.parametrize("damage", ["zero-length", "truncated", "no-optimizer"])
+def test_corrupt_training_state_is_one_line_naming_resume_from(tmp_path: Path, damage: str) -> None:
+    from vader.checkpoint import load_training_state
+
+    model, params = lora_model()
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    state = {"step": 3} if damage == "no-optimizer" else {"step": 3, "optimizer": optimizer.state_dict()}
+    folder = save_adapter(tmp_path / "checkpoint-000003", model, lora_config(RANK), training_state=state)
+    if damage != "no-optimizer":
+        _truncate(folder / "training_state.pt", None if damage == "zero-length" else 40)
+    with pytest.raises(VaderError) as info:
+        load_training_state(folder)
+    message = str(info.value)
+    assert message.startswith(f"resume_from={str(folder)!r}") and "training_state.pt" in message
+    assert "\n" not in message
+
+
+def test_non_finite_lora_is_never_saved_or_loaded(tmp_path: Path) -> None:
+    model, params = lora_model()
+    good = save_adapter(tmp_path / "lora", model, lora_config(RANK), extra={"step": 1})
+    with torch.no_grad():
+        params[3][0, 0] = float("nan")
+    with pytest.raises(VaderError, match="NaN or inf"):
+        save_adapter(good, model, lora_config(RANK), extra={"step": 2})
+    assert json.loads((good / STATE_FILE).read_text()) == {"step": 1}  # the good one is kept
+    assert [p.name for p in tmp_path.iterdir()] == ["lora"]
+    state = load_file(str(good / ADAPTER_FILE))
+    assert all(torch.isfinite(v).all() for v in state.values())
+    bad = {k: v.clone() for k, v in state.items()}
+    next(iter(bad.values()))[0, 0] = float("inf")
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(VaderError, match="NaN or inf"):
+        load_lora(lora_model(lora_seed=None)[0], tmp_path / "bad.pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# interrupted writes
+
+
+def test_interrupted_writes_are_cleaned_and_a_moved_aside_checkpoint_is_restored(tmp_path: Path) -> None:
+    from vader.checkpoint import clean_partial_writes
+
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    kept = fake_checkpoint(root, 4)
+    (root / ".checkpoint-000008.tmp-123").mkdir(parents=True)  # killed while writing step 8
+    (root / ".checkpoint-000004.old-77").mkdir()  # overwrite of step 4 that finished
+    moved = fake_checkpoint(root, 12)
+    moved.rename(root / ".checkpoint-000012.old-99")  # killed between the two renames of an overwrite
+    (run / ".lora.tmp-5").mkdir()
+    (run / "samples" / "step-000004").mkdir(parents=True)
+    (run / "samples" / "step-000004" / ".a.tmp.mp4").write_bytes(b"x")
+    removed = clean_partial_writes(run)
+    assert sorted(p.name for p in removed) == [".a.tmp.mp4", ".checkpoint-000004.old-77",
+                                               ".checkpoint-000008.tmp-123", ".lora.tmp-5"]
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-000004", "checkpoint-000012"]
+    assert checkpoint_dirs(root) == [kept, root / "checkpoint-000012"]
+    assert not list(run.rglob(".*"))

@@ -65,32 +65,67 @@ def _check_scale(model: nn.Module, saved: LoraConfig | None, path: Path) -> None
                          f"set those (now {current.r}, {current.lora_alpha})")
 
 
-def load_lora(model: nn.Module, path: str | Path) -> int:
-    """Load our adapter folder/safetensors or the original VADER `peft_model_<step>.pt`; returns #tensors."""
+def load_lora(model: nn.Module, path: str | Path, key: str = "lora_ckpt_path") -> int:
+    """Load our adapter folder/safetensors or the original VADER `peft_model_<step>.pt`; returns #tensors.
+
+    `key` is the config key the path came from, so that errors blame what the user set."""
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
     if not path.is_file():
-        raise VaderError(f"lora_ckpt_path={str(path)!r}: no such file (expected a checkpoint folder, "
+        raise VaderError(f"{key}={str(path)!r}: no such file (expected a checkpoint folder, "
                          f"{ADAPTER_FILE} or an original peft_model_<step>.pt)")
     _check_scale(model, saved_lora_config(path), path)
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"holds a {type(state).__name__}, not a dict of tensors")
+    except Exception as exc:  # truncated, zero-length, not a tensor file: whatever the reader raises
+        raise VaderError(f"{key}={str(path)!r}: cannot read the LoRA file ({_first_line(exc)}); it is corrupt, "
+                         "truncated or not a LoRA: point it at a complete checkpoint") from None
     state = {k.removeprefix(PEFT_PREFIX): v for k, v in state.items()}
     expected = set(get_peft_model_state_dict(model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
         first = sorted(missing)[:1] + sorted(unexpected)[:1]
-        raise VaderError(f"LoRA file {path} does not fit this denoiser/lora_rank: {len(missing)} missing and "
+        raise VaderError(f"{key}: LoRA file {path} does not fit this denoiser/lora_rank: {len(missing)} missing and "
                          f"{len(unexpected)} unexpected keys (e.g. {', '.join(first)})")
-    for key, value in get_peft_model_state_dict(model).items():
-        if state[key].shape != value.shape:
-            raise VaderError(f"LoRA file {path}: {key} has shape {tuple(state[key].shape)}, the model expects "
-                             f"{tuple(value.shape)} (check lora_rank)")
+    for name, value in get_peft_model_state_dict(model).items():
+        if state[name].shape != value.shape:
+            raise VaderError(f"{key}: LoRA file {path}: {name} has shape {tuple(state[name].shape)}, the model "
+                             f"expects {tuple(value.shape)} (check lora_rank)")
+    bad = _nonfinite(state)
+    if bad:
+        raise VaderError(f"{key}={str(path)!r}: {bad} holds NaN or inf values; use an earlier checkpoint")
     set_peft_model_state_dict(model, state)
     return len(state)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    """The first tensor name holding NaN/inf, or None."""
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
+
+
+def set_lora_dropout(model: nn.Module, active: bool) -> None:
+    """Switch only the LoRA dropout modules: training samples with the denoiser in eval mode (no
+    caption dropout) but with LoRA dropout on, as the original did (peft's new layers stayed in train
+    mode after its `.eval()`); validation and inference sample with it off."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_dropout.train(active)
 
 
 def _atomic_dir(final: Path) -> Path:
@@ -114,10 +149,13 @@ def save_adapter(folder: Path, model: nn.Module, config: LoraConfig, extra: dict
                  training_state: dict[str, Any] | None = None) -> Path:
     """Write an adapter folder atomically (and the resume state when given)."""
     folder = Path(folder)
+    state = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
+    bad = _nonfinite(state)
+    if bad:  # a NaN LoRA is worse than none: it would overwrite a good one and load silently
+        raise VaderError(f"refusing to save the LoRA to {folder}: {bad.removeprefix(PEFT_PREFIX)} holds NaN or inf")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(folder)
     try:
-        state = {PEFT_PREFIX + k: v for k, v in lora_state_dict(model).items()}
         save_file(state, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         if training_state is not None:
@@ -146,15 +184,137 @@ def prune_checkpoints(root: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resume_dir(resume_from: str, project_dir: Path) -> Path:
-    """'latest' = newest complete checkpoint of any run under project_dir; else a folder path."""
-    if resume_from != "latest":
-        path = Path(resume_from)
-        if not (path / "training_state.pt").is_file():
-            raise VaderError(f"resume_from={resume_from!r}: not a checkpoint folder (no training_state.pt)")
-        return path
-    candidates = [c for run in project_dir.glob("*/checkpoints") for c in checkpoint_dirs(run)
-                  if (c / "training_state.pt").is_file()]
-    if not candidates:
-        raise VaderError(f"resume_from='latest': no checkpoint found under {project_dir}")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+def clean_partial_writes(run_dir: Path) -> list[Path]:
+    """Remove what an interrupted atomic write left in a run folder; returns what was removed.
+
+    `.X.tmp-<pid>` folders are incomplete copies: removed. `.X.old-<pid>` is the previous complete
+    folder moved aside during an overwrite: removed when X exists, else (killed between the two
+    renames) put back, so the checkpoint is not lost."""
+    removed: list[Path] = []
+    for parent in (run_dir, run_dir / "checkpoints"):
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.glob(".*.tmp-*")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        for path in sorted(parent.glob(".*.old-*")):
+            final = parent / path.name[1:].rsplit(".old-", 1)[0]
+            if final.exists():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            else:
+                path.rename(final)
+    for path in sorted((run_dir / "samples").rglob(".*.tmp.mp4")) if (run_dir / "samples").is_dir() else []:
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+# Keys that do not change what a resumed run computes: logging, cadence, where files go, how long to
+# train, memory-only switches (checkpointing recomputes the same values), keys accepted for
+# compatibility only. Every other key changes results and must match on resume.
+RESUME_FREE_KEYS = frozenset({
+    "verbose", "is_vader_training", "lora_ckpt_path", "resume_from", "project_dir", "run_name",
+    "logger_type", "use_wandb", "wandb_entity", "wandb_project", "debug",
+    "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "is_sample_preview", "num_val_runs",
+    "val_batch_size", "save_fps", "video_quality", "max_train_steps", "num_train_epochs", "max_nonfinite_steps",
+    "allow_config_change", "grad_checkpoint", "reward_grad_checkpoint", "vae.micro_batch_size",
+    "model.enable_flash_attn", "model.enable_layernorm_kernel", "frame_interval", "multi_resolution",
+    "condition_frame_length", "align",
+})
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and prefix == "" and key in ("model", "vae", "text_encoder", "scheduler"):
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def result_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a config (as saved in config.json) that change results, flattened, JSON-normalised."""
+    flat = _flatten(json.loads(json.dumps(config, default=str)))
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{key: (saved, current)} for result-changing keys that differ; keys one side lacks (another
+    vader version) are not compared."""
+    old, new = result_config(saved), result_config(current)
+    return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+
+
+def describe_differences(diff: dict[str, tuple[Any, Any]]) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [c for c in checkpoint_dirs(run_dir / "checkpoints") if (c / "training_state.pt").is_file()]
+    return found[-1] if found else None
+
+
+def find_resume_run(project_dir: Path, run_name: str | None, config: dict[str, Any]) -> Path:
+    """The run folder `resume_from='latest'` continues: the one named by run_name, else the newest
+    run (by its latest checkpoint) whose saved config matches `config` in every result-changing key."""
+    if run_name is not None:
+        run_dir = project_dir / run_name
+        if latest_checkpoint(run_dir) is None:
+            raise VaderError(f"resume_from='latest': run_name={run_name!r} has no checkpoint under {run_dir}; "
+                             "check run_name, or drop resume_from to start a new run")
+        return run_dir
+    runs = [r for r in project_dir.iterdir() if latest_checkpoint(r) is not None] if project_dir.is_dir() else []
+    if not runs:
+        raise VaderError(f"resume_from='latest': no checkpoint found under project_dir={str(project_dir)!r}")
+    runs.sort(key=lambda r: latest_checkpoint(r).stat().st_mtime, reverse=True)  # type: ignore[union-attr]
+    for run_dir in runs:
+        saved = read_run_config(run_dir)
+        if saved is not None and not config_differences(saved, config):
+            return run_dir
+    newest = runs[0]
+    saved = read_run_config(newest)
+    why = describe_differences(config_differences(saved, config)) if saved is not None else "no config.json"
+    raise VaderError(f"resume_from='latest': no run under {project_dir} has this config (newest, "
+                     f"{newest.name!r}: {why}); name the run with run_name (and allow_config_change=True to "
+                     "change those keys)")
+
+
+def find_resume_dir(resume_from: str, project_dir: Path, run_name: str | None = None,
+                    config: dict[str, Any] | None = None) -> Path:
+    """A checkpoint folder: the path given, or for 'latest' the latest checkpoint of `find_resume_run`."""
+    if resume_from == "latest":
+        folder = latest_checkpoint(find_resume_run(project_dir, run_name, config or {}))
+        assert folder is not None  # find_resume_run only returns runs with a checkpoint
+        return folder
+    path = Path(resume_from)
+    if not (path / "training_state.pt").is_file():
+        raise VaderError(f"resume_from={resume_from!r}: not a checkpoint folder (no training_state.pt)")
+    if not (path / ADAPTER_FILE).is_file():
+        raise VaderError(f"resume_from={resume_from!r}: the checkpoint has no {ADAPTER_FILE} (incomplete or "
+                         "damaged); resume from another checkpoint")
+    return path
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    """training_state.pt of a checkpoint, checked: one line naming resume_from on any damage."""
+    path = folder / "training_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, zero-length, not a torch file
+        raise VaderError(f"resume_from={str(folder)!r}: cannot read {path.name} ({_first_line(exc)}); it is "
+                         "corrupt or truncated: resume from another checkpoint") from None
+    if not isinstance(state, dict) or not {"step", "optimizer"} <= set(state):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise VaderError(f"resume_from={str(folder)!r}: {path.name} lacks 'step'/'optimizer' (has {keys}); "
+                         "resume from another checkpoint")
+    return state
