@@ -137,3 +137,91 @@ def test_every_plain_key_is_type_checked(argv, needle):
 
 def test_string_keys_accept_numbers_from_the_command_line():
     assert load_config(TINY_TRAIN, ["--run_name", "7"]).run_name == "7"
+
+
+# ---- the declarative schema ------------------------------------------------------------------------
+
+
+def _build(**values):
+    from vader.config import _merge, build_config, load_config_file
+
+    return build_config(_merge(load_config_file(TINY_TRAIN), values))
+
+
+def _violations():
+    """One out-of-range or off-choice value per schema row that declares a range or choices."""
+    from vader.config import schema
+
+    for key, _, f, _ in schema():
+        meta = f.metadata
+        if meta.get("choices"):
+            yield key, "not-a-choice"
+        for bound, delta in (("gt", 0), ("min", -1), ("lt", 0), ("max", 1)):
+            if meta.get(bound) is not None:
+                yield key, meta[bound] + delta
+
+
+@pytest.mark.parametrize(("key", "value"), list(_violations()))
+def test_every_declared_range_and_choice_is_enforced(key, value):
+    with pytest.raises(VaderError) as info:
+        _build(**{key: value})
+    message = str(info.value)
+    assert message.startswith(f"{key}=") and "\n" not in message
+
+
+def test_every_key_is_checked_by_the_table_or_a_named_check():
+    from vader.config import AFTER_TABLE, CUSTOM_CHECKS, schema
+
+    table = {key for key, *_ in schema()}
+    every = {key for key, _, _ in describe_keys()}
+    assert every == table | set(CUSTOM_CHECKS)
+    assert set(CUSTOM_CHECKS.values()) <= set(AFTER_TABLE)
+
+
+FLOAT_KEYS = ["lr", "lora_alpha", "lora_dropout", "max_grad_norm", "aes", "flow", "scheduler.cfg_scale",
+              "scheduler.transform_scale"]
+
+
+@pytest.mark.parametrize("text", ["1e999", "-1e999", "nan", "inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_numbers_are_refused_for_every_float_key(key, text):
+    with pytest.raises(VaderError, match=rf"^{key.replace('.', '[.]')}=.* is not a finite number$"):
+        load_config(TINY_TRAIN, [f"--{key}", text])
+
+
+def test_float_keys_list_is_every_float_key():
+    from vader.config import schema
+
+    assert sorted(FLOAT_KEYS) == sorted(key for key, _, _, kind in schema() if float in kind)
+
+
+def test_non_finite_reward_weight_is_refused():
+    with pytest.raises(VaderError, match="not a finite number"):
+        load_config(TINY_TRAIN, ["--reward_fn", "{'colorfulness': 1e999}"])
+
+
+def test_seed_must_be_what_torch_accepts():
+    import torch
+
+    with pytest.raises(VaderError, match=r"^seed=2\*\*70 must be >= 0 and < 2\*\*63$"):
+        load_config(TINY_TRAIN, ["--seed", str(2**70)])
+    with pytest.raises(VaderError, match="seed=-1"):
+        load_config(TINY_TRAIN, ["--seed", "-1"])
+    top = load_config(TINY_TRAIN, ["--seed", str(2**63 - 1)]).seed
+    torch.manual_seed(top)  # the largest accepted seed really is a torch seed
+
+
+def test_image_size_that_the_vae_cannot_make_is_refused_with_the_nearest_sizes():
+    with pytest.raises(VaderError) as info:
+        load_config(TINY_TRAIN, ["--image_size", "(65, 65)"])
+    message = str(info.value)
+    assert "image_size=(65, 65)" in message and "64x64" in message
+    assert "(64, 64) or (72, 72)" in message and "\n" not in message
+    with pytest.raises(VaderError, match=r"nearest valid: \(64, 424\) or \(64, 432\)"):
+        load_config(TINY_TRAIN, ["--image_size", "(64, 426)"])
+    assert load_config(TINY_TRAIN, ["--image_size", "(40, 72)"]).height_width == (40, 72)
+
+
+def test_open_sora_table_sizes_are_kept_as_open_sora_has_them():
+    # 240p 9:16 is 240x426 in Open-Sora's table; the VAE makes 240x424 from it, as Open-Sora does.
+    assert load_config(OPENSORA_TRAIN).height_width == (240, 426)

@@ -125,3 +125,17 @@ def test_latent_size_vader_default() -> None:
 def test_conditioning_fps() -> None:
     assert sizes.conditioning_fps(51) == sizes.FPS == 24
     assert sizes.conditioning_fps(1) == sizes.IMG_FPS == 120
+
+
+@pytest.mark.parametrize("vae_type", ["OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny"])
+def test_spatial_compression_is_the_vae_presets_own_downsampling(vae_type: str) -> None:
+    """config.py refuses image sizes that are not multiples of SPATIAL_COMPRESSION: it must be what
+    the VAE really does, for every VAE preset."""
+    from vader.config import VAEConfig
+    from vader.models.loading import build_on_meta
+    from vader.models.presets import vae_config
+    from vader.models.vae import VideoVAE
+
+    vae = build_on_meta(lambda: VideoVAE(vae_config(VAEConfig(type=vae_type, from_pretrained=None))))
+    assert vae.spatial_vae.downsample_factor == sizes.SPATIAL_COMPRESSION
+    assert vae.get_latent_size(17, 64, 72)[1:] == (64 // sizes.SPATIAL_COMPRESSION, 72 // sizes.SPATIAL_COMPRESSION)

@@ -12,7 +12,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import runpy
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
 VIDEO_QUALITIES = ("standard", "high", "lossless")
+RESIZE_MODES = ("squash", "crop")
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -58,8 +63,8 @@ class VAEConfig:
     from_pretrained: str | None = field(
         default="hpcai-tech/OpenSora-VAE-v1.2", metadata=_doc("hub id or local folder; None = random init")
     )
-    micro_frame_size: int = field(default=17, metadata=_doc("frames per temporal VAE chunk"))
-    micro_batch_size: int = field(default=4, metadata=_doc("frames per spatial VAE micro-batch"))
+    micro_frame_size: int = field(default=17, metadata=_doc("frames per temporal VAE chunk", gt=0))
+    micro_batch_size: int = field(default=4, metadata=_doc("frames per spatial VAE micro-batch", gt=0))
 
 
 @dataclass
@@ -68,18 +73,18 @@ class TextEncoderConfig:
     from_pretrained: str | None = field(
         default="DeepFloyd/t5-v1_1-xxl", metadata=_doc("hub id or local folder; None = random init")
     )
-    model_max_length: int = field(default=300, metadata=_doc("T5 tokens per prompt (padded)"))
+    model_max_length: int = field(default=300, metadata=_doc("T5 tokens per prompt (padded)", gt=0))
 
 
 @dataclass
 class SchedulerConfig:
     type: str = field(default="rflow", metadata=_doc("sampler", choices=SCHEDULER_TYPES))
     use_timestep_transform: bool = field(default=True, metadata=_doc("Open-Sora's resolution/length shift"))
-    num_sampling_steps: int = field(default=30, metadata=_doc("Euler steps of the rectified-flow sampler"))
+    num_sampling_steps: int = field(default=30, metadata=_doc("Euler steps of the rectified-flow sampler", gt=0))
     cfg_scale: float = field(default=7.0, metadata=_doc("classifier-free guidance scale"))
-    num_timesteps: int = field(default=1000, metadata=_doc("timestep range of the denoiser"))
+    num_timesteps: int = field(default=1000, metadata=_doc("timestep range of the denoiser", gt=0))
     use_discrete_timesteps: bool = field(default=False, metadata=_doc("round timesteps to integers"))
-    transform_scale: float = field(default=1.0, metadata=_doc("extra factor in the timestep transform"))
+    transform_scale: float = field(default=1.0, metadata=_doc("extra factor in the timestep transform", gt=0))
 
 
 NESTED = {"model": ModelConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig, "scheduler": SchedulerConfig}
@@ -94,12 +99,12 @@ class VaderConfig:
         default=None, metadata=_doc("(height, width) in pixels; overrides resolution/aspect_ratio")
     )
     num_frames: int | str = field(default=16, metadata=_doc("frames, or Open-Sora length '2s' (=51), '4s', ..."))
-    fps: int = field(default=24, metadata=_doc("frame rate the denoiser is conditioned on"))
-    frame_interval: int = field(default=1, metadata=_doc("accepted for compatibility"))
-    save_fps: int = field(default=24, metadata=_doc("frame rate of saved mp4 files"))
+    fps: int = field(default=24, metadata=_doc("frame rate the denoiser is conditioned on", gt=0))
+    frame_interval: int = field(default=1, metadata=_doc("accepted for compatibility", gt=0))
+    save_fps: int = field(default=24, metadata=_doc("frame rate of saved mp4 files", gt=0))
     multi_resolution: str = field(default="STDiT2", metadata=_doc("accepted for compatibility"))
-    condition_frame_length: int = field(default=5, metadata=_doc("accepted for compatibility"))
-    align: int = field(default=5, metadata=_doc("accepted for compatibility"))
+    condition_frame_length: int = field(default=5, metadata=_doc("accepted for compatibility", min=0))
+    align: int = field(default=5, metadata=_doc("accepted for compatibility", min=0))
     model: ModelConfig = field(default_factory=ModelConfig, metadata=_doc("denoiser (dict)"))
     vae: VAEConfig = field(default_factory=VAEConfig, metadata=_doc("video VAE (dict)"))
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata=_doc("text encoder (dict)"))
@@ -111,46 +116,55 @@ class VaderConfig:
     prompt: list[str] | None = field(default=None, metadata=_doc("prompts given inline (instead of prompt_path)"))
     start_index: int | None = field(default=None, metadata=_doc("first prompt of the file to use"))
     end_index: int | None = field(default=None, metadata=_doc("one past the last prompt to use"))
-    verbose: int = field(default=1, metadata=_doc("0 = quiet, 1 = progress bars"))
+    verbose: int = field(default=1, metadata=_doc("0 = quiet, 1 = progress bars", min=0))
     # --- VADER ---
     is_vader_training: bool = field(default=True, metadata=_doc("`vader run`: train if True, else infer"))
-    train_batch_size: int = field(default=1, metadata=_doc("videos per process per micro-step"))
-    val_batch_size: int = field(default=1, metadata=_doc("videos per process per validation run"))
-    num_val_runs: int = field(default=2, metadata=_doc("validation runs; videos = runs × val_batch_size × processes"))
-    seed: int = field(default=200, metadata=_doc("the same seed gives the same run"))
+    train_batch_size: int = field(default=1, metadata=_doc("videos per process per micro-step", gt=0))
+    val_batch_size: int = field(default=1, metadata=_doc("videos per process per validation run", gt=0))
+    num_val_runs: int = field(default=2, metadata=_doc("validation runs; videos = runs × val_batch_size × processes",
+                                                            min=0))
+    seed: int = field(default=200, metadata=_doc("the same seed gives the same run", min=0, lt=2**63))
     lora_ckpt_path: str | None = field(default=None, metadata=_doc("initial LoRA: our checkpoint or the original .pt"))
     resume_from: str | None = field(default=None, metadata=_doc("checkpoint folder or 'latest' to resume training"))
-    project_dir: str = field(default="./project_dir", metadata=_doc("runs are written to project_dir/<run name>/"))
+    project_dir: str = field(
+        default="./project_dir", metadata=_doc("runs are written to project_dir/<run name>/", nonempty=True)
+    )
     run_name: str | None = field(default=None, metadata=_doc("name of the run folder; default: a timestamp"))
-    lr: float = field(default=2e-4, metadata=_doc("AdamW learning rate (constant)"))
+    lr: float = field(default=2e-4, metadata=_doc("AdamW learning rate (constant)", gt=0))
     reward_fn: str | dict[str, float] = field(default="hps", metadata=_doc("reward name, or {name: weight}"))
     reward_sources: dict[str, str] | None = field(
         default=None, metadata=_doc("per-model hub id or local path for reward weights (see README: Rewards)")
     )
     reward_resize: str | None = field(
         default=None, metadata=_doc("frames -> 224px: None = each reward's original ('squash' for aesthetic/hps, "
-                                    "'crop' for pick_score), or 'squash' / 'crop' for all")
+                                    "'crop' for pick_score), or 'squash' / 'crop' for all", choices=RESIZE_MODES)
     )
     reward_grad_checkpoint: bool = field(default=False, metadata=_doc("checkpoint the reward model's layers"))
-    gradient_accumulation_steps: int = field(default=8, metadata=_doc("micro-steps per optimizer step"))
-    lora_rank: int = field(default=16, metadata=_doc("LoRA rank"))
-    lora_alpha: float = field(default=8.0, metadata=_doc("LoRA alpha (peft default 8, as the original)"))
-    lora_dropout: float = field(default=0.01, metadata=_doc("LoRA dropout (peft); inactive while sampling in eval mode, as the original"))
+    gradient_accumulation_steps: int = field(default=8, metadata=_doc("micro-steps per optimizer step", gt=0))
+    lora_rank: int = field(default=16, metadata=_doc("LoRA rank", gt=0))
+    lora_alpha: float = field(default=8.0, metadata=_doc("LoRA alpha (peft default 8, as the original)", gt=0))
+    lora_dropout: float = field(
+        default=0.01, metadata=_doc("LoRA dropout (peft); inactive while sampling in eval mode, as the original",
+                                    min=0, lt=1)
+    )
     dtype: str = field(default="bf16", metadata=_doc("dtype of the frozen model weights", choices=DTYPES))
     mixed_precision: str = field(default="bf16", metadata=_doc("autocast precision", choices=MIXED_PRECISIONS))
     logger_type: str = field(default="wandb", metadata=_doc("experiment tracker", choices=LOGGER_TYPES))
     use_wandb: bool = field(default=True, metadata=_doc("False turns wandb off even if logger_type='wandb'"))
     wandb_entity: str = field(default="", metadata=_doc("wandb entity (team or user)"))
     wandb_project: str = field(default="vader", metadata=_doc("wandb project"))
-    validation_steps: int = field(default=10, metadata=_doc("validate after step 1 and every N optimizer steps (0 = only at the end)"))
-    checkpointing_steps: int = field(default=1, metadata=_doc("save the LoRA every N optimizer steps (0 = end only)"))
-    checkpoints_total_limit: int | None = field(default=None, metadata=_doc("keep only the newest N checkpoints"))
+    validation_steps: int = field(
+        default=10, metadata=_doc("validate after step 1 and every N optimizer steps (0 = only at the end)", min=0)
+    )
+    checkpointing_steps: int = field(default=1, metadata=_doc("save the LoRA every N optimizer steps (0 = end only)",
+                                                                 min=0))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_doc("keep only the newest N checkpoints", gt=0))
     debug: bool = field(default=False, metadata=_doc("no experiment tracker (wandb/tensorboard off), as the original's debug"))
     use_AdamW8bit: bool = field(default=False, metadata=_doc("bitsandbytes AdamW8bit instead of AdamW"))
     hps_version: str = field(default="v2.1", metadata=_doc("HPS checkpoint version", choices=HPS_VERSIONS))
-    num_train_epochs: int = field(default=200, metadata=_doc("passes over the prompt list"))
-    max_train_steps: int | None = field(default=800, metadata=_doc("optimizer steps; overrides epochs"))
-    max_grad_norm: float = field(default=1.0, metadata=_doc("gradient clipping norm (0 = off)"))
+    num_train_epochs: int = field(default=200, metadata=_doc("passes over the prompt list", min=0))
+    max_train_steps: int | None = field(default=800, metadata=_doc("optimizer steps; overrides epochs", gt=0))
+    max_grad_norm: float = field(default=1.0, metadata=_doc("gradient clipping norm (0 = off)", min=0))
     backprop_mode: str | int = field(
         default="last", metadata=_doc("steps that get gradients: last | rand | specific | K (last K steps)")
     )
@@ -163,7 +177,7 @@ class VaderConfig:
     grad_checkpoint: bool = field(default=True, metadata=_doc("checkpoint each denoiser call with gradients"))
     max_nonfinite_steps: int = field(
         default=3, metadata=_doc("stop after N optimizer steps in a row with a non-finite loss, reward or gradient "
-                                 "(each such step is skipped, counted and logged)")
+                                 "(each such step is skipped, counted and logged)", gt=0)
     )
     allow_config_change: bool = field(
         default=False, metadata=_doc("resume even where keys that change results differ from the checkpoint's run "
@@ -218,6 +232,8 @@ def _literal(text: str) -> Any:
         return None
     if lowered in ("true", "false"):
         return lowered == "true"
+    if lowered.lstrip("+-") in ("nan", "inf", "infinity"):  # not Python literals: read as the floats meant
+        return float(lowered)
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -298,16 +314,6 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise VaderError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(repr, choices))}")
 
 
-def _check_type(key: str, value: Any, kind: type | tuple[type, ...], *, positive: bool = False) -> None:
-    if isinstance(value, bool) and kind is not bool and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise VaderError(f"{key}={value!r} must be a number, not a bool")
-    if not isinstance(value, kind):
-        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise VaderError(f"{key}={value!r} must be of type {names}")
-    if positive and value <= 0:
-        raise VaderError(f"{key}={value!r} must be > 0")
-
-
 def _build_nested(name: str, raw: Any) -> Any:
     cls = NESTED[name]
     if raw is None:
@@ -359,48 +365,104 @@ def load_config(path: str | Path | None, argv: list[str] | None = None) -> Vader
 
 
 def validate(cfg: VaderConfig) -> None:
-    """Check every value once; normalise a few forgiving spellings in place."""
-    _check_choice("model.type", cfg.model.type, MODEL_TYPES)
-    _check_choice("vae.type", cfg.vae.type, VAE_TYPES)
-    _check_choice("text_encoder.type", cfg.text_encoder.type, TEXT_ENCODER_TYPES)
-    _check_choice("scheduler.type", cfg.scheduler.type, SCHEDULER_TYPES)
-    _check_choice("dtype", cfg.dtype, DTYPES)
-    _check_choice("mixed_precision", cfg.mixed_precision, MIXED_PRECISIONS)
+    """Check every value once, from the schema (the fields' annotations and metadata), then the few
+    keys whose rules need more than their own field (AFTER_TABLE); normalise forgiving spellings in place."""
     if cfg.logger_type is None:  # `--logger_type none` parses as None
         cfg.logger_type = "none"
-    _check_choice("logger_type", cfg.logger_type, LOGGER_TYPES)
-    _check_choice("hps_version", cfg.hps_version, HPS_VERSIONS)
-    _check_choice("decode_strategy", cfg.decode_strategy, DECODE_STRATEGIES)
-    _check_choice("video_quality", cfg.video_quality, VIDEO_QUALITIES)
-    _check_type("max_nonfinite_steps", cfg.max_nonfinite_steps, int, positive=True)
-    _check_type("allow_config_change", cfg.allow_config_change, bool)
-    for key in ("train_batch_size", "val_batch_size", "gradient_accumulation_steps", "lora_rank", "fps", "save_fps"):
-        _check_type(key, getattr(cfg, key), int, positive=True)
-    for key in ("num_val_runs", "validation_steps", "checkpointing_steps", "num_train_epochs", "seed"):
-        _check_type(key, getattr(cfg, key), int)
-        if getattr(cfg, key) < 0:
-            raise VaderError(f"{key}={getattr(cfg, key)!r} must be >= 0")
-    if cfg.max_train_steps is not None:
-        _check_type("max_train_steps", cfg.max_train_steps, int, positive=True)
-    _validate_plain_fields(cfg)
-    _check_type("lr", cfg.lr, (int, float), positive=True)
-    _check_type("max_grad_norm", cfg.max_grad_norm, (int, float))
-    _check_type("lora_alpha", cfg.lora_alpha, (int, float), positive=True)
-    _check_type("lora_dropout", cfg.lora_dropout, (int, float))
-    if not 0 <= cfg.lora_dropout < 1:
-        raise VaderError(f"lora_dropout={cfg.lora_dropout!r} must be in [0, 1)")
-    for key in ("is_vader_training", "use_wandb", "debug", "use_AdamW8bit", "is_sample_preview", "grad_checkpoint"):
-        _check_type(key, getattr(cfg, key), bool)
-    sched = cfg.scheduler
-    _check_type("scheduler.num_sampling_steps", sched.num_sampling_steps, int, positive=True)
-    _check_type("scheduler.cfg_scale", sched.cfg_scale, (int, float))
+    for key, owner, f, kind in schema():
+        value = getattr(owner(cfg), f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and kind[0] is str:
+            value = str(value)  # `--run_name 7` parses as an int: a name is still meant
+            setattr(owner(cfg), f.name, value)
+        _check_field(key, value, kind, f.metadata)
+    for check in AFTER_TABLE:
+        check(cfg)
+
+
+# ---- the schema: one row per key, read from the dataclass fields ----------------------------------
+
+_PLAIN = (bool, int, float, str)
+
+
+def _field_kind(annotation: Any) -> tuple[type, ...] | None:
+    """Accepted types of a plain field (bool, int, float, str, optionally None); None for a key
+    with a custom check (tuples, lists, dicts, unions of several plain types)."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+        else (annotation,)
+    kinds = tuple(a for a in args if a is not type(None))
+    if len(kinds) != 1 or kinds[0] not in _PLAIN:
+        return None
+    return (*kinds, type(None)) if len(kinds) < len(args) else kinds
+
+
+def schema() -> list[tuple[str, Callable[[VaderConfig], Any], dataclasses.Field, tuple[type, ...]]]:
+    """(dotted key, how to reach its dataclass from the config, field, accepted types) for every key
+    that the table checks; keys whose annotation is not a plain type must be in CUSTOM_CHECKS."""
+    rows = []
+
+    def add(cls: type, prefix: str, owner: Callable[[VaderConfig], Any]) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            key = prefix + f.name
+            if f.name in NESTED and cls is VaderConfig:
+                add(NESTED[f.name], key + ".", lambda cfg, name=f.name: getattr(cfg, name))
+                continue
+            kind = _field_kind(hints[f.name])
+            if kind is None:
+                if key not in CUSTOM_CHECKS and f.name != "overrides":
+                    raise TypeError(f"config key {key} has no plain type and no entry in CUSTOM_CHECKS")
+                continue
+            rows.append((key, owner, f, kind))
+
+    add(VaderConfig, "", lambda cfg: cfg)
+    return rows
+
+
+def _show(number: Any) -> str:
+    """A bound as a reader knows it: 2**63 rather than 9223372036854775808."""
+    if isinstance(number, int) and number >= 2**32 and number & (number - 1) == 0:
+        return f"2**{number.bit_length() - 1}"
+    return repr(number)
+
+
+def _check_field(key: str, value: Any, kind: type | tuple[type, ...], meta: Any) -> None:
+    """Type, finiteness, choices and range of one value, as the field's annotation and metadata say."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is None:
+        if type(None) in kinds:
+            return
+        raise VaderError(f"{key}=None is not valid; give a {' or '.join(k.__name__ for k in kinds)}")
+    number = float in kinds or int in kinds
+    if isinstance(value, bool) and bool not in kinds:
+        raise VaderError(f"{key}={value!r} must be {'a number' if number else 'a ' + kinds[0].__name__}, not a bool")
+    accepted = (*kinds, int) if float in kinds else kinds  # an int is a fine float: lr=1
+    if not isinstance(value, accepted):
+        names = " or ".join(k.__name__ for k in kinds if k is not type(None))
+        raise VaderError(f"{key}={value!r} must be of type {names}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise VaderError(f"{key}={value!r} is not a finite number")
+    choices = meta.get("choices")
+    if choices is not None:
+        _check_choice(key, value, choices)
+    if meta.get("nonempty") and not value:
+        raise VaderError(f"{key}={value!r} must not be empty")
+    bounds = [(">=", meta.get("min"), lambda v, b: v >= b), (">", meta.get("gt"), lambda v, b: v > b),
+              ("<=", meta.get("max"), lambda v, b: v <= b), ("<", meta.get("lt"), lambda v, b: v < b)]
+    if any(bound is not None and not ok(value, bound) for _, bound, ok in bounds):
+        rule = " and ".join(f"{op} {_show(bound)}" for op, bound, _ in bounds if bound is not None)
+        raise VaderError(f"{key}={_show(value)} must be {rule}")
+
+
+# ---- keys whose rules need more than their own annotation -----------------------------------------
+
+
+def _check_sizes(cfg: VaderConfig) -> None:
     cfg.height_width  # noqa: B018 - raises VaderError on a bad resolution/aspect_ratio/image_size
     _validate_image_size(cfg)
-    num_frames = cfg.frames
-    cfg.backprop_mode = _validate_backprop_mode(cfg.backprop_mode, sched.num_sampling_steps)
-    cfg.decode_frame = _validate_decode_frame(cfg.decode_frame, num_frames)
-    _validate_reward(cfg.reward_fn)
-    _validate_reward_inputs(cfg)
+    cfg.frames  # noqa: B018 - raises VaderError on a bad num_frames
+
+
+def _check_prompts(cfg: VaderConfig) -> None:
     if cfg.prompt is not None and not (
         isinstance(cfg.prompt, list) and all(isinstance(p, str) for p in cfg.prompt) and cfg.prompt
     ):
@@ -409,49 +471,60 @@ def validate(cfg: VaderConfig) -> None:
         raise VaderError(f"prompt_path={cfg.prompt_path!r}: no such file")
 
 
-STR_KEYS = ("project_dir", "run_name", "wandb_entity", "wandb_project", "prompt_path", "camera_motion",
-            "lora_ckpt_path", "resume_from")
-
-
-def _validate_plain_fields(cfg: VaderConfig) -> None:
-    """Types of the keys the rest of validate() does not check one by one."""
-    for key in STR_KEYS:  # `--run_name 7` parses as an int: a name is still meant
-        value = getattr(cfg, key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            setattr(cfg, key, str(value))
-        elif value is not None and not isinstance(value, str):
-            raise VaderError(f"{key}={value!r} must be a string")
-    if not cfg.project_dir:
-        raise VaderError("project_dir='' must name a folder")
-    for key in ("start_index", "end_index"):
-        if getattr(cfg, key) is not None:
-            _check_type(key, getattr(cfg, key), int)
-    for key in ("aes", "flow"):
-        if getattr(cfg, key) is not None:
-            _check_type(key, getattr(cfg, key), (int, float))
-    if cfg.checkpoints_total_limit is not None:
-        _check_type("checkpoints_total_limit", cfg.checkpoints_total_limit, int, positive=True)
-    if cfg.max_train_steps is None and cfg.num_train_epochs == 0:
-        raise VaderError("num_train_epochs=0 with max_train_steps=None trains nothing; set either to > 0")
-    _check_type("scheduler.num_timesteps", cfg.scheduler.num_timesteps, int, positive=True)
-    _check_type("scheduler.transform_scale", cfg.scheduler.transform_scale, (int, float), positive=True)
-    for key in ("use_timestep_transform", "use_discrete_timesteps"):
-        _check_type(f"scheduler.{key}", getattr(cfg.scheduler, key), bool)
-    _check_type("vae.micro_frame_size", cfg.vae.micro_frame_size, int, positive=True)
-    _check_type("vae.micro_batch_size", cfg.vae.micro_batch_size, int, positive=True)
-    _check_type("text_encoder.model_max_length", cfg.text_encoder.model_max_length, int, positive=True)
-    for name in NESTED:
-        source = getattr(getattr(cfg, name), "from_pretrained", None)
-        if source is not None and not isinstance(source, str):
-            raise VaderError(f"{name}.from_pretrained={source!r} must be a hub id, a local folder or None")
+def _check_paths(cfg: VaderConfig) -> None:
     if cfg.lora_ckpt_path is not None and not Path(cfg.lora_ckpt_path).exists():
         raise VaderError(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: no such file or folder")
 
 
+def _check_steps(cfg: VaderConfig) -> None:
+    if cfg.max_train_steps is None and cfg.num_train_epochs == 0:
+        raise VaderError("num_train_epochs=0 with max_train_steps=None trains nothing; set either to > 0")
+
+
+def _check_modes(cfg: VaderConfig) -> None:
+    cfg.backprop_mode = _validate_backprop_mode(cfg.backprop_mode, cfg.scheduler.num_sampling_steps)
+    cfg.decode_frame = _validate_decode_frame(cfg.decode_frame, cfg.frames)
+
+
+def _check_rewards(cfg: VaderConfig) -> None:
+    _validate_reward(cfg.reward_fn)
+    _validate_reward_inputs(cfg)
+
+
+# keys whose annotation is not one plain type: the table skips them and these checks own them
+CUSTOM_CHECKS: dict[str, Callable[[VaderConfig], None]] = {
+    "image_size": _check_sizes,
+    "num_frames": _check_sizes,
+    "prompt": _check_prompts,
+    "backprop_mode": _check_modes,
+    "reward_fn": _check_rewards,
+    "reward_sources": _check_rewards,
+}
+# run after the table, in this order: rules that relate several keys or look beyond the config
+# (files, the reward registry); decode_frame needs num_frames, actpred needs the decode_frame
+AFTER_TABLE: tuple[Callable[[VaderConfig], None], ...] = (
+    _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_rewards,
+)
+
+
 def _validate_image_size(cfg: VaderConfig) -> None:
+    """An explicit image_size must be what the VAE can make exactly: a multiple of its spatial
+    downsampling in both directions (the denoiser pads its patches itself, so no other factor)."""
+    from vader.sizes import SPATIAL_COMPRESSION
+
     height, width = cfg.height_width
     if height < 16 or width < 16:
         raise VaderError(f"image_size={cfg.image_size!r} must be at least 16x16 pixels")
+    if cfg.image_size is None:
+        return  # Open-Sora's own tables: their sizes are floored exactly as Open-Sora does (see `vader config`)
+    step = SPATIAL_COMPRESSION
+    if height % step or width % step:
+        low = (max(16, height // step * step), max(16, width // step * step))
+        high = (-(-height // step) * step, -(-width // step) * step)
+        nearest = " or ".join(dict.fromkeys(str(s) for s in (low, high)))
+        raise VaderError(f"image_size={cfg.image_size!r}: height and width must be multiples of {step} (the VAE "
+                         f"downsamples by {step}; this size would silently become "
+                         f"{height // step * step}x{width // step * step}); nearest valid: {nearest}")
 
 
 def _validate_backprop_mode(mode: Any, num_steps: int) -> str | int:
@@ -501,6 +574,8 @@ def _validate_reward(reward_fn: Any) -> None:
         _check_choice("reward_fn", name, names)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise VaderError(f"reward_fn[{name!r}]={weight!r} must be a number (the weight)")
+        if not math.isfinite(weight):
+            raise VaderError(f"reward_fn[{name!r}]={weight!r} is not a finite number (the weight)")
 
 
 def _validate_reward_inputs(cfg: VaderConfig) -> None:
@@ -508,9 +583,6 @@ def _validate_reward_inputs(cfg: VaderConfig) -> None:
     from vader.rewards.hub import validate_sources
 
     validate_sources(cfg.reward_sources)
-    if cfg.reward_resize is not None:
-        _check_choice("reward_resize", cfg.reward_resize, ("squash", "crop"))
-    _check_type("reward_grad_checkpoint", cfg.reward_grad_checkpoint, bool)
     names = {cfg.reward_fn} if isinstance(cfg.reward_fn, str) else set(cfg.reward_fn)
     if "actpred" in names:
         from vader.rewards.actpred import check_decode_frame
