@@ -128,14 +128,29 @@ def test_inference_keeps_no_graph():
     assert not out.requires_grad and recorder.grad_enabled == [False] * 4
 
 
-def test_grad_checkpoint_gives_the_same_gradients():
+def _forward_count_and_grads(model, params, grad_checkpoint: bool) -> tuple[int, list[torch.Tensor]]:
+    """Forward calls of the first spatial block over sampling (3 steps, 2 with gradients) and backward."""
+    calls = []
+    handle = model.spatial_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        for p in params:
+            p.grad = None
+        _run(model, 3, cutoff=1, grad_checkpoint=grad_checkpoint).square().mean().backward()
+    finally:
+        handle.remove()
+    return len(calls), [p.grad.clone() for p in params]
+
+
+def test_denoiser_grad_checkpoint_recomputes_each_call():
+    """`grad_checkpoint` must really checkpoint each denoiser call with gradients: its forward runs again
+    in backward (the step without gradients runs once), and the gradients do not change."""
     model, params = _tiny_denoiser()
-    _run(model, 3, cutoff=1).square().mean().backward()
-    plain = [p.grad.clone() for p in params]
-    for p in params:
-        p.grad = None
-    _run(model, 3, cutoff=1, grad_checkpoint=True).square().mean().backward()
-    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(plain, params))
+    model.gradient_checkpointing = False  # only the per-call checkpoint of the sampler
+    plain_calls, plain = _forward_count_and_grads(model, params, grad_checkpoint=False)
+    calls, checkpointed = _forward_count_and_grads(model, params, grad_checkpoint=True)
+    assert plain_calls == 3
+    assert calls == 1 + 2 * 2
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
 
 
 def test_cfg_scale_one_equals_conditional_only():

@@ -274,15 +274,45 @@ def test_gradients_reach_lora_targets() -> None:
     assert model.rope.freqs.grad is None
 
 
-def test_gradient_checkpointing_gives_same_gradients() -> None:
+def test_denoiser_grad_checkpoint_recomputes_blocks() -> None:
+    """`gradient_checkpointing` must recompute every block in backward (each block's forward runs twice,
+    once without it) and leave the gradients unchanged. Counted with pre-hooks: the recomputation stops
+    as soon as the saved tensors it needs exist, so a block's forward hook may never fire in it."""
     kw = inputs()
-    grads = []
+    calls: dict[bool, list[int]] = {}
+    grads = {}
     for ckpt in (False, True):
         model = tiny_model()
         model.gradient_checkpointing = ckpt
-        model(**kw).square().mean().backward()
-        grads.append(model.temporal_blocks[0].attn.qkv.weight.grad.clone())
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+        blocks = [*model.spatial_blocks, *model.temporal_blocks]
+        counts = [0] * len(blocks)
+        handles = [
+            block.register_forward_pre_hook(lambda *_, i=i, counts=counts: counts.__setitem__(i, counts[i] + 1))
+            for i, block in enumerate(blocks)
+        ]
+        try:
+            model(**kw).square().mean().backward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        calls[ckpt] = counts
+        grads[ckpt] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    assert calls[False] == [1] * 4
+    assert calls[True] == [2] * 4
+    for plain, checkpointed in zip(grads[False], grads[True], strict=True):
+        torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
+
+
+def test_grad_checkpoint_is_off_without_autograd() -> None:
+    model = tiny_model()
+    model.gradient_checkpointing = True
+    counts = []
+    handle = model.spatial_blocks[0].register_forward_pre_hook(lambda *_: counts.append(1))
+    try:
+        out = run(model, **inputs())
+    finally:
+        handle.remove()
+    assert counts == [1] and not out.requires_grad
 
 
 def test_sdpa_backend_matches_math() -> None:
