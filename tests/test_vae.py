@@ -242,14 +242,37 @@ def test_gradient_flows_from_selected_frames_to_their_chunk_only(vae: VideoVAE) 
     assert grad[:, :, :5].abs().sum() == 0 and grad[:, :, 10:].abs().sum() == 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradient(vae: VideoVAE) -> None:
-    z = latents(vae, 40)
-    plain = _grad_of_frames(vae, z, [2, 20, 39])
-    vae.enable_gradient_checkpointing()
+def _decoder_calls_and_grad(vae: VideoVAE, z: torch.Tensor, frames: list[int]) -> tuple[dict[str, int], torch.Tensor]:
+    """Forward calls of the temporal and spatial decoders over decode + backward (pre-hooks: a
+    checkpoint's recomputation stops once it has what backward needs, so post-hooks may not fire)."""
+    calls = {"temporal": 0, "spatial": 0}
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        for name, module in (("temporal", vae.temporal_vae.decoder), ("spatial", vae.spatial_vae.module.decoder))
+    ]
     try:
-        checkpointed = _grad_of_frames(vae, z, [2, 20, 39])
+        grad = _grad_of_frames(vae, z, frames)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, grad
+
+
+def test_vae_grad_checkpoint_recomputes_chunks(vae: VideoVAE) -> None:
+    """Checkpointed decode must recompute each temporal chunk and each spatial micro-batch in backward,
+    and give the same gradient. Frames 2, 20, 39 lie in the three chunks of a 40-frame video; with
+    micro_batch_size 2 the three frames make two spatial micro-batches."""
+    z = latents(vae, 40)
+    vae.spatial_vae.micro_batch_size = 2
+    try:
+        plain_calls, plain = _decoder_calls_and_grad(vae, z, [2, 20, 39])
+        vae.enable_gradient_checkpointing()
+        calls, checkpointed = _decoder_calls_and_grad(vae, z, [2, 20, 39])
     finally:
         vae.enable_gradient_checkpointing(False)
+        vae.spatial_vae.micro_batch_size = 4
+    assert plain_calls == {"temporal": 3, "spatial": 2}
+    assert calls == {"temporal": 6, "spatial": 4}
     torch.testing.assert_close(plain, checkpointed, atol=1e-6, rtol=1e-5)
 
 
