@@ -12,11 +12,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import random
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +124,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     bar: tqdm | None = None
     started: float = field(default_factory=time.perf_counter)
+    created: bool = False  # this invocation made the folder (so a failed start may remove it)
 
     @classmethod
     def create(cls, cfg: VaderConfig, accelerator: Accelerator, kind: str) -> Run:
@@ -129,11 +134,38 @@ class Run:
         folder = Path(cfg.project_dir) / name[0]
         run = cls(cfg, accelerator, folder, *load_prompts(cfg), kind)
         if accelerator.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-            run._init_trackers()
+            run.created = not folder.exists()
+            with run.discard_on_failure():
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+                run._init_trackers()
         accelerator.wait_for_everyone()
         return run
+
+    # ---- failed starts ----
+    def has_output(self) -> bool:
+        """Something worth keeping: a checkpoint, a LoRA, a video or a logged step."""
+        d = self.dir
+        if any((d / "checkpoints").glob("checkpoint-*")) or (d / "lora").is_dir():
+            return True
+        if any((d / "samples").rglob("*.mp4")):
+            return True
+        metrics = d / "metrics.jsonl"
+        return metrics.is_file() and metrics.stat().st_size > 0
+
+    @contextlib.contextmanager
+    def discard_on_failure(self) -> Iterator[None]:
+        """On any exception, remove the run folder if this invocation created it and it holds nothing
+        of value (a resumed or pre-existing folder is never removed)."""
+        try:
+            yield
+        except BaseException:
+            if self.created and self.accelerator.is_main_process and self.dir.is_dir() and not self.has_output():
+                if self.accelerator.trackers:
+                    with contextlib.suppress(Exception):
+                        self.accelerator.end_training()  # close event files before their folder goes
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     # ---- trackers ----
     def _trackers(self) -> list[str]:
@@ -179,23 +211,41 @@ class Run:
         path = self.dir / "metrics.jsonl"
         if not self.accelerator.is_main_process or not path.is_file():
             return
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows, torn = [], 0
+        for line in path.read_text(errors="replace").splitlines():
+            if not line.strip():
+                continue
+            try:  # a kill while appending leaves a torn last line: drop it, keep the rest
+                row = json.loads(line)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
         rows = [r for r in rows if r.get("step", 0) <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        self.history = [r for r in rows if "reward" in r]
+        path.write_text("".join(_json_line(r) for r in rows))
+        self.history = [r for r in rows if _finite(r.get("reward"))]
+        if torn:
+            self.note(f"dropped {torn} unreadable line(s) of {path} (a write interrupted by a kill)")
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         if not self.accelerator.is_main_process:
             return
         row = {"step": step, **metrics, "time": round(time.perf_counter() - self.started, 3)}
-        self.history.append(row)
+        if _finite(row.get("reward")):
+            self.history.append(row)
         with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(_json_line(row))
         if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            self.accelerator.log({k: v for k, v in metrics.items() if _finite(v)}, step=step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}", reward=f"{metrics.get('reward', 0):.4f}")
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     # ---- validation / inference videos ----
     def sample_videos(self, gen, reward, folder: Path, tag: str = "val") -> tuple[list[Path], float | None]:
@@ -218,7 +268,7 @@ class Run:
                         scores.append(reward(videos, gen.reward_prompts(prompts)).reward.float())
             for j, video in enumerate(videos):
                 name = f"run{run_index}-rank{acc.process_index}-{j}-prompt{indices[j]:04d}.mp4"
-                paths.append(write_video(folder / name, video, fps=cfg.save_fps))
+                paths.append(write_video(folder / name, video, fps=cfg.save_fps, quality=cfg.video_quality))
         mean = acc.gather(torch.cat(scores)).mean().item() if scores else None
         return paths, mean
 
@@ -232,7 +282,8 @@ class Run:
         if not self.accelerator.is_main_process:
             return
         with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, "val_reward": reward, "videos": [str(p) for p in paths]}) + "\n")
+            fh.write(_json_line({"step": step, "val_reward": reward, "video_quality": self.cfg.video_quality,
+                                 "videos": [str(p) for p in paths]}))
         if self.accelerator.trackers:
             self.accelerator.log({"val_reward": reward}, step=step)
             _log_videos(self.accelerator, paths, step)
@@ -240,8 +291,7 @@ class Run:
     def finish(self) -> None:
         acc = self.accelerator
         if acc.is_main_process:
-            if self.bar is not None:
-                self.bar.close()
+            self.close_bar()
             metrics = self.dir / "metrics.jsonl"
             if metrics.is_file() and self.history:
                 plot_reward_curve(metrics, self.dir / "reward_curve.png")
@@ -250,6 +300,16 @@ class Run:
                           f"(step {last['step']}); outputs in {self.dir}")
         acc.wait_for_everyone()
         acc.end_training()
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_line(row: dict) -> str:
+    """One strict-JSON line: NaN and inf become null (json.dumps would write bare NaN tokens)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _filter_trackers(trackers: list[str]) -> list[str]:

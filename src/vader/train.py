@@ -6,6 +6,7 @@ micro-steps), then the loop with logging, checkpoints and validation.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -17,17 +18,23 @@ from accelerate import Accelerator
 
 from vader.checkpoint import (
     add_lora,
+    clean_partial_writes,
+    config_differences,
+    describe_differences,
     find_resume_dir,
+    find_resume_run,
     load_lora,
+    load_training_state,
     lora_config,
     prune_checkpoints,
+    read_run_config,
     save_adapter,
+    set_lora_dropout,
 )
 from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import decode_selected, select_frames
-from vader.models.presets import check_model_weights
-from vader.rewards import check_reward_weights
+from vader.preflight import preflight
 from vader.run import Run, build_generator, make_accelerator, make_generator, make_reward, set_step_seed
 from vader.sampling import backprop_cutoff
 from vader.video import VideoGenerator
@@ -39,7 +46,9 @@ class StepResult:
     reward: float
     reward_std: float
     grad_norm: float
-    cutoff: int
+    cutoff: int | None
+    skipped: bool = False  # no update was applied (LoRA and optimizer state unchanged)
+    nonfinite: bool = False  # the loss, reward or gradient was NaN/inf (counts toward max_nonfinite_steps)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: VaderConfig) -> torch.optim.Optimizer:
@@ -55,11 +64,12 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: VaderConfig) -> torch.
 
 
 def total_train_steps(cfg: VaderConfig, num_prompts: int, num_processes: int) -> int:
-    """Optimizer steps: epochs over the prompts, capped by max_train_steps."""
+    """Optimizer steps: max_train_steps when set (as the original, whatever the prompts and processes),
+    else num_train_epochs passes over the prompts."""
+    if cfg.max_train_steps:
+        return cfg.max_train_steps
     per_step = cfg.train_batch_size * num_processes * cfg.gradient_accumulation_steps
-    per_epoch = max(1, math.ceil(num_prompts / per_step))
-    steps = cfg.num_train_epochs * per_epoch
-    return min(steps, cfg.max_train_steps) if cfg.max_train_steps else steps
+    return cfg.num_train_epochs * max(1, math.ceil(num_prompts / per_step))
 
 
 def pick_prompts(prompts: list[str], cfg: VaderConfig, step: int, micro: int, rank: int, world: int) -> list[str]:
@@ -74,32 +84,69 @@ def pick_prompts(prompts: list[str], cfg: VaderConfig, step: int, micro: int, ra
     return out
 
 
+def micro_step(gen: VideoGenerator, reward, cfg: VaderConfig, accelerator: Accelerator, prompts: list[str],
+               step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+    """One micro-step: sample, decode the chosen frames, score, backpropagate loss / accumulation
+    steps (gradients add up in .grad). Returns the detached per-sample loss and reward and the cutoff."""
+    rank, world = accelerator.process_index, accelerator.num_processes
+    rng = set_step_seed(cfg.seed, step, micro, rank)
+    batch = pick_prompts(prompts, cfg, step, micro, rank, world)
+    cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
+    frames = select_frames(cfg.decode_frame, gen.num_frames, rng)
+    with accelerator.autocast():
+        latents = gen.sample_latents(batch, make_generator(rng), cutoff=cutoff, grad_checkpoint=cfg.grad_checkpoint)
+        video = decode_selected(gen.vae, latents.to(gen.dtype), gen.num_frames, frames, cfg.decode_strategy)
+        out = reward(video, gen.reward_prompts(batch))
+    accelerator.backward(out.loss.mean() / cfg.gradient_accumulation_steps)
+    return out.loss.detach(), out.reward.detach(), cutoff
+
+
 def train_step(gen: VideoGenerator, reward, optimizer, params, cfg: VaderConfig, accelerator: Accelerator,
                prompts: list[str], step: int) -> StepResult:
-    rank, world = accelerator.process_index, accelerator.num_processes
-    accum = cfg.gradient_accumulation_steps
+    """One optimizer step over gradient_accumulation_steps micro-steps. A non-finite loss, reward or
+    gradient on any process skips the update on every process (grads dropped, no optimizer step)."""
     optimizer.zero_grad(set_to_none=True)
+    set_lora_dropout(gen.denoiser, True)  # validation turns it off; training samples with it on
     rewards, losses = [], []
-    for micro in range(accum):
-        rng = set_step_seed(cfg.seed, step, micro, rank)
-        batch = pick_prompts(prompts, cfg, step, micro, rank, world)
-        cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
-        frames = select_frames(cfg.decode_frame, gen.num_frames, rng)
-        with accelerator.autocast():
-            latents = gen.sample_latents(batch, make_generator(rng), cutoff=cutoff,
-                                         grad_checkpoint=cfg.grad_checkpoint)
-            video = decode_selected(gen.vae, latents.to(gen.dtype), gen.num_frames, frames, cfg.decode_strategy)
-            out = reward(video, gen.reward_prompts(batch))
-        accelerator.backward(out.loss.mean() / accum)
-        rewards.append(out.reward.detach())
-        losses.append(out.loss.detach())
+    cutoff = None
+    for micro in range(cfg.gradient_accumulation_steps):
+        loss, rew, cutoff = micro_step(gen, reward, cfg, accelerator, prompts, step, micro)
+        losses.append(loss)
+        rewards.append(rew)
     average_gradients(params, accelerator)
     grad_norm = _clip(params, cfg.max_grad_norm, accelerator)
-    optimizer.step()
     reward_all = accelerator.gather(torch.cat(rewards).float())
     loss_all = accelerator.gather(torch.cat(losses).float())
+    values_finite = bool(torch.isfinite(loss_all).all() and torch.isfinite(reward_all).all())
+    nonfinite = any_process(not (values_finite and math.isfinite(grad_norm)), accelerator)
+    scaler = getattr(accelerator, "scaler", None)
+    skipped = nonfinite
+    if nonfinite and scaler is not None and values_finite:
+        # fp16: inf gradients with finite values are the loss scale overflowing, routine while the
+        # GradScaler calibrates; its step skips the update and lowers the scale
+        optimizer.step()
+        nonfinite = False
+    elif nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise VaderError(f"lr={cfg.lr}: the optimizer update at step {step + 1} made the LoRA non-finite "
+                             f"(parameter {bad}); nothing was saved from it: lower lr")
+    optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_all.mean().item(), reward=reward_all.mean().item(),
-                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff)
+                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff,
+                      skipped=skipped, nonfinite=nonfinite)
+
+
+def any_process(flag: bool, accelerator: Accelerator) -> bool:
+    """True when `flag` is true on any process, so that every process takes the same decision."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
 
 
 def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -124,25 +171,32 @@ def _clip(params: list[torch.nn.Parameter], max_norm: float, accelerator: Accele
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
-def train(cfg: VaderConfig) -> Path:
-    # cheap checks first: nothing is loaded or created for a run that cannot start
-    resume_dir = find_resume_dir(cfg.resume_from, Path(cfg.project_dir)) if cfg.resume_from else None
-    check_reward_weights(cfg.reward_fn, cfg.hps_version, cfg.reward_sources)
-    check_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
-    if resume_dir is not None and cfg.run_name is None:
-        run_dir = resume_dir.parent.parent
-        if resume_dir.parent.name == "checkpoints" and run_dir.parent.resolve() == Path(cfg.project_dir).resolve():
-            cfg.run_name = run_dir.name  # continue in the resumed run's folder, metrics and curve included
-    accelerator = make_accelerator(cfg)
-    run = Run.create(cfg, accelerator, kind="train")
-    gen = build_generator(cfg, run, accelerator.device)
-    prompts = run.prompts
-    reward = make_reward(cfg, gen, run, accelerator.device)
+@dataclass
+class Trainer:
+    """Everything a training run holds once set up (train() and tests build it with `setup`)."""
 
+    cfg: VaderConfig
+    accelerator: Accelerator
+    run: Run
+    gen: VideoGenerator
+    reward: object
+    lora: object
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+
+    def step(self, step: int) -> StepResult:
+        return train_step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
+                          self.run.prompts, step)
+
+
+def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
+    gen = build_generator(cfg, run, accelerator.device)
+    reward = make_reward(cfg, gen, run, accelerator.device)
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process, whatever ran before
     lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
     params = add_lora(gen.denoiser, lora)
-    # eval mode as the original: no caption dropout while sampling (and so no LoRA dropout either)
+    # The denoiser stays in eval mode as in the original (no caption dropout); train_step switches the
+    # LoRA dropout on, as peft left it in the original.
     gen.denoiser.eval()
     # grad_checkpoint: each denoiser call with gradients (sampling.py) and, inside it, each block;
     # the VAE decode that the reward backpropagates through recomputes chunk by chunk
@@ -151,33 +205,103 @@ def train(cfg: VaderConfig) -> Path:
     if cfg.lora_ckpt_path:
         load_lora(gen.denoiser, cfg.lora_ckpt_path)
     optimizer = accelerator.prepare(make_optimizer(params, cfg))
+    return Trainer(cfg, accelerator, run, gen, reward, lora, params, optimizer)
 
-    start = _resume(cfg, resume_dir, run, gen, optimizer, accelerator) if resume_dir else 0
-    total = total_train_steps(cfg, len(prompts), accelerator.num_processes)
-    run.log_start(total=total, trainable=sum(p.numel() for p in params), start=start)
+
+def train(cfg: VaderConfig) -> Path:
+    preflight(cfg, "train")
+    accelerator = make_accelerator(cfg)
+    resume_dir, changes = _resolve_resume(cfg, accelerator)
+    run = Run.create(cfg, accelerator, kind="train")
+    with run.discard_on_failure():
+        return _train(cfg, accelerator, run, resume_dir, changes)
+
+
+def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Path | None,
+           changes: dict[str, tuple]) -> Path:
+    t = setup(cfg, accelerator, run)
+    start, nonfinite_total, in_a_row = 0, 0, 0
+    if resume_dir is not None:
+        start, nonfinite_total, in_a_row = _resume(cfg, resume_dir, t, changes)
+    total = total_train_steps(cfg, len(run.prompts), accelerator.num_processes)
+    run.log_start(total=total, trainable=sum(p.numel() for p in t.params), start=start)
 
     for step in range(start, total):
         t0 = time.perf_counter()
-        result = train_step(gen, reward, optimizer, params, cfg, accelerator, prompts, step)
+        result = t.step(step)
         done = step + 1
+        nonfinite_total += result.nonfinite
+        in_a_row = in_a_row + 1 if result.nonfinite else 0
         run.log_step(done, {"loss": result.loss, "reward": result.reward, "reward_std": result.reward_std,
                             "grad_norm": result.grad_norm, "lr": cfg.lr, "backprop_cutoff": result.cutoff,
-                            "step_seconds": time.perf_counter() - t0})
+                            "step_seconds": time.perf_counter() - t0, "skipped": result.skipped,
+                            "nonfinite_steps": nonfinite_total})
+        if result.nonfinite:
+            run.note(f"step {done}: non-finite loss/reward/gradient (loss {result.loss}, reward {result.reward}, "
+                     f"grad norm {result.grad_norm}); update skipped ({in_a_row} in a row)")
+        if in_a_row >= cfg.max_nonfinite_steps:
+            run.close_bar()
+            raise VaderError(f"max_nonfinite_steps={cfg.max_nonfinite_steps} reached: steps {done - in_a_row + 1}"
+                             f"..{done} had a non-finite loss, reward or gradient and were skipped (the LoRA was "
+                             f"not updated by them); lower lr (now {cfg.lr}) and resume from the last checkpoint "
+                             f"or restart; see {run.dir / 'metrics.jsonl'}")
+        counters = {"nonfinite_steps": nonfinite_total, "nonfinite_in_a_row": in_a_row}
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < total:
-            _save_checkpoint(cfg, run, gen, lora, optimizer, done, accelerator)
+            _save_checkpoint(t, done, counters)
         if cfg.is_sample_preview and cfg.validation_steps and (done == 1 or done % cfg.validation_steps == 0):
             if done < total:
-                run.validate(gen, reward, done)
+                run.validate(t.gen, t.reward, done)
 
     final = max(total, start)
-    _check_ranks_agree(params, accelerator)
-    _save_checkpoint(cfg, run, gen, lora, optimizer, final, accelerator)
+    _check_ranks_agree(t.params, accelerator)
+    _save_checkpoint(t, final, {"nonfinite_steps": nonfinite_total, "nonfinite_in_a_row": in_a_row})
     if accelerator.is_main_process:
-        save_adapter(run.dir / "lora", gen.denoiser, lora, extra={"step": final, "config": cfg.to_dict()})
+        save_adapter(run.dir / "lora", t.gen.denoiser, t.lora, extra={"step": final, "config": cfg.to_dict()})
     if cfg.is_sample_preview:
-        run.validate(gen, reward, final)
+        run.validate(t.gen, t.reward, final)
     run.finish()
     return run.dir
+
+
+def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | None, dict[str, tuple]]:
+    """The checkpoint to resume from (None for a fresh run) and the result-changing config differences
+    (refused unless allow_config_change). Cleans interrupted writes out of the run folder first."""
+    project = Path(cfg.project_dir)
+    current = cfg.to_dict()
+    run_dir = project / cfg.run_name if cfg.run_name else None
+    if cfg.resume_from == "latest":
+        run_dir = find_resume_run(project, cfg.run_name, current)
+    elif cfg.resume_from:
+        folder = Path(cfg.resume_from)
+        if folder.parent.name == "checkpoints":
+            _clean(folder.parent.parent, accelerator)  # a kill mid-overwrite may have moved it aside
+    if run_dir is not None:
+        _clean(run_dir, accelerator)
+    if not cfg.resume_from:
+        return None, {}
+    resume_dir = find_resume_dir(cfg.resume_from, project, cfg.run_name, current)
+    source_run = resume_dir.parent.parent
+    if cfg.run_name is None and resume_dir.parent.name == "checkpoints" and source_run.parent.resolve() == project.resolve():
+        cfg.run_name = source_run.name  # continue in the resumed run's folder, metrics and curve included
+    saved = read_run_config(source_run) if resume_dir.parent.name == "checkpoints" else None
+    changes = config_differences(saved, current) if saved is not None else {}
+    if changes and not cfg.allow_config_change:
+        raise VaderError(f"resume_from={cfg.resume_from!r}: the config differs from the run's "
+                         f"({describe_differences(changes)}); resume with the same values, set "
+                         "allow_config_change=True to change them (logged in the run folder), or start a new run "
+                         "with lora_ckpt_path to only reuse the LoRA")
+    if changes and accelerator.is_main_process and cfg.run_name is not None:
+        old = project / cfg.run_name / "config.json"
+        if old.is_file():  # Run.create overwrites config.json: keep the one the earlier steps ran with
+            step = int(resume_dir.name.rsplit("-", 1)[-1]) if resume_dir.name.rsplit("-", 1)[-1].isdigit() else 0
+            old.replace(old.with_name(f"config-{step:06d}.json"))
+    return resume_dir, changes
+
+
+def _clean(run_dir: Path, accelerator: Accelerator) -> None:
+    if accelerator.is_main_process and run_dir.is_dir():
+        clean_partial_writes(run_dir)
+    accelerator.wait_for_everyone()
 
 
 def _check_ranks_agree(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
@@ -196,29 +320,44 @@ def _layout(cfg: VaderConfig, accelerator: Accelerator) -> dict[str, int]:
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps}
 
 
-def _save_checkpoint(cfg, run: Run, gen, lora, optimizer, step: int, accelerator: Accelerator) -> None:
+def _save_checkpoint(t: Trainer, step: int, counters: dict[str, int]) -> None:
+    accelerator = t.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "optimizer": optimizer.state_dict(), **_layout(cfg, accelerator)}
-        save_adapter(run.dir / "checkpoints" / f"checkpoint-{step:06d}", gen.denoiser, lora,
-                     extra={"step": step, "run": run.dir.name}, training_state=state)
-        prune_checkpoints(run.dir / "checkpoints", cfg.checkpoints_total_limit)
+        state = {"step": step, "optimizer": t.optimizer.state_dict(), **_layout(t.cfg, accelerator), **counters}
+        save_adapter(t.run.dir / "checkpoints" / f"checkpoint-{step:06d}", t.gen.denoiser, t.lora,
+                     extra={"step": step, "run": t.run.dir.name}, training_state=state)
+        prune_checkpoints(t.run.dir / "checkpoints", t.cfg.checkpoints_total_limit)
     accelerator.wait_for_everyone()
 
 
-def _resume(cfg: VaderConfig, folder: Path, run: Run, gen, optimizer, accelerator: Accelerator) -> int:
-    state = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=False)
-    saved = {k: state[k] for k in _layout(cfg, accelerator) if k in state}
-    now = {k: v for k, v in _layout(cfg, accelerator).items() if k in saved}
-    if saved != now:
+def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple]) -> tuple[int, int, int]:
+    """Load a checkpoint; returns (step, non-finite steps so far, of which in a row at the end)."""
+    state = load_training_state(folder)
+    saved = {k: state[k] for k in _layout(cfg, t.accelerator) if k in state}
+    now = {k: v for k, v in _layout(cfg, t.accelerator).items() if k in saved}
+    if saved != now:  # not waived by allow_config_change: the prompt and noise streams would change
         diff = ", ".join(f"{k}={saved[k]} (now {now[k]})" for k in saved if saved[k] != now[k])
         raise VaderError(f"resume_from={str(folder)!r} was trained with {diff}; resume with the same values, or "
                          "start a new run with lora_ckpt_path to only reuse its LoRA")
-    load_lora(gen.denoiser, folder)
-    optimizer.load_state_dict(state["optimizer"])
-    run.keep_history_until(int(state["step"]))
-    run.note(f"resumed from {folder} at step {state['step']}")
-    return int(state["step"])
+    load_lora(t.gen.denoiser, folder, key="resume_from")
+    try:
+        t.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise VaderError(f"resume_from={str(folder)!r}: its optimizer state does not fit this run ({exc}); was it "
+                         "saved with another use_AdamW8bit or LoRA layout?") from None
+    step = int(state["step"])
+    run = t.run
+    run.keep_history_until(step)
+    if changes and t.accelerator.is_main_process:
+        row = {"step": step, "resumed_from": str(folder), "changes": {k: [a, b] for k, (a, b) in changes.items()}}
+        with open(run.dir / "config_changes.jsonl", "a") as fh:
+            fh.write(json.dumps(row, default=str) + "\n")
+        with open(run.dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, "config_change": describe_differences(changes)}) + "\n")
+        run.note(f"config changed at step {step}: {describe_differences(changes)}")
+    run.note(f"resumed from {folder} at step {step}")
+    return step, int(state.get("nonfinite_steps", 0)), int(state.get("nonfinite_in_a_row", 0))
 
 
-__all__ = ["train", "train_step", "total_train_steps", "pick_prompts"]
+__all__ = ["train", "train_step", "micro_step", "setup", "total_train_steps", "pick_prompts", "Trainer"]
