@@ -1,59 +1,87 @@
-"""`decode_frame`: which output video frames the reward sees, and decoding exactly those.
+"""`decode_frame`: which frames the reward sees, and decoding exactly those.
 
-Indices always refer to frames of the decoded video (0..num_frames-1), never to latent frames.
+What an index means depends on `decode_strategy`:
+- 'exact': frames of the decoded video (0..num_frames-1); each is the frame the full decode gives.
+- 'latent': latent frames (0..latent_frames-1), each decoded alone as a one-frame video. This is
+  the original VADER's meaning: its `decode_frame='N'` sliced latent frame N and its '-1' drew a
+  latent frame uniformly.
+
+The frame/latent geometry is the VAE's (`VideoVAEConfig`); nothing here redefines it.
 """
 
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+from vader.sizes import MICRO_FRAME_SIZE, latent_num_frames
 
-from vader.sizes import TIME_COMPRESSION
+if TYPE_CHECKING:  # torch and the VAE stay unimported: config validation calls max_decode_index
+    from torch import Tensor
 
-# The temporal VAE turns each 5-latent-frame chunk into 17 frames, front-padded to 20 and trimmed
-# by 3: latent j of a chunk covers output frames up to 4*j - 3 + 3 (causal, 4x upsampling).
-CHUNK_FRAMES = 17
+    from vader.models.vae import VideoVAE, VideoVAEConfig
+
+STRATEGIES = ("exact", "latent")
 
 
-def select_frames(mode: str, num_frames: int, rng: random.Random) -> list[int]:
-    """Sorted, unique output-frame indices for a validated `decode_frame` value."""
+def decode_choices(strategy: str, num_frames: int, vae: VideoVAE | VideoVAEConfig | None = None) -> int:
+    """How many indices `decode_frame` chooses among: output frames ('exact') or latent frames ('latent').
+
+    `vae` (a model or its config) gives the geometry; None means the published Open-Sora v1.2 VAE.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown decode_strategy {strategy!r}; expected one of {STRATEGIES}")
+    if strategy == "exact":
+        return num_frames
+    if vae is None:
+        return latent_num_frames(num_frames)
+    return getattr(vae, "config", vae).latent_frames(num_frames)
+
+
+def max_decode_index(strategy: str, num_frames: int, micro_frame_size: int = MICRO_FRAME_SIZE) -> int:
+    """The largest valid `decode_frame='N'`, for config validation before any model is built:
+    num_frames - 1 with 'exact', latent frames - 1 with 'latent' (chunks of `micro_frame_size`)."""
+    if strategy == "latent":
+        return latent_num_frames(num_frames, micro_frame_size) - 1
+    return decode_choices(strategy, num_frames) - 1
+
+
+def select_frames(
+    mode: str,
+    num_frames: int,
+    rng: random.Random,
+    strategy: str = "exact",
+    vae: VideoVAE | VideoVAEConfig | None = None,
+) -> list[int]:
+    """Sorted, unique indices for a validated `decode_frame` value: output frames with 'exact', latent
+    frames with 'latent' (see the module docstring)."""
+    count = decode_choices(strategy, num_frames, vae)
     if mode == "-1":
-        return [rng.randrange(num_frames)]
+        return [rng.randrange(count)]
     if mode == "all":
-        return list(range(num_frames))
+        return list(range(count))
     if mode == "alt":
-        return list(range(0, num_frames, 2))
+        return list(range(0, count, 2))
     if mode == "fml":
-        return sorted({0, num_frames // 2, num_frames - 1})
+        return sorted({0, count // 2, count - 1})
     index = int(mode)
-    if not 0 <= index < num_frames:
-        raise ValueError(f"frame {index} outside 0..{num_frames - 1}")
+    if not 0 <= index < count:
+        unit = "frames" if strategy == "exact" else "latent frames"
+        raise ValueError(f"decode_frame={mode!r} is outside the {unit} 0..{count - 1}")
     return [index]
 
 
-def latent_index_of_frame(frame: int, micro_frame_size: int = CHUNK_FRAMES, num_frames: int | None = None) -> int:
-    """The latent frame whose decoding produces output `frame` (its causal right edge).
-
-    `num_frames` (the whole video's length) matters when the last chunk is shorter than
-    `micro_frame_size`: that chunk is front-padded to a multiple of 4 by its own length.
-    """
-    chunk, within = divmod(frame, micro_frame_size)
-    length = micro_frame_size if num_frames is None else min(micro_frame_size, num_frames - chunk * micro_frame_size)
-    padding = (TIME_COMPRESSION - length % TIME_COMPRESSION) % TIME_COMPRESSION
-    latents_per_chunk = -(-micro_frame_size // TIME_COMPRESSION)
-    return chunk * latents_per_chunk + (within + padding) // TIME_COMPRESSION
-
-
-def decode_selected(vae, z: Tensor, num_frames: int, frames: list[int], strategy: str = "exact") -> Tensor:
+def decode_selected(vae: VideoVAE, z: Tensor, num_frames: int, frames: list[int], strategy: str = "exact") -> Tensor:
     """Pixels (nominally [-1, 1]; rewards clamp) of `frames` as [B, 3, len(frames), H, W], gradients flowing back to `z`.
 
-    'exact' decodes the true output frames (only the temporal chunks that hold them, only those
-    frames through the spatial decoder). 'latent' is the original VADER shortcut: each chosen frame's
-    latent is decoded alone as a one-frame video — cheaper, but not the frame the full decode gives.
+    'exact': `frames` are output frames; only the temporal chunks that hold them are decoded and only
+    those frames go through the spatial decoder. 'latent': `frames` are latent frames, each decoded on
+    its own (the original's shortcut: cheaper, but not a frame the full decode gives).
     """
     if strategy == "exact":
         return vae.decode(z, num_frames=num_frames, frames=frames)
-    latents = [min(latent_index_of_frame(f, vae.micro_frame_size, num_frames), z.shape[2] - 1) for f in frames]
-    return torch.cat([vae.decode_latent_frame(z, i) for i in latents], dim=2)
+    if strategy != "latent":
+        raise ValueError(f"unknown decode_strategy {strategy!r}; expected one of {STRATEGIES}")
+    import torch
+
+    return torch.cat([vae.decode_latent_frame(z, i) for i in frames], dim=2)

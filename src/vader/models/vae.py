@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from vader.errors import VaderError
+from vader.sizes import latent_num_frames
 
 # The reference multiplies spatial latents by SD1.x's constant, not by the SDXL VAE's own
 # `scaling_factor` (0.13025). The published temporal VAE was trained on latents scaled this way.
@@ -107,6 +108,39 @@ class VideoVAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
+
+    # Frame/latent geometry: VideoVAE asks its config, and the config applies the chunk rule of
+    # vader.sizes (which config validation uses without importing torch) to its own chunk length
+    # and time factor, so the model and the config checks cannot disagree.
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.spatial["block_out_channels"]) - 1)
+
+    @property
+    def latents_per_chunk(self) -> int:
+        return math.ceil(self.micro_frame_size / self.temporal.time_downsample_factor)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Whole `micro_frame_size` chunks give ceil(17 / 4) = 5 latent frames each; the rest ceil(r / 4)."""
+        return latent_num_frames(num_frames, self.micro_frame_size, self.temporal.time_downsample_factor)
+
+    def latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """(T, H, W) of the latent of a clip; spatial sizes floor (276 px -> 34 rows)."""
+        factor = self.spatial_factor
+        return self.latent_frames(num_frames), height // factor, width // factor
+
+    def latent_index_of_frame(self, frame: int, num_frames: int) -> int:
+        """The latent frame whose decoding produces output `frame` of a `num_frames` video: its causal
+        right edge. A chunk shorter than `micro_frame_size` (the last) is front-padded to a multiple of
+        the time factor by its own length, which shifts its frames."""
+        if not 0 <= frame < num_frames:
+            raise VaderError(f"frame {frame} out of range for a {num_frames}-frame video")
+        factor = self.temporal.time_downsample_factor
+        chunk, within = divmod(frame, self.micro_frame_size)
+        length = min(self.micro_frame_size, num_frames - chunk * self.micro_frame_size)
+        padding = (factor - length % factor) % factor
+        return chunk * self.latents_per_chunk + (within + padding) // factor
 
 
 def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
@@ -417,7 +451,7 @@ class VideoVAE(nn.Module):
         self.spatial_vae = SpatialVAE(self.config.spatial, self.config.micro_batch_size)
         self.temporal_vae = TemporalVAE(self.config.temporal)
         self.micro_frame_size = self.config.micro_frame_size
-        self.micro_latent_size = self.temporal_vae.latent_frames(self.micro_frame_size)
+        self.micro_latent_size = self.config.latents_per_chunk
         self.gradient_checkpointing = False
         # Shaped [1, C, 1, 1, 1] to broadcast over [B, C, T, H, W]; persistent: they are in the checkpoint.
         self.register_buffer("scale", torch.tensor(self.config.scale)[None, :, None, None, None])
@@ -428,16 +462,16 @@ class VideoVAE(nn.Module):
         self.gradient_checkpointing = enabled
         self.spatial_vae.gradient_checkpointing = enabled
 
-    # -- sizes ---------------------------------------------------------------------------------
+    # -- sizes (the config owns the geometry) ----------------------------------------------------
 
     def latent_frames(self, num_frames: int) -> int:
-        """Whole 17-frame chunks give 5 latent frames each; the remainder gives ceil(r / 4)."""
-        full, rest = divmod(num_frames, self.micro_frame_size)
-        return full * self.micro_latent_size + self.temporal_vae.latent_frames(rest)
+        return self.config.latent_frames(num_frames)
 
     def get_latent_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
-        factor = self.spatial_vae.downsample_factor
-        return self.latent_frames(num_frames), height // factor, width // factor
+        return self.config.latent_size(num_frames, height, width)
+
+    def latent_index_of_frame(self, frame: int, num_frames: int) -> int:
+        return self.config.latent_index_of_frame(frame, num_frames)
 
     # -- encode --------------------------------------------------------------------------------
 
@@ -478,10 +512,12 @@ class VideoVAE(nn.Module):
 
     def _chunks(self, latent_frames: int, num_frames: int) -> list[_Chunk]:
         """Split like the reference: 5 latent frames -> min(17, frames left) output frames."""
-        if num_frames < 1 or self.latent_frames(num_frames) != latent_frames:
+        if num_frames < 1:
+            raise VaderError(f"num_frames={num_frames} is not valid; a video has at least 1 frame")
+        if self.latent_frames(num_frames) != latent_frames:
             raise VaderError(
                 f"num_frames={num_frames} does not match {latent_frames} latent frames "
-                f"(num_frames={num_frames} encodes to {self.latent_frames(max(num_frames, 0))})"
+                f"(num_frames={num_frames} encodes to {self.latent_frames(num_frames)})"
             )
         chunks = []
         for n, start in enumerate(range(0, latent_frames, self.micro_latent_size)):
