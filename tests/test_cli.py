@@ -76,3 +76,74 @@ def test_inspect_keys_of_the_published_denoiser_match_the_reference_listing(caps
     out = capsys.readouterr().out.strip().splitlines()
     fixture = (REPO / "tests" / "fixtures" / "stdit3" / "stdit3_xl2_keys.tsv").read_text().strip().splitlines()
     assert out == fixture and len(out) == 973
+
+
+def test_config_prints_the_resolved_values_a_run_derives(capsys):
+    assert main(["config", str(OPENSORA_TRAIN), "--num-frames", "2s", "--aspect-ratio", "3:4",
+                 "--num_val_runs", "3", "--val_batch_size", "2"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["resolved"]
+    assert resolved["frames"] == 51 and resolved["height_width"] == [276, 368]
+    assert resolved["video_frames_height_width"] == [51, 272, 368]  # 276 is not a multiple of 8
+    assert resolved["latent_shape_CTHW"] == [4, 15, 34, 46]
+    assert resolved["total_optimizer_steps"] == 800 and resolved["videos_per_validation"] == 6
+    assert "272x368" in resolved["note"]
+
+
+def test_config_resolved_steps_follow_the_trainer(capsys):
+    from vader.config import load_config
+    from vader.train import total_train_steps
+
+    argv = ["--max_train_steps", "None", "--num_train_epochs", "3", "--train_batch_size", "3"]
+    assert main(["config", str(TINY_TRAIN), *argv]) == 0
+    resolved = json.loads(capsys.readouterr().out)["resolved"]
+    assert resolved["prompts"] == 8 and resolved["latent_shape_CTHW"] == [4, 5, 8, 8]
+    assert resolved["total_optimizer_steps"] == total_train_steps(load_config(TINY_TRAIN, argv), 8, 1) == 9
+    assert "note" not in resolved
+
+
+def test_config_keys_of_a_missing_config_file_fails(capsys):
+    assert main(["config", "/no/such/config.py", "--keys"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("vader: error: config file not found")
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01binary", b"{\"lr\": 1}\n{", b"raise SystemExit(3)\n"])
+def test_config_file_that_is_not_python_is_one_line(tmp_path, capsys, content):
+    bad = tmp_path / "cfg.py"
+    bad.write_bytes(content)
+    assert main(["config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vader: error: could not read config file") and len(err.splitlines()) == 1
+
+
+def test_config_folder_as_config_file_is_one_line(tmp_path, capsys):
+    assert main(["config", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+class _ClosedPipe:
+    """stdout after the reader (`| head`) has gone."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_closed_stdout_pipe_ends_quietly(monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdout", _ClosedPipe())
+    assert main(["config", str(TINY_TRAIN), "--keys"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("extra", [[], ["--keys"]])  # less and more output than the stdout buffer
+def test_output_into_a_closed_pipe_has_no_traceback(extra):
+    """The real process: its stdout pipe is closed before it writes, as in `vader inspect ... | head`
+    once head has exited."""
+    env = {k: v for k, v in _env().items() if k != "PYTHONUNBUFFERED"}  # block-buffered, as usual
+    proc = subprocess.Popen([sys.executable, "-m", "vader", "config", str(TINY_TRAIN), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err == ""

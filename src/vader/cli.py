@@ -24,7 +24,8 @@ COMMANDS = {
     "train": "train a LoRA by backpropagating the reward through the sampler",
     "infer": "generate videos (with an optional LoRA: --lora_ckpt_path PATH)",
     "run": "train or infer as the config's is_vader_training says (drop-in for the original script)",
-    "config": "print the resolved, validated config as JSON without loading any model",
+    "config": "print the validated config as JSON, with a 'resolved' block (frames, sizes, latent shape, steps), "
+              "without loading any model",
     "score": "score existing mp4 files with any reward: vader score --reward NAME --prompt TEXT VIDEO...",
     "inspect": "parameter counts, LoRA targets and (--keys) state-dict keys, from the meta device (no download)",
 }
@@ -61,36 +62,57 @@ _OVERRIDE_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "score":  # its own arguments: videos and prompts, not a config file
-        from vader.score import score_main
-
-        return score_main(argv[1:])
-    parser = _parser()
-    known, overrides = parser.parse_known_args(argv)
-    if "-h" in overrides or "--help" in overrides:
-        parser.parse_args(argv)
-    if known.command is None:
-        parser.print_help()
-        return 2
     try:
-        return _dispatch(known, overrides)
+        if argv and argv[0] == "score":  # its own arguments: videos and prompts, not a config file
+            from vader.score import score_main
+
+            return score_main(argv[1:])
+        parser = _parser()
+        known, overrides = parser.parse_known_args(argv)
+        if "-h" in overrides or "--help" in overrides:
+            parser.parse_args(argv)
+        if known.command is None:
+            parser.print_help()
+            return 2
+        code = _dispatch(known, overrides)
+        sys.stdout.flush()  # a closed pipe must fail here, where it is handled, not at interpreter exit
+        return code
     except VaderError as exc:
-        print(f"vader: error: {exc}", file=sys.stderr)
+        print(f"vader: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vader: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`vader inspect ... | head`): stop quietly, as cat and ls do. Python
+        # flushes stdout again at exit, so point it at devnull to keep that flush from failing too.
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def one_line(exc: BaseException) -> str:
+    """The message on one line, whatever the raiser wrote (a list of problems becomes one sentence)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured in tests)
+        pass
 
 
 def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
+    from vader.config import load_config, load_config_file
+
     if args.command == "config" and getattr(args, "keys", False):
         from vader.config import describe_keys
 
+        load_config_file(args.config)  # the key table is only printed for a config that exists and reads
         for key, default, doc in describe_keys():
             print(f"{key:34s} {default:32s} {doc}")
         return 0
-    from vader.config import load_config
-
     cfg = load_config(args.config, overrides)
     if args.command == "inspect":
         from vader.inspection import inspect
@@ -98,7 +120,9 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         print(inspect(cfg, part=args.part, keys=args.keys))
         return 0
     if args.command == "config":
-        print(json.dumps(cfg.to_dict(), indent=2, default=str))
+        from vader.inspection import resolved_values
+
+        print(json.dumps({**cfg.to_dict(), "resolved": resolved_values(cfg)}, indent=2, default=str))
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     training = args.command == "train" or (args.command == "run" and cfg.is_vader_training)

@@ -243,12 +243,17 @@ def _literal(text: str) -> Any:
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Top-level assignments of a Python config file (mmengine/Open-Sora style)."""
     path = Path(path)
+    if path.is_dir():
+        raise VaderError(f"config file {path} is a folder; give a Python config file such as "
+                         "configs/tiny/vader_train.py")
     if not path.is_file():
         raise VaderError(f"config file not found: {path}")
     try:
         namespace = runpy.run_path(str(path))
-    except Exception as exc:  # a user file with a syntax or runtime error
-        raise VaderError(f"could not read config file {path}: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # a user file with a syntax or runtime error, or not Python at all
+        detail = " ".join(str(exc).split())[:200]
+        raise VaderError(f"could not read config file {path} (a Python file of top-level assignments is "
+                         f"expected): {type(exc).__name__}: {detail}") from None
     out: dict[str, Any] = {}
     for key, value in namespace.items():
         if key.startswith("_") or callable(value) or type(value).__name__ == "module":

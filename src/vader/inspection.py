@@ -12,9 +12,11 @@ Hugging Face cache); otherwise the preset architecture is described.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,6 +122,41 @@ def _vae(cfg: VaderConfig) -> MetaModel:
                 f"spatial micro-batch {config.micro_batch_size}")
     model = build_on_meta(lambda: VideoVAE(config))
     return MetaModel("vae", cfg.vae.type, source, settings, model, _run_dtype(cfg))
+
+
+def resolved_values(cfg: VaderConfig, num_processes: int | None = None) -> dict[str, Any]:
+    """What `vader config` adds to the config: the values a run derives from it, each taken from the
+    code that owns the rule (the VAE's own latent geometry on the meta device, the trainer's step
+    count), so they cannot drift from what a run does. Loads no weights and downloads nothing."""
+    from vader.run import load_prompts
+    from vader.train import total_train_steps
+
+    processes = num_processes or max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    vae = _vae(cfg).model
+    frames = cfg.frames
+    height, width = cfg.height_width
+    latent_t, latent_h, latent_w = vae.get_latent_size(frames, height, width)
+    factor = vae.spatial_vae.downsample_factor
+    try:
+        prompts: int | None = len(load_prompts(cfg)[0])
+    except VaderError:
+        prompts = None  # no or unreadable prompts: `vader train` says why; steps may still be known
+    steps = total_train_steps(cfg, prompts or 0, processes) if prompts is not None or cfg.max_train_steps else None
+    out: dict[str, Any] = {
+        "frames": frames,
+        "height_width": [height, width],
+        "video_frames_height_width": [frames, latent_h * factor, latent_w * factor],
+        "latent_shape_CTHW": [vae.config.temporal.embed_dim, latent_t, latent_h, latent_w],
+        "prompts": prompts,
+        "processes": processes,
+        "total_optimizer_steps": steps,
+        "videos_per_validation": cfg.num_val_runs * cfg.val_batch_size * processes,
+    }
+    if (latent_h * factor, latent_w * factor) != (height, width):
+        out["note"] = (f"{height}x{width} (Open-Sora's {cfg.resolution} {cfg.aspect_ratio}) is made as "
+                       f"{latent_h * factor}x{latent_w * factor}: the VAE works in multiples of {factor}, as in "
+                       "Open-Sora")
+    return out
 
 
 def _text_encoder(cfg: VaderConfig) -> MetaModel:
