@@ -225,3 +225,11 @@ def test_image_size_that_the_vae_cannot_make_is_refused_with_the_nearest_sizes()
 def test_open_sora_table_sizes_are_kept_as_open_sora_has_them():
     # 240p 9:16 is 240x426 in Open-Sora's table; the VAE makes 240x424 from it, as Open-Sora does.
     assert load_config(OPENSORA_TRAIN).height_width == (240, 426)
+
+
+def test_decode_frame_range_follows_the_decode_strategy():
+    # 17 frames = one VAE chunk = 5 latent frames; 'latent' indexes latent frames as the original did
+    assert load_config(TINY_TRAIN, ["--decode_frame", "16"]).decode_frame == "16"
+    assert load_config(TINY_TRAIN, ["--decode_frame", "4", "--decode_strategy", "latent"]).decode_frame == "4"
+    with pytest.raises(VaderError, match=r"decode_frame=5 is out of range: .*latent frames 0\.\.4$"):
+        load_config(TINY_TRAIN, ["--decode_frame", "5", "--decode_strategy", "latent"])

@@ -488,7 +488,8 @@ def _check_steps(cfg: VaderConfig) -> None:
 
 def _check_modes(cfg: VaderConfig) -> None:
     cfg.backprop_mode = _validate_backprop_mode(cfg.backprop_mode, cfg.scheduler.num_sampling_steps)
-    cfg.decode_frame = _validate_decode_frame(cfg.decode_frame, cfg.frames)
+    cfg.decode_frame = _validate_decode_frame(cfg.decode_frame, cfg.frames, cfg.decode_strategy,
+                                              cfg.vae.micro_frame_size)
 
 
 def _check_rewards(cfg: VaderConfig) -> None:
@@ -552,15 +553,22 @@ def _validate_backprop_mode(mode: Any, num_steps: int) -> str | int:
     return mode
 
 
-def _validate_decode_frame(value: Any, num_frames: int) -> str:
+def _validate_decode_frame(value: Any, num_frames: int, strategy: str = "exact", micro_frame_size: int = 17) -> str:
+    """'-1', 'fml', 'all', 'alt' or an index: of an output frame with decode_strategy 'exact', of a
+    latent frame with 'latent' (the original's meaning); the range comes from vader.frames."""
+    from vader.frames import max_decode_index
+
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     if text is None:
         raise VaderError(f"decode_frame={value!r}: choose '-1', a frame index like '3', 'fml', 'all' or 'alt'")
     if text in DECODE_FRAME_MODES:
         return text
     if text.isdigit():
-        if int(text) >= num_frames:
-            raise VaderError(f"decode_frame={value!r} is out of range: the video has frames 0..{num_frames - 1}")
+        last = max_decode_index(strategy, num_frames, micro_frame_size)
+        if int(text) > last:
+            what = "the video has frames" if strategy != "latent" else \
+                f"decode_strategy='latent' indexes latent frames; the {num_frames}-frame video has latent frames"
+            raise VaderError(f"decode_frame={value!r} is out of range: {what} 0..{last}")
         return text
     raise VaderError(f"decode_frame={value!r} is not valid; choose '-1' (random), a frame index such as '3', "
                      "'fml', 'all' or 'alt'")
