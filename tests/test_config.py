@@ -231,5 +231,5 @@ def test_decode_frame_range_follows_the_decode_strategy():
     # 17 frames = one VAE chunk = 5 latent frames; 'latent' indexes latent frames as the original did
     assert load_config(TINY_TRAIN, ["--decode_frame", "16"]).decode_frame == "16"
     assert load_config(TINY_TRAIN, ["--decode_frame", "4", "--decode_strategy", "latent"]).decode_frame == "4"
-    with pytest.raises(VaderError, match=r"decode_frame=5 is out of range: .*latent frames 0\.\.4$"):
+    with pytest.raises(VaderError, match=r"decode_frame='5' is out of range: .*latent frames 0\.\.4$"):
         load_config(TINY_TRAIN, ["--decode_frame", "5", "--decode_strategy", "latent"])
