@@ -309,3 +309,68 @@ def test_registry_builds_actpred_from_a_local_folder(tiny_dir) -> None:
     assert mix.parts["actpred"].target_label("a man on stage") == "riding a bike"
     out = mix(clip(), ["a man on stage"])
     assert out.reward.shape == (1,) and torch.isfinite(out.loss).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# faithful to the original: the classifier sees the decoded frames; strict loading
+
+
+@pytest.mark.parametrize("decoded", [8, 6, 2])
+def test_actpred_sees_the_decoded_frames_like_the_original(tiny_dir, decoded: int) -> None:
+    """The original built VideoMAE with num_frames = the decoded frame count ('alt' on 16 frames: 8)
+    and fed it those frames; the default 'decoded' mode must give exactly its logits."""
+    from transformers import VideoMAEForVideoClassification
+
+    original = VideoMAEForVideoClassification.from_pretrained(str(tiny_dir), num_frames=decoded).eval()
+    reward = build_actpred(model=str(tiny_dir))
+    assert reward.frames == "decoded" and reward.num_frames == 4  # the checkpoint's own length
+    frames = clip(batch=2, frames=decoded, seed=decoded)
+    pixels = preprocess_clip(frames, reward.transform, decoded)  # every decoded frame, in order
+    with torch.no_grad():
+        expected = original(pixel_values=pixels).logits
+        ours = reward.logits(frames)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    # the resampling mode (vader's earlier default) shows the 4-frame model 4 resampled frames instead
+    resampled = build_actpred(model=str(tiny_dir), frames="resample")
+    with torch.no_grad():
+        other = resampled.logits(frames)
+        model_length = resampled.model(pixel_values=preprocess_clip(frames, resampled.transform, 4)).logits
+    torch.testing.assert_close(other, model_length, rtol=1e-5, atol=1e-6)
+    if decoded != 4:
+        assert not torch.allclose(ours, other, atol=1e-4)
+    with torch.no_grad():  # the position table follows each clip: a 4-frame clip right after is unchanged
+        torch.testing.assert_close(reward.logits(clip(frames=4)), resampled.logits(clip(frames=4)))
+
+
+def test_actpred_odd_frame_counts_use_every_frame(tiny_dir) -> None:
+    reward = build_actpred(model=str(tiny_dir))
+    assert [reward.clip_length(k) for k in (2, 3, 8, 51)] == [2, 4, 8, 52]
+    assert build_actpred(model=str(tiny_dir), frames="resample").clip_length(51) == 4
+    with pytest.raises(VaderError, match=r"actpred frames='all' must be one of decoded, resample"):
+        build_actpred(model=str(tiny_dir), frames="all")
+
+
+def _resave(src, dst, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(src / "model.safetensors")
+    edit(state)
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_actpred_missing_classifier_weights_are_an_error(tiny_dir, tmp_path) -> None:
+    """A user-supplied classifier without its head would otherwise run with random head weights."""
+    folder = tmp_path / "headless"
+    _resave(tiny_dir, folder, lambda sd: [sd.pop(k) for k in ("classifier.weight", "classifier.bias")])
+    with pytest.raises(VaderError, match=r"2 missing keys \(classifier\.bias, classifier\.weight\)") as info:
+        build_actpred(model=str(folder))
+    assert "\n" not in str(info.value)
+
+
+def test_actpred_unexpected_weights_are_an_error(tiny_dir, tmp_path) -> None:
+    folder = tmp_path / "extra"
+    _resave(tiny_dir, folder, lambda sd: sd.__setitem__("videomae.extra_head.weight", torch.zeros(3)))
+    with pytest.raises(VaderError, match=r"1 unexpected keys \(videomae\.extra_head\.weight\)"):
+        build_actpred(model=str(folder))

@@ -56,11 +56,11 @@ def _pick_score(*, device=None, dtype=torch.float32, sources=None, resize=None, 
 
 
 def _actpred(*, device=None, dtype=torch.float32, sources=None, grad_checkpoint=False, resize=None,
-             hps_version=None, **options):
+             hps_version=None, actpred_frames="decoded", **options):
     from vader.rewards.actpred import build_actpred  # lazily: its file may be absent in a partial install
 
     model = (sources or {}).get("actpred")
-    return build_actpred(device=device, dtype=dtype, grad_checkpoint=grad_checkpoint,
+    return build_actpred(device=device, dtype=dtype, grad_checkpoint=grad_checkpoint, frames=actpred_frames,
                          **({"model": model} if model else {}), **options)
 
 

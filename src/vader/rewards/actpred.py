@@ -10,11 +10,17 @@ from an explicit label given to `prepare` ({prompt: label}; in a prompts file `p
 Names are checked against the model's own `config.id2label`, so any video classifier with named
 classes works the same way.
 
-Frames: the classifier takes exactly `config.num_frames` frames (16 for the base model). The decoded
-frames (at least 2) are sampled uniformly in time to that many, repeating frames when fewer were
-decoded: decode_frame 'all' on a 51-frame video scores 16 evenly spaced frames; 'alt' on 16 frames
-shows each of 8 frames twice; 'fml' (first, middle, last) shows them 5, 6 and 5 times. One decoded
-frame ('-1' or a frame index) is no clip, and raises VaderError.
+Frames (`frames`): 'decoded' (default, the original's) shows the classifier the decoded frames as
+they are, as the original built VideoMAE with `num_frames` = the decoded frame count (8 for 'alt' on
+16 frames): VideoMAE's position embeddings are a fixed sinusoid table, so the same weights take any
+clip length; vader sets the table for each clip instead of rebuilding the model. An odd count is
+sampled evenly up to a multiple of the tubelet (2) so every decoded frame is seen: 'fml' (3 frames)
+shows first, middle, middle, last.
+'resample' samples the decoded frames uniformly in time to `config.num_frames` (16 for the base
+model, the length it was fine-tuned on), repeating frames when fewer were decoded: 'alt' on 16
+frames shows each of 8 frames twice; 'all' on 51 frames shows 16 evenly spaced ones. Classifiers
+other than VideoMAE always take `config.num_frames` ('resample'). One decoded frame ('-1' or a frame
+index) is no clip, and raises VaderError.
 
 Preprocessing is VideoMAEImageProcessor's, done on tensors so gradients reach the frames: resize the
 shortest edge to 224 (bilinear, antialiased), centre-crop 224x224, scale to [0, 1], normalise with the
@@ -42,6 +48,8 @@ ACTPRED_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
 ACTPRED_WEIGHTS = [(ACTPRED_MODEL, None)]
 # decode_frame values that give ActPred a clip (two or more frames).
 CLIP_DECODE_FRAMES = ("all", "alt", "fml")
+# how the decoded frames reach the classifier (see the module docstring)
+FRAME_MODES = ("decoded", "resample")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes
@@ -141,6 +149,17 @@ def preprocess_clip(frames: Tensor, transform: ClipTransform, num_frames: int) -
     return x.view(b, num_frames, 3, *x.shape[-2:])
 
 
+def sinusoid_positions(n_position: int, dim: int) -> Tensor:
+    """VideoMAE's fixed position table [1, n_position, dim] (transformers' get_sinusoid_encoding_table,
+    computed in float64 like it, returned as float32)."""
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    exponent = 2 * (torch.arange(dim) // 2).to(torch.float64) / dim
+    angles = pos / torch.pow(torch.tensor(10000.0, dtype=torch.float64), exponent)
+    table = torch.empty_like(angles)
+    table[:, 0::2], table[:, 1::2] = torch.sin(angles[:, 0::2]), torch.cos(angles[:, 1::2])
+    return table.float()[None]
+
+
 def center_crop(x: Tensor, crop_h: int, crop_w: int) -> Tensor:
     """The processor's centre crop: zero-pad first when the image is smaller than the crop."""
     h, w = x.shape[-2:]
@@ -160,14 +179,26 @@ class ActPred(Reward):
 
     name = "actpred"
 
-    def __init__(self, model: nn.Module, transform: ClipTransform | None = None, grad_checkpoint: bool = False):
+    def __init__(self, model: nn.Module, transform: ClipTransform | None = None, grad_checkpoint: bool = False,
+                 frames: str = "decoded"):
         super().__init__()
+        if frames not in FRAME_MODES:
+            raise VaderError(f"actpred frames={frames!r} must be one of {', '.join(FRAME_MODES)}")
         config = getattr(model, "config", None)
         id2label = getattr(config, "id2label", None)
         if not id2label:
             raise VaderError("the ActPred model has no config.id2label: it must be a video classifier with named classes")
         self.model = model
         self.num_frames = int(config.num_frames)
+        self._embeddings = getattr(getattr(model, "videomae", None), "embeddings", None)
+        if frames == "decoded" and not hasattr(self._embeddings, "position_embeddings"):
+            frames = "resample"  # not a VideoMAE: the position table cannot follow the clip length
+        self.frames = frames
+        self._tubelet = int(getattr(config, "tubelet_size", 1))
+        self._hidden = int(getattr(config, "hidden_size", 0))
+        self._patches_per_step = (getattr(getattr(self._embeddings, "patch_embeddings", None), "num_patches", 0)
+                                  // max(1, self.num_frames // self._tubelet))
+        self._positions: dict[int, Tensor] = {}
         image_size = config.image_size
         image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size, image_size)
         self.transform = transform or ClipTransform(shortest_edge=image_size[0], crop=image_size)
@@ -245,12 +276,29 @@ class ActPred(Reward):
 
     # -- scoring -----------------------------------------------------------------------------
 
+    def clip_length(self, decoded: int) -> int:
+        """Frames the classifier sees for `decoded` decoded frames."""
+        if self.frames == "resample":
+            return self.num_frames
+        return decoded + (-decoded) % self._tubelet
+
     def preprocess(self, frames: Tensor) -> Tensor:
-        return preprocess_clip(frames, self.transform, self.num_frames)
+        return preprocess_clip(frames, self.transform, self.clip_length(frames.shape[2]))
+
+    def _use_positions(self, clip_length: int) -> None:
+        """The position table VideoMAE built with num_frames=clip_length would have (what the
+        original got by building the model per frame count)."""
+        if self.frames != "decoded":
+            return
+        n = (clip_length // self._tubelet) * self._patches_per_step
+        if n not in self._positions:
+            self._positions[n] = sinusoid_positions(n, self._hidden)
+        self._embeddings.position_embeddings = self._positions[n]
 
     def logits(self, frames: Tensor) -> Tensor:
         """Class logits [B, num_classes] (float32) for clips [B, 3, K, H, W] in [-1, 1]."""
         pixel_values = self.preprocess(frames).to(self.dtype)
+        self._use_positions(pixel_values.shape[1])
         return self.model(pixel_values=pixel_values).logits.float()
 
     def forward(self, frames: Tensor, prompts: list[str]) -> RewardOutput:
@@ -272,8 +320,11 @@ def _load_model(name: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForVideoClassification
 
     try:
-        return AutoModelForVideoClassification.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as exc:
+        from vader.rewards.aesthetic import quiet_transformers
+
+        with quiet_transformers():  # the loading report is checked below instead of printed
+            model, info = AutoModelForVideoClassification.from_pretrained(name, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
         import os
 
         if os.path.isdir(name):
@@ -285,6 +336,22 @@ def _load_model(name: str, dtype: torch.dtype) -> nn.Module:
             f"ActPred model {name!r} could not be loaded ({type(exc).__name__}); download it with "
             f"`hf download {name}` (huggingface-cli download on older hubs) or pass a local folder"
         ) from exc
+    check_strict(name, info)
+    return model
+
+
+def check_strict(name: str, info: dict) -> None:
+    """VaderError unless the checkpoint filled exactly the classifier's weights: a missing weight would
+    run with its random init (e.g. a VideoMAE without the Kinetics head), an unexpected one means the
+    checkpoint belongs to another architecture."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(kind) or []))
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    if problems:
+        raise VaderError(f"ActPred model {name!r} does not match its classifier exactly: {'; '.join(problems)}; "
+                         "pass a video classifier saved with save_pretrained (config.json with id2label + weights)")
 
 
 def _load_processor(name: str) -> Any | None:
@@ -303,6 +370,7 @@ def build_actpred(
     model: str | nn.Module | None = None,
     processor: Any = None,
     grad_checkpoint: bool = False,
+    frames: str = "decoded",
     **_: Any,
 ) -> ActPred:
     """A frozen, eval-mode ActPred reward.
@@ -310,8 +378,11 @@ def build_actpred(
     model: hub id or local folder (default `MCG-NJU/videomae-base-finetuned-kinetics`), or a built
     classifier module. processor: an image processor (or its dict) to take resize/crop/mean/std from;
     by default the one saved with the model, else shortest edge = crop = config.image_size with
-    ImageNet mean/std (what the Kinetics VideoMAE checkpoints use). Other keyword arguments (e.g.
-    hps_version) are accepted and ignored, so one call can build any reward.
+    ImageNet mean/std (what the Kinetics VideoMAE checkpoints use). frames: 'decoded' (the original's:
+    the classifier sees the decoded frames) or 'resample' (to config.num_frames); see the module
+    docstring. A model loaded by name must fill exactly the classifier's weights (VaderError
+    otherwise). Other keyword arguments (e.g. hps_version) are accepted and ignored, so one call can
+    build any reward.
     """
     dtype = as_dtype(dtype)
     name = ACTPRED_MODEL if model is None else model
@@ -323,10 +394,10 @@ def build_actpred(
             processor = _load_processor(str(name))
     transform = ClipTransform.from_processor(processor) if processor is not None else None
     module = module.to(dtype=dtype) if device is None else module.to(device=device, dtype=dtype)
-    return ActPred(module, transform, grad_checkpoint=grad_checkpoint)
+    return ActPred(module, transform, grad_checkpoint=grad_checkpoint, frames=frames)
 
 
 __all__ = [
-    "ACTPRED_MODEL", "ACTPRED_WEIGHTS", "CLIP_DECODE_FRAMES", "ActPred", "ClipTransform", "build_actpred",
-    "check_decode_frame", "preprocess_clip", "sample_indices",
+    "ACTPRED_MODEL", "ACTPRED_WEIGHTS", "CLIP_DECODE_FRAMES", "FRAME_MODES", "ActPred", "ClipTransform",
+    "build_actpred", "check_decode_frame", "check_strict", "preprocess_clip", "sample_indices", "sinusoid_positions",
 ]
