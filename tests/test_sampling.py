@@ -166,3 +166,17 @@ def test_cfg_scale_one_equals_conditional_only():
         c2 = {k: v.repeat(1) for k, v in cond.items()}
         v = model(z, ts[0], y=y, mask=mask, **c2)[:, :4]
     assert torch.allclose(guided, z + v * ts[0][0] / 1000, atol=1e-5)
+
+
+def test_original_precision_fp32_weights_under_bf16_autocast():
+    """`--dtype fp32 --mixed_precision bf16` (the original's denoiser precision): sampling with gradients
+    runs, latents and LoRA gradients stay fp32 and finite, and the latents stay near the fp32 run."""
+    model, params = _tiny_denoiser()
+    exact = _run(model, 3, cutoff=1).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _run(model, 3, cutoff=1, grad_checkpoint=True)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out.detach() - exact).abs().max() < 0.05 * exact.abs().max()
+    out.square().mean().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in params)
