@@ -525,3 +525,89 @@ def test_reward_grad_checkpoint_recomputes_layers_in_backward(sources, name: str
     assert results[True][:2] == ([1, 1], [2, 2]), "grad_checkpoint did not recompute the layers in backward"
     torch.testing.assert_close(results[False][2], results[True][2])
     torch.testing.assert_close(results[False][3], results[True][3], rtol=1e-4, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# pinned weight files
+
+
+def test_pins_are_the_published_lfs_oids() -> None:
+    from vader.rewards import base
+    from vader.rewards.aesthetic import AESTHETIC_HEAD
+    from vader.rewards.hps import HPS_FILES, HPS_REPO
+
+    assert set(base.PINNED_FILES) == {AESTHETIC_HEAD, *((HPS_REPO, f) for f in HPS_FILES.values())}
+    assert base.PINNED_FILES[AESTHETIC_HEAD] == (
+        "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0", 3714759)
+
+
+def _pin(monkeypatch, path: Path, sha256: str | None = None, size: int | None = None) -> None:
+    import hashlib
+
+    from vader.rewards import base
+    from vader.rewards.aesthetic import AESTHETIC_HEAD
+
+    sha256 = sha256 or hashlib.sha256(path.read_bytes()).hexdigest()
+    monkeypatch.setitem(base.PINNED_FILES, AESTHETIC_HEAD, (sha256, size or path.stat().st_size))
+
+
+def test_aesthetic_head_with_the_pinned_sha256_loads(sources, monkeypatch, tmp_path) -> None:
+    import shutil
+
+    from vader.rewards import aesthetic
+
+    head = tmp_path / "aesthetic-model.pth"  # the hub file, as the cache would hold it
+    shutil.copy(sources["aesthetic_head"], head)
+    monkeypatch.setattr(aesthetic, "resolve_file", lambda src: str(head))
+    _pin(monkeypatch, head)
+    reward = AestheticReward.from_pretrained(sources["aesthetic_clip"])  # head: the default hub source
+    assert isinstance(reward.head, AestheticMLP)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_aesthetic_head_that_differs_from_the_pin_is_refused(sources, monkeypatch, tmp_path, damage: str) -> None:
+    import shutil
+
+    from vader.rewards import aesthetic, base
+
+    head = tmp_path / "aesthetic-model.pth"
+    shutil.copy(sources["aesthetic_head"], head)
+    _pin(monkeypatch, head)
+    pinned = base.PINNED_FILES[aesthetic.AESTHETIC_HEAD]
+    data = bytearray(head.read_bytes())
+    if damage == "flip":  # same size, one byte changed
+        data[-20] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    head.write_bytes(bytes(data))
+    monkeypatch.setattr(aesthetic, "resolve_file", lambda src: str(head))
+    with pytest.raises(VaderError) as info:
+        AestheticReward.from_pretrained(sources["aesthetic_clip"])
+    message = str(info.value)
+    assert "\n" not in message and "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth" in message
+    assert f"expected sha256 {pinned[0]}, got " in message
+    if damage == "flip":
+        import hashlib
+
+        assert f"got {hashlib.sha256(bytes(data)).hexdigest()}" in message
+    else:
+        assert f"got a file of {len(data)} bytes, not {pinned[1]}" in message
+
+
+def test_big_pinned_files_use_the_hub_cache_content_address(monkeypatch, tmp_path) -> None:
+    from vader.rewards import base
+    from vader.rewards.hub import WeightSource
+
+    src = WeightSource("hps", "HPS v2.1 checkpoint", repo="xswu/HPSv2", filename="HPS_v2.1_compressed.pt")
+    blob = tmp_path / ("ab" * 32)  # a cache blob is named by its sha256
+    blob.write_bytes(b"x" * 10)
+    monkeypatch.setitem(base.PINNED_FILES, ("xswu/HPSv2", "HPS_v2.1_compressed.pt"), ("ab" * 32, 10))
+    monkeypatch.setattr(base, "FULL_HASH_LIMIT", 5)
+    link = tmp_path / "HPS_v2.1_compressed.pt"  # the snapshot symlink huggingface_hub returns
+    link.symlink_to(blob)
+    base.check_pinned(src, link)  # not hashed: the blob's name is the published oid
+    monkeypatch.setitem(base.PINNED_FILES, ("xswu/HPSv2", "HPS_v2.1_compressed.pt"), ("cd" * 32, 10))
+    with pytest.raises(VaderError, match=f"expected sha256 {'cd' * 32}, got {'ab' * 32}"):
+        base.check_pinned(src, link)
+    # a local file the user chose is theirs: not pinned
+    base.check_pinned(WeightSource("hps", "HPS", local=str(blob)), blob)

@@ -17,6 +17,7 @@ from vader.rewards.base import (
     Reward,
     RewardOutput,
     as_dtype,
+    check_pinned,
     checkpoint_layers,
     freeze,
     module_dtype,
@@ -175,7 +176,9 @@ class AestheticReward(Reward):
             default_clip if clip is None else aesthetic_sources({"aesthetic_clip": clip})[0])
         head_src = head if isinstance(head, WeightSource) else (
             default_head if head is None else aesthetic_sources({"aesthetic_head": head})[1])
-        mlp = AestheticMLP.from_file(resolve_file(head_src))
+        head_path = resolve_file(head_src)
+        check_pinned(head_src, head_path)
+        mlp = AestheticMLP.from_file(head_path)
         vision = load_clip_vision(clip_src, dtype)
         return cls(vision, mlp, **kwargs).to(device=device, dtype=dtype)
 

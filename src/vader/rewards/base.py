@@ -8,8 +8,12 @@ encoders (transformers only checkpoints in training mode; rewards stay in eval m
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -235,3 +239,53 @@ def module_dtype(module: nn.Module) -> torch.dtype:
     for p in module.parameters():
         return p.dtype
     return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# pinned weight files: (hub repo, file) -> (sha256, size in bytes), the LFS oids of the files the
+# defaults were written against (read from the hub's LFS pointers). A file that differs (a truncated
+# download, a corrupted cache, a replaced upload) would give silently different rewards.
+
+PINNED_FILES: dict[tuple[str, str], tuple[str, int]] = {
+    ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"):  # = LAION sac+logos+ava1-l14-linearMSE.pth
+        ("21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0", 3714759),
+    ("xswu/HPSv2", "HPS_v2.1_compressed.pt"):  # commit 697403c, the snapshot the original hard-codes
+        ("c57a38fb4a2f7e7c15bf00da2ea377cdf165448b4dd1052a484c215a998c9837", 1972490005),
+    ("xswu/HPSv2", "HPS_v2_compressed.pt"):
+        ("07cb0d20626232204ca3a6ec53ff5984e7e53212a8a7b0e0ec2bac1bdaf125a1", 1972484501),
+}
+# Files above this are not re-hashed when the hub cache already names their blob by its sha256
+# (hashing 2 GB on every build costs seconds); their size is still checked.
+FULL_HASH_LIMIT = 64 * 2**20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_pinned(src, path: str | os.PathLike) -> None:
+    """VaderError (one line: file, expected and actual sha256) when the file resolved for a pinned
+    hub source is not the published one. Local files a user chose (reward_sources paths) and other
+    hub files are not pinned."""
+    if getattr(src, "local", None) or (src.repo, src.filename) not in PINNED_FILES:
+        return
+    expected, size = PINNED_FILES[(src.repo, src.filename)]
+    blob = Path(path).resolve()
+    actual_size = blob.stat().st_size
+    if actual_size == size and size > FULL_HASH_LIMIT and _SHA256.fullmatch(blob.name):
+        actual = blob.name  # the hub cache's content address
+    elif actual_size != size:
+        actual = f"a file of {actual_size} bytes, not {size}"
+    else:
+        actual = file_sha256(blob)
+    if actual != expected:
+        raise VaderError(
+            f"{src.what} {src.repo}/{src.filename} at {path} is not the published file: expected sha256 "
+            f"{expected}, got {actual}; delete it from the Hugging Face cache and download it again, or set "
+            f"reward_sources[{src.key!r}] to a local file you trust"
+        )

@@ -23,6 +23,7 @@ from vader.rewards.base import (
     RewardOutput,
     TextEmbeddingCache,
     as_dtype,
+    check_pinned,
     freeze,
     module_dtype,
 )
@@ -92,8 +93,11 @@ class HPSReward(Reward):
 
     Range: score = cosine(image embedding, embedding of the sample's own prompt) in [-1, 1],
     typically 0.2–0.35 for generated images; reward = score; loss = 1 − score (as the original).
-    Preprocessing: 'squash' (default, the original: the whole frame resized to 224x224, bilinear)
-    or 'crop' (open_clip's eval transform: shortest side 224 bicubic, centre crop); CLIP mean/std.
+    Preprocessing: 'squash' (default, the original VADER: the whole frame resized to 224x224, bilinear)
+    or 'crop' (open_clip's standard eval transform: shortest side 224 bicubic, centre crop); CLIP
+    mean/std. Neither is HPSv2's own scoring preprocessing: `hpsv2.score` letterboxes (open_clip
+    `image_transform(..., resize_longest_max=True)`: longest side to 224, padded to a square), which
+    vader does not implement; 'crop' is tested against open_clip's transform, not against hpsv2.
     Text embeddings are encoded once per prompt (in `prepare`, else on first use) and cached.
     """
 
@@ -130,6 +134,7 @@ class HPSReward(Reward):
         src = checkpoint if isinstance(checkpoint, WeightSource) else hps_source(
             hps_version, None if checkpoint is None else {"hps": checkpoint})
         path = resolve_file(src)
+        check_pinned(src, path)
         state = load_checkpoint(path)
         arch = _register_arch(arch)
         try:
