@@ -54,6 +54,20 @@ def test_latent_frames_follow_17_to_5_rule(vae: VideoVAE, frames: int, latent: i
     assert vae.get_latent_size(frames, 276, 368) == (latent, 34, 46)
 
 
+@pytest.mark.parametrize("micro_frame_size", [17, 8])
+def test_config_geometry_is_what_the_encoder_makes(micro_frame_size: int) -> None:
+    """The config's latent_size (used before any model exists, e.g. by config checks) equals the
+    latent the real encoder produces, also with another chunk length."""
+    torch.manual_seed(0)
+    config = tiny_vae_config()
+    config.micro_frame_size = micro_frame_size
+    model = VideoVAE(config).eval()
+    for num_frames in (1, 5, 16, 17, 23):
+        with torch.no_grad():
+            z = model.encode(video(num_frames), torch.Generator().manual_seed(0))
+        assert tuple(z.shape[2:]) == config.latent_size(num_frames, H, W) == model.get_latent_size(num_frames, H, W)
+
+
 def test_spatial_size_uses_floor(vae: VideoVAE) -> None:
     assert vae.get_latent_size(17, 276, 370)[1:] == (34, 46)
 

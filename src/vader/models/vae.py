@@ -357,9 +357,6 @@ class TemporalVAE(nn.Module):
         """Zero frames put in front so the frame count divides by the time factor."""
         return (self.time_factor - num_frames % self.time_factor) % self.time_factor
 
-    def latent_frames(self, num_frames: int) -> int:
-        return math.ceil(num_frames / self.time_factor)
-
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """[B, C, F, h, w] -> sampled latents [B, C', ceil(F / 4), h, w]."""
         x = F.pad(x, (0, 0, 0, 0, self.front_padding(x.shape[2]), 0))
