@@ -1,0 +1,142 @@
+"""Resume: which run 'latest' continues, refused config changes, the layout check, damaged files,
+torn metrics, interrupted writes; and failed starts that leave no run folder behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vader.train
+from vader.errors import VaderError
+from vader.train import train
+
+STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--reward_fn", "brightness"]
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _lora(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def first(tiny_cfg):
+    """A 2-step run 'a' with checkpoints 1 and 2."""
+    cfg = tiny_cfg("--run_name", "a", *STEPS)
+    return cfg, train(cfg)
+
+
+def test_resume_latest_refuses_a_changed_reward_or_lr_listing_the_differences(first, tiny_cfg):
+    cfg, run = first
+    saved = (run / "config.json").read_text()
+    metrics = (run / "metrics.jsonl").read_text()
+    for extra in (["--run_name", "a"], []):  # the named run, or the newest with the same config
+        with pytest.raises(VaderError) as info:
+            train(tiny_cfg(*extra, *STEPS[:4], "--max_train_steps", "3", "--resume_from", "latest",
+                           "--lr", "0.01", "--reward_fn", "colorfulness"))
+        message = str(info.value)
+        assert "lr: 0.05 -> 0.01; reward_fn: 'brightness' -> 'colorfulness'" in message, message
+        assert "\n" not in message and "allow_config_change" in message
+    assert (run / "config.json").read_text() == saved and (run / "metrics.jsonl").read_text() == metrics
+    assert sorted(p.name for p in Path(cfg.project_dir).iterdir()) == [".cache", "a"]  # no new run folder
+
+
+def test_resume_latest_continues_the_run_with_the_same_config_not_the_newest(first, tiny_cfg):
+    _, run = first
+    other = train(tiny_cfg("--run_name", "b", *STEPS, "--lr", "0.01"))  # newer, other lr
+    assert (other / "checkpoints").is_dir()
+    resumed = train(tiny_cfg(*STEPS, "--max_train_steps", "3", "--resume_from", "latest", "--validation_steps", "7"))
+    assert resumed == run  # cosmetic keys (max_train_steps, validation_steps) may change
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [1, 2, 3]
+
+
+def test_allowed_config_change_is_logged_and_the_old_config_kept(first, tiny_cfg):
+    _, run = first
+    resumed = train(tiny_cfg("--run_name", "a", *STEPS, "--max_train_steps", "3", "--resume_from", "latest",
+                             "--lr", "0.01", "--allow_config_change", "True"))
+    assert resumed == run
+    (change,) = [json.loads(line) for line in (run / "config_changes.jsonl").read_text().splitlines()]
+    assert change["step"] == 2 and change["changes"] == {"lr": [0.05, 0.01]}
+    assert json.loads((run / "config-000002.json").read_text())["lr"] == 0.05
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.01
+    rows = _rows(run)
+    assert {"step": 2, "config_change": "lr: 0.05 -> 0.01"} in rows
+    assert [r["lr"] for r in rows if "loss" in r] == [0.05, 0.05, 0.01]
+
+
+def test_resume_layout_check_refuses_another_seed_even_when_changes_are_allowed(first, tiny_cfg):
+    _, run = first
+    with pytest.raises(VaderError, match=r"was trained with seed=200 \(now 7\)"):
+        train(tiny_cfg(*STEPS, "--max_train_steps", "3", "--seed", "7", "--allow_config_change", "True",
+                       "--resume_from", str(run / "checkpoints" / "checkpoint-000001")))
+
+
+def test_torn_last_metrics_line_does_not_break_a_resume(first, tiny_cfg):
+    _, run = first
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 0.6')  # killed mid-append
+    train(tiny_cfg("--run_name", "a", *STEPS, "--max_train_steps", "3", "--resume_from", "latest"))
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [1, 2, 3]
+
+
+def test_resume_with_a_damaged_checkpoint_blames_resume_from(first, tiny_cfg):
+    _, run = first
+    folder = run / "checkpoints" / "checkpoint-000001"
+    (folder / "training_state.pt").write_bytes(b"")
+    with pytest.raises(VaderError, match=r"^resume_from=.*checkpoint-000001.*cannot read training_state\.pt"):
+        train(tiny_cfg(*STEPS, "--resume_from", str(folder)))
+    folder = run / "checkpoints" / "checkpoint-000002"
+    data = (folder / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(VaderError, match=r"^resume_from=.*checkpoint-000002.*(truncated|corrupt)"):
+        train(tiny_cfg(*STEPS, "--resume_from", str(folder)))
+    assert (run / "lora").is_dir()  # the resumed run's folder is never removed
+
+
+def test_interrupted_checkpoint_writes_are_cleaned_at_resume_and_resume_is_exact(first, tiny_cfg):
+    _, run = first
+    full = train(tiny_cfg("--run_name", "full", *STEPS, "--max_train_steps", "4"))
+    ckpts = run / "checkpoints"
+    step2 = [r for r in _rows(run) if r.get("step") == 2 and "loss" in r]
+    tmp = ckpts / ".checkpoint-000003.tmp-4242"
+    tmp.mkdir()
+    (tmp / "adapter_model.safetensors").write_bytes(b"half")
+    (ckpts / "checkpoint-000002").rename(ckpts / ".checkpoint-000002.old-4242")  # killed mid-overwrite
+    train(tiny_cfg("--run_name", "a", *STEPS, "--max_train_steps", "4", "--resume_from", "latest"))
+    assert not list(run.rglob(".*tmp*")) and not list(run.rglob(".*old*"))
+    assert [r for r in _rows(run) if r.get("step") == 2 and "loss" in r] == step2  # resumed at 2, not 1
+    a, b = _lora(run / "lora"), _lora(full / "lora")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# failed starts
+
+
+def test_a_run_that_fails_before_any_output_leaves_no_folder(tiny_cfg, monkeypatch):
+    def broken(*args, **kwargs):
+        raise VaderError("reward could not start")
+
+    monkeypatch.setattr(vader.train, "make_reward", broken)
+    cfg = tiny_cfg("--run_name", "fails", "--logger_type", "tensorboard")
+    with pytest.raises(VaderError, match="could not start"):
+        train(cfg)
+    assert not (Path(cfg.project_dir) / "fails").exists()
+    cfg = tiny_cfg(*STEPS)  # a timestamped name, same thing
+    with pytest.raises(VaderError):
+        train(cfg)
+    assert not [p for p in Path(cfg.project_dir).iterdir() if p.name.startswith("train-")]
+
+
+def test_a_failed_start_in_an_existing_folder_keeps_it(first, tiny_cfg, monkeypatch):
+    _, run = first
+    monkeypatch.setattr(vader.train, "make_reward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError):
+        train(tiny_cfg("--run_name", "a", *STEPS, "--max_train_steps", "3", "--resume_from", "latest"))
+    assert (run / "lora").is_dir() and (run / "checkpoints" / "checkpoint-000002").is_dir()
