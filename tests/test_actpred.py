@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vader.errors import VaderError
+from vader.prompts import read_prompt_lines, split_prompt_label
 from vader.rewards.actpred import (
     ACTPRED_MODEL,
     ACTPRED_WEIGHTS,
@@ -22,9 +23,7 @@ from vader.rewards.kinetics import (
     canonical_label,
     find_labels,
     match_label,
-    read_prompt_lines,
     resolve_label,
-    split_prompt_label,
     suggest_labels,
 )
 

@@ -195,3 +195,9 @@ def test_broken_metrics_line_in_the_middle_is_an_error(tmp_path: Path) -> None:
     metrics.write_text('{"step": 1, "reward": 0.1}\n{"step": 2, "rew\n{"step": 3, "reward": 0.3}\n')
     with pytest.raises(VaderError, match="line 2 is not JSON"):
         read_metrics(metrics)
+
+
+def test_video_qualities_are_the_config_choices() -> None:
+    from vader.config import VIDEO_QUALITIES as CONFIG_CHOICES
+
+    assert tuple(VIDEO_QUALITIES) == tuple(CONFIG_CHOICES)

@@ -1,7 +1,7 @@
 """The one reward interface: video frames in [-1, 1] and their prompts -> per-sample reward and loss.
 
-Also the pieces the model-based rewards share: differentiable image preprocessing that matches the
-official processors, a per-prompt text-embedding cache, and activation checkpointing for frozen
+Also the pieces the model-based rewards share: differentiable image preprocessing that matches
+transformers' CLIPImageProcessor and open_clip's standard eval transform, a per-prompt text-embedding cache, and activation checkpointing for frozen
 encoders (transformers only checkpoints in training mode; rewards stay in eval mode).
 """
 
@@ -92,14 +92,14 @@ class WeightedReward(Reward):
 class ImageTransform:
     """Differentiable CLIP-style preprocessing of [N, 3, H, W] images in [0, 1] -> model input.
 
-    mode 'crop': the official processors (transformers CLIPImageProcessor, open_clip's eval
-    transform): resize the shortest side to `size` keeping the aspect ratio, centre-crop
+    mode 'crop': transformers' CLIPImageProcessor (the processor PickScore ships and CLIP ViT-L/14's)
+    and open_clip's standard eval transform (not HPSv2's scorer, which letterboxes): resize the shortest side to `size` keeping the aspect ratio, centre-crop
     size x size. mode 'squash': resize the whole frame to size x size (what the original VADER did
     for aesthetic and HPS; nothing is cut off, the aspect ratio is not kept). Then normalise.
 
     The resize is antialiased and done in two passes, width then height, each clamped to [0, 1]:
     that is what PIL (and the torchvision uint8 kernels the processors use) does, so the only
-    difference left to the official pipelines on a uint8 image is their rounding to uint8
+    difference left to those pipelines on a uint8 image is their rounding to uint8
     (measured: <= 0.017 max, ~0.0046 mean abs difference after normalisation, i.e. ~1 uint8 level).
     """
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from vader.errors import VaderError
-from vader.prompts import TAB_HINT, read_prompt_lines, split_prompt_label  # noqa: F401 - re-exported
+from vader.prompts import TAB_HINT
 
 # The 400 class names of Kinetics-400 (Kay et al. 2017) in class-index order, which is alphabetical;
 # VideoMAE's Kinetics checkpoints use these names as `config.id2label`. Separated by " | ".
@@ -261,5 +261,5 @@ def resolve_label(prompt: str, labels: Iterable[str] = KINETICS_400, explicit: s
 
 __all__ = [
     "KINETICS_400", "LabelMatch", "canonical_label", "find_labels", "match_label", "prompt_key",
-    "read_prompt_lines", "resolve_label", "split_prompt_label", "suggest_labels", "words",
+    "resolve_label", "suggest_labels", "words",
 ]
