@@ -168,7 +168,7 @@ def test_weighted_reward_dict_like_training(videos, capsys) -> None:
     ("{'colorfulness': 1.0, 'hsp': 0.5}", "reward_fn='hsp' is not valid; choose one of:"),
     ("{'colorfulness': 'a lot'}", "reward_fn['colorfulness']='a lot' must be a number (the weight)"),
     ("{'colorfulness': float('inf')}", "is not a valid dict"),
-    ("{'colorfulness': 1e999}", "reward_fn['colorfulness']=inf must be a finite number"),
+    ("{'colorfulness': 1e999}", "reward_fn['colorfulness']=inf is not a finite number"),
     ("{}", "reward_fn={} must be a reward name or a dict {name: weight}"),
     ("{'colorfulness': 1.0", "is not a valid dict"),
 ])
