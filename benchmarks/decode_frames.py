@@ -46,8 +46,9 @@ def main() -> None:
           f"-> latents {t}x{h}x{w}")
     print(f"{'decode_frame':>12} {'strategy':>8} {'frames':>6} {'seconds':>8} {'peak MB':>8}")
     for mode in args.modes.split(","):
-        frames = select_frames(mode, args.num_frames, random.Random(0))
         for strategy in ("exact", "latent"):
+            # 'latent' indexes latent frames (the original's meaning), 'exact' output frames
+            frames = select_frames(mode, args.num_frames, random.Random(0), strategy, vae)
             z = torch.randn(1, 4, t, h, w, device=device, dtype=dtype, requires_grad=True)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
