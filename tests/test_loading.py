@@ -360,3 +360,26 @@ def test_published_models_have_no_state_outside_their_checkpoints(source_denoise
         with torch.device("meta"):
             empty = type(model)(model.config)
         loading.load_strict(empty, {k: v.clone() for k, v in state.items()}, "test")  # checks for meta
+
+
+def test_missing_model_weights_names_uncached_hub_ids_and_bad_local_paths(
+        hub_cache: Path, denoiser_dir: Path, tmp_path: Path) -> None:
+    from vader.config import TextEncoderConfig
+    from vader.models.presets import T5_XXL_REPO, missing_model_weights
+
+    populate_cache(hub_cache, STDIT3_XL2_REPO, {name: denoiser_dir / name for name in ("config.json",
+                                                                                       "model.safetensors")})
+    found = missing_model_weights(ModelConfig(), VAEConfig(), TextEncoderConfig())
+    assert [(m.key, m.name, m.fetch) for m in found] == [
+        ("vae.from_pretrained", VAE_V1_2_REPO, f"hf download {VAE_V1_2_REPO}"),
+        ("text_encoder.from_pretrained", T5_XXL_REPO, f"hf download {T5_XXL_REPO}"),
+    ]  # the cached denoiser is not missing; nothing was downloaded to find out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    found = missing_model_weights(ModelConfig(from_pretrained=str(denoiser_dir)), VAEConfig(from_pretrained=str(empty)),
+                                  TextEncoderConfig(from_pretrained=str(tmp_path / "nope")))
+    assert [(m.key, m.fetch) for m in found] == [("vae.from_pretrained", None), ("text_encoder.from_pretrained", None)]
+    assert "has none of" in found[0].problem and "no such local folder" in found[1].problem
+    none = missing_model_weights(ModelConfig(from_pretrained=None), VAEConfig(from_pretrained=None),
+                                 TextEncoderConfig(from_pretrained=None))
+    assert none == []

@@ -244,22 +244,6 @@ def missing_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: Text
     return out
 
 
-def check_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: TextEncoderConfig) -> None:
-    """Offline, name every missing model in one line before anything is created or loaded.
-    Online, missing hub weights download when the models are built. (`vader.preflight` does this
-    and more, for models and rewards together.)"""
-    from vader.models.loading import hub_offline
-
-    found = missing_model_weights(model, vae, text_encoder)
-    local = [m for m in found if m.fetch is None]
-    if local:
-        raise VaderError("; ".join(m.problem or m.name for m in local))
-    if found and hub_offline():
-        names = ", ".join(m.name for m in found)
-        fetch = " && ".join(m.fetch for m in found if m.fetch)
-        raise VaderError(f"missing weights (offline, HF_HUB_OFFLINE is set): {names}; fetch with: {fetch}")
-
-
 def _freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
