@@ -218,7 +218,7 @@ def test_unreachable_hub_names_every_missing_weight_in_one_line(online_but_unrea
                  "--project_dir", str(tmp_path / "pd")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.splitlines()) == 1
-    assert "did not answer" in err and "HF_HUB_OFFLINE=1" in err
+    assert "the hub cannot be reached" in err and "HF_HUB_OFFLINE=1" in err
     assert all(name in err for name in [*MODELS, HPS])
     assert not (tmp_path / "pd").exists()
 
@@ -229,8 +229,10 @@ def test_hub_probe_says_unreachable_for_a_closed_port(online_but_unreachable):
     assert hub_reachable() is False
 
 
-def test_hub_probe_says_reachable_when_the_endpoint_answers(monkeypatch):
-    """Any HTTP answer counts as reachable (the hub answers HEAD / with a redirect or 404 too)."""
+@pytest.mark.parametrize(("status", "reachable"), [(200, True), (302, True), (401, True), (404, False), (502, False)])
+def test_hub_probe_counts_only_answers_the_hub_gives(monkeypatch, status, reachable):
+    """200, a redirect, or 401 for a gated repo come from the hub; a 404 for every URL is what an
+    intercepting proxy says, and a 5xx a broken gateway: downloads would fail after a minute."""
     import http.server
     import threading
 
@@ -238,20 +240,33 @@ def test_hub_probe_says_reachable_when_the_endpoint_answers(monkeypatch):
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):  # noqa: N802 - the stdlib's name
-            self.send_response(404)
+            self.send_response(status)
+            if status == 302:
+                self.send_header("Location", "/api/models/final")
             self.end_headers()
 
         def log_message(self, *args):
             pass
 
-    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    class Final(Answer):
+        def do_HEAD(self):  # noqa: N802
+            if self.path.endswith("/final"):
+                self.send_response(200)
+                self.end_headers()
+            else:
+                super().do_HEAD()
+
+        do_GET = do_HEAD  # noqa: N815 - urllib follows a redirect with GET
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Final)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        assert hub_reachable() is True
+        assert hub_reachable("hpcai-tech/OpenSora-STDiT-v3") is reachable
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_no_probe_when_every_weight_is_local(online_but_unreachable, monkeypatch, tiny_cfg):
@@ -262,7 +277,7 @@ def test_no_probe_when_every_weight_is_local(online_but_unreachable, monkeypatch
     def probe(*_, **__):
         raise AssertionError("the hub was probed")
 
-    monkeypatch.setattr(hub, "hub_reachable", probe)
+    monkeypatch.setattr(hub, "probe_hub", probe)
     preflight(tiny_cfg(), "train")
     preflight(tiny_cfg(), "infer")
 
@@ -276,7 +291,7 @@ def test_probe_only_when_online(monkeypatch, tiny_cfg):
     def probe(*_, **__):
         raise AssertionError("the hub was probed")
 
-    monkeypatch.setattr(hub, "hub_reachable", probe)
+    monkeypatch.setattr(hub, "probe_hub", probe)
     with pytest.raises(VaderError, match="offline"):
         preflight(tiny_cfg("--model.from_pretrained", "hpcai-tech/OpenSora-STDiT-v3"), "infer")
 
@@ -291,7 +306,7 @@ def test_reachable_hub_lets_missing_weights_download_later(monkeypatch, tiny_cfg
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "hub_reachable", lambda *_, **__: True)
+    monkeypatch.setattr(hub, "probe_hub", lambda *_, **__: None)
     preflight(tiny_cfg("--reward_fn", "hps"), "train")
 
 
@@ -314,3 +329,16 @@ def test_wandb_with_any_credential_passes(fix, no_wandb_credentials, monkeypatch
         monkeypatch.setenv(key, value)
     assert check_tracker(cfg, "train") == []
 
+
+
+def test_hub_probe_gives_up_on_a_server_that_never_answers(monkeypatch):
+    """A listening socket that never replies (a black-holed route): the probe stops at its timeout
+    instead of waiting for huggingface_hub's retries."""
+    from vader.rewards.hub import probe_hub
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        reason = probe_hub("hpcai-tech/OpenSora-STDiT-v3", timeout=0.2)
+    assert reason is not None and ("timed out" in reason or "did not answer" in reason)

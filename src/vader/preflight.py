@@ -215,27 +215,29 @@ def check_weights(cfg: VaderConfig, command: str) -> list[str]:
     """Every model and reward weight the run needs, in one line: local paths that do not exist always;
     hub weights that are not cached when offline, or when the hub does not answer a short probe."""
     from vader.models.presets import missing_model_weights
-    from vader.rewards.hub import HUB_PROBE_TIMEOUT, hub_endpoint, hub_reachable, offline
+    from vader.rewards import hub
 
     found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
     if command == "train":
         from vader.rewards import reward_sources
-        from vader.rewards.hub import missing
 
-        found += missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
+        found += hub.missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
     problems = [m.problem if m.problem and m.problem.startswith(m.key) else f"{m.key}={m.name!r}: {m.problem}"
                 for m in found if m.fetch is None]
     fetchable = [m for m in found if m.fetch is not None]
     if not fetchable:
         return problems
-    if offline():
+    unreachable = None
+    if not hub.offline():
+        first_repo = next(m.name for m in fetchable).split("/")
+        unreachable = hub.probe_hub("/".join(first_repo[:2]))
+        if unreachable is None:
+            return problems  # they download when the models are built
+    if unreachable is None:
         why, hint = "offline: HF_HUB_OFFLINE is set", ""
-    elif not hub_reachable():
-        why = (f"the hub {hub_endpoint()} did not answer within {HUB_PROBE_TIMEOUT:g} s, so nothing can be "
-               "downloaded")
-        hint = "; on a machine without network set HF_HUB_OFFLINE=1"
     else:
-        return problems  # they download when the models are built
+        why = f"the hub cannot be reached ({unreachable}), so nothing can be downloaded"
+        hint = "; on a machine without network set HF_HUB_OFFLINE=1"
     names = ", ".join(m.name for m in fetchable)
     commands = " && ".join(dict.fromkeys(m.fetch for m in fetchable if m.fetch))
     keys = ", ".join(dict.fromkeys(m.key for m in fetchable))

@@ -244,28 +244,39 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
-    """True when the hub endpoint answers an HTTP HEAD within `timeout` seconds (any status counts).
+def probe_hub(repo: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """None when the hub answers as the hub within `timeout` seconds, else why not (a few words).
 
-    Runs in a daemon thread joined with the timeout, because a socket timeout does not bound a DNS
-    lookup, which can block far longer on a machine without network.
+    Asks `HEAD <endpoint>/api/models/<repo>`: the hub (or a mirror) answers 200, a redirect, or
+    401/403 for a gated or private repo. No answer, a refused connection, a 404 (what an intercepting
+    proxy or captive portal says to any URL) or a 5xx mean downloads would fail, after huggingface_hub's
+    own retries. Runs in a daemon thread joined with the timeout: a socket timeout does not bound a
+    DNS lookup, which can block far longer on a machine without network.
     """
     import threading
     import urllib.error
+    import urllib.parse
     import urllib.request
 
-    answered: list[bool] = []
+    url = f"{hub_endpoint()}/api/models/{urllib.parse.quote(repo or 'openai/clip-vit-large-patch14')}"
+    result: list[str | None] = []
 
     def probe() -> None:
         try:
-            urllib.request.urlopen(urllib.request.Request(hub_endpoint(), method="HEAD"), timeout=timeout)
-            answered.append(True)
-        except urllib.error.HTTPError:  # the server answered, with an error status: it is reachable
-            answered.append(True)
-        except (OSError, ValueError):
-            answered.append(False)
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+                result.append(None)
+        except urllib.error.HTTPError as exc:
+            result.append(None if exc.code in (401, 403) else f"{url} answered HTTP {exc.code}")
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            result.append(f"{url}: {getattr(reason, 'strerror', None) or reason}")
 
     thread = threading.Thread(target=probe, name="vader-hub-probe", daemon=True)
     thread.start()
     thread.join(timeout + 0.5)
-    return bool(answered and answered[0])
+    return result[0] if result else f"{url} did not answer within {timeout:g} s"
+
+
+def hub_reachable(repo: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """True when the hub answers as the hub within `timeout` seconds (see `probe_hub`)."""
+    return probe_hub(repo, timeout) is None
