@@ -144,8 +144,8 @@ class VaderConfig:
     lora_rank: int = field(default=16, metadata=_doc("LoRA rank", gt=0))
     lora_alpha: float = field(default=8.0, metadata=_doc("LoRA alpha (peft default 8, as the original)", gt=0))
     lora_dropout: float = field(
-        default=0.01, metadata=_doc("LoRA dropout (peft); inactive while sampling in eval mode, as the original",
-                                    min=0, lt=1)
+        default=0.01, metadata=_doc("LoRA dropout (peft): on while training samples, as in the original; off for "
+                                    "validation and inference", min=0, lt=1)
     )
     dtype: str = field(default="bf16", metadata=_doc("dtype of the frozen model weights", choices=DTYPES))
     mixed_precision: str = field(default="bf16", metadata=_doc("autocast precision", choices=MIXED_PRECISIONS))
@@ -168,7 +168,10 @@ class VaderConfig:
     backprop_mode: str | int = field(
         default="last", metadata=_doc("steps that get gradients: last | rand | specific | K (last K steps)")
     )
-    decode_frame: str = field(default="-1", metadata=_doc("frames to decode: '-1' random | 'N' | fml | all | alt"))
+    decode_frame: str = field(
+        default="-1", metadata=_doc("frames to decode: '-1' random | 'N' | fml | all | alt; 'N' is output frame N, "
+                                    "or latent frame N with decode_strategy='latent' (the original's meaning)")
+    )
     decode_strategy: str = field(
         default="exact", metadata=_doc("'exact' decodes the true output frames; 'latent' the original's shortcut",
                                        choices=DECODE_STRATEGIES)
