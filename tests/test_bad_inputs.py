@@ -342,3 +342,16 @@ def test_hub_probe_gives_up_on_a_server_that_never_answers(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent.getsockname()[1]}")
         reason = probe_hub("hpcai-tech/OpenSora-STDiT-v3", timeout=0.2)
     assert reason is not None and ("timed out" in reason or "did not answer" in reason)
+
+
+def test_unwritable_project_dir_is_refused_even_where_root_could_write(monkeypatch, tmp_path, tiny_cfg):
+    """As root every folder is writable, so the table's unwritable row skips; here os.access says no."""
+    from vader.preflight import check_project_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    assert "is not writable" in check_project_dir(tiny_cfg("--project_dir", str(locked / "runs")), "train")[0]
+    assert "is not writable" in check_project_dir(tiny_cfg("--project_dir", str(locked)), "train")[0]
+    assert not (locked / "runs").exists()

@@ -147,3 +147,15 @@ def test_output_into_a_closed_pipe_has_no_traceback(extra):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait() == 141 and err == ""
+
+
+def test_a_multi_line_user_error_is_printed_on_one_line(monkeypatch, capsys):
+    from vader import config
+    from vader.errors import VaderError
+
+    def fail(*_, **__):
+        raise VaderError("reward weights are missing:\n- hps: a\n- aesthetic: b")
+
+    monkeypatch.setattr(config, "load_config", fail)
+    assert main(["config", str(TINY_TRAIN)]) == 2
+    assert capsys.readouterr().err == "vader: error: reward weights are missing: - hps: a - aesthetic: b\n"
