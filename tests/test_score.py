@@ -192,3 +192,17 @@ def test_bad_prompts_file_is_one_line_exit_2(videos, tmp_path, capsys, content: 
     err = capsys.readouterr().err
     assert err.startswith(f"vader: error: --prompts={str(prompts)!r} ") and message in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_weighted_mix_of_image_rewards_is_chunked_like_its_parts(tmp_path) -> None:
+    from vader.media import read_video
+    from vader.score import _is_per_frame
+
+    mix = rewards.build_reward({"colorfulness": 1.0, "brightness": 0.5})
+    assert _is_per_frame(mix) and _is_per_frame(Colorfulness())
+    video = stripes(frames=FRAME_CHUNK + 5)
+    video[:, FRAME_CHUNK:] = 0.5
+    path = write_video(tmp_path / "long.mp4", video, quality="lossless")
+    [row] = score_rows(mix, [path], ["x"])
+    whole = mix(read_video(path)[None], ["x"])
+    assert row.reward == pytest.approx(whole.reward.item(), abs=1e-6)

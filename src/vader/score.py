@@ -38,8 +38,10 @@ class VideoScore:
 
 def _is_per_frame(reward) -> bool:
     """A reward that scores frames independently (the Reward base forward) may see a video in chunks."""
-    from vader.rewards.base import Reward
+    from vader.rewards.base import Reward, WeightedReward
 
+    if isinstance(reward, WeightedReward):  # a mix is per frame when every part is
+        return all(_is_per_frame(part) for part in reward.parts.values())
     return type(reward).forward is Reward.forward
 
 
