@@ -122,6 +122,7 @@ def test_score_actpred_tiny(videos, tmp_path, monkeypatch, capsys) -> None:
     assert score_main(["--reward", "actpred", "--prompts", str(prompts), "--dtype", "fp32", str(grey), str(vivid)]) == 0
     out = capsys.readouterr().out
     assert seen["name"] == "actpred" and seen["dtype"] == torch.float32 and seen["hps_version"] == "v2.1"
+    assert seen["actpred_frames"] == "decoded"
     header = out.splitlines()[0].split()
     assert header == ["video", "prompt", "action", "actpred", "loss"]
     assert "playing guitar" in out and "riding a bike" in out

@@ -189,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", metavar="FILE", help="prompts file (one per video, or one for all)")
     p.add_argument("--label", metavar="ACTION", help="actpred: the action to reward for every video (overrides the prompt)")
     p.add_argument("--hps-version", default="v2.1", choices=["v2.0", "v2.1"], help="HPS weights (default v2.1)")
+    p.add_argument("--actpred-frames", default="decoded", choices=["decoded", "resample"],
+                   help="actpred: classify the video's frames as they are (default, the original's) or resampled "
+                        "to the classifier's own length (16)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="reward model dtype (default fp32)")
     return p
@@ -222,7 +225,8 @@ def run_score(args: argparse.Namespace) -> list[VideoScore]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     rewards.check_reward_weights(reward_fn, hps_version=args.hps_version)  # every missing model named at once
-    reward = rewards.build_reward(reward_fn, device=device, dtype=dtype, hps_version=args.hps_version)
+    reward = rewards.build_reward(reward_fn, device=device, dtype=dtype, hps_version=args.hps_version,
+                                  actpred_frames=args.actpred_frames)
     reward = reward.to(device)
     rows = score_rows(reward, [Path(v) for v in args.videos], prompts, labels, device)
     print(format_table(rows, reward_name=_reward_label(reward_fn)))
