@@ -90,6 +90,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("project_dir unwritable", ["train", TRAIN, "--project_dir", "{in}/readonly/runs"], ["not writable"]),
     ("run_name an existing file", ["train", TRAIN, "--project_dir", "{in}", "--run_name", "afile"],
      ["run_name='afile'", "not a folder"]),
+    ("run_name under a file", ["train", TRAIN, "--project_dir", "{in}", "--run_name", "afile/run"],
+     ["run_name='afile/run'", "afile is a file"]),
     # ---- LoRA files ----
     ("zero-length LoRA (train)", ["train", TRAIN, "--lora_ckpt_path", "{in}/zero.safetensors"], ["is empty (0 bytes)"]),
     ("zero-length LoRA (infer)", ["infer", INFER, "--lora_ckpt_path", "{in}/zero.pt"], ["is empty (0 bytes)"]),

@@ -59,9 +59,9 @@ def check_project_dir(cfg: VaderConfig, command: str) -> list[str]:
     if problem:
         return [f"project_dir={cfg.project_dir!r}: {problem}"]
     if cfg.run_name:
-        run_dir = target / cfg.run_name
-        if _exists(run_dir) and not run_dir.is_dir():
-            return [f"run_name={cfg.run_name!r}: {run_dir} exists and is not a folder"]
+        problem = _folder_problem(target / cfg.run_name)
+        if problem:
+            return [f"run_name={cfg.run_name!r}: {problem}"]
     return []
 
 
