@@ -136,6 +136,7 @@ def test_spatial_compression_is_the_vae_presets_own_downsampling(vae_type: str) 
     from vader.models.presets import vae_config
     from vader.models.vae import VideoVAE
 
-    vae = build_on_meta(lambda: VideoVAE(vae_config(VAEConfig(type=vae_type, from_pretrained=None))))
-    assert vae.spatial_vae.downsample_factor == sizes.SPATIAL_COMPRESSION
+    config = vae_config(VAEConfig(type=vae_type, from_pretrained=None))
+    vae = build_on_meta(lambda: VideoVAE(config))
+    assert vae.spatial_vae.downsample_factor == config.spatial_factor == sizes.SPATIAL_COMPRESSION
     assert vae.get_latent_size(17, 64, 72)[1:] == (64 // sizes.SPATIAL_COMPRESSION, 72 // sizes.SPATIAL_COMPRESSION)

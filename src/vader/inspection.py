@@ -126,17 +126,18 @@ def _vae(cfg: VaderConfig) -> MetaModel:
 
 def resolved_values(cfg: VaderConfig, num_processes: int | None = None) -> dict[str, Any]:
     """What `vader config` adds to the config: the values a run derives from it, each taken from the
-    code that owns the rule (the VAE's own latent geometry on the meta device, the trainer's step
+    code that owns the rule (the VAE config's latent geometry, the trainer's step
     count), so they cannot drift from what a run does. Loads no weights and downloads nothing."""
+    from vader.models.presets import vae_config
     from vader.run import load_prompts
     from vader.train import total_train_steps
 
     processes = num_processes or max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    vae = _vae(cfg).model
+    vae = vae_config(cfg.vae, _source(cfg.vae.from_pretrained)[1])  # the VAE config owns the latent geometry
     frames = cfg.frames
     height, width = cfg.height_width
-    latent_t, latent_h, latent_w = vae.get_latent_size(frames, height, width)
-    factor = vae.spatial_vae.downsample_factor
+    latent_t, latent_h, latent_w = vae.latent_size(frames, height, width)
+    factor = vae.spatial_factor
     try:
         prompts: int | None = len(load_prompts(cfg)[0])
     except VaderError:
@@ -146,7 +147,7 @@ def resolved_values(cfg: VaderConfig, num_processes: int | None = None) -> dict[
         "frames": frames,
         "height_width": [height, width],
         "video_frames_height_width": [frames, latent_h * factor, latent_w * factor],
-        "latent_shape_CTHW": [vae.config.temporal.embed_dim, latent_t, latent_h, latent_w],
+        "latent_shape_CTHW": [vae.temporal.embed_dim, latent_t, latent_h, latent_w],
         "prompts": prompts,
         "processes": processes,
         "total_optimizer_steps": steps,
