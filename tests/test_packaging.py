@@ -1,0 +1,123 @@
+"""pyproject.toml against the code: every import declared, every declaration used, every floor readable.
+
+The floors themselves are checked by tools/check_min_versions.py (it installs them, so it is not run here);
+these tests keep the declarations it reads honest without a download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tomllib")  # the checker reads pyproject.toml with it (Python >= 3.11)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Declared dependencies that src/vader never imports by name, each with the reason it is still needed.
+INDIRECT = {
+    "tensorboard": "accelerate's tracker for logger_type='tensorboard'",
+    "torchvision": "the transformers image processors and open_clip's transforms",
+}
+# Declared only for the tests or the tooling, not for the package.
+TOOLING = {"pytest", "ruff"}
+
+
+def _checker():
+    spec = importlib.util.spec_from_file_location("check_min_versions", REPO / "tools" / "check_min_versions.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("check_min_versions", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _declared() -> tuple[set[str], set[str]]:
+    """(runtime distributions, optional-extra distributions), canonical names."""
+    import tomllib
+
+    checker = _checker()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+
+    def names(specs: list[str]) -> set[str]:
+        return {checker.canonical(spec.split(">=")[0].split("[")[0].strip()) for spec in specs}
+
+    extras = set().union(*(names(specs) for specs in project.get("optional-dependencies", {}).values()))
+    return names(project["dependencies"]), extras
+
+
+def _imports() -> dict[str, set[str]]:
+    """{distribution: {modules}} for the third-party modules src/vader imports, nested imports included."""
+    checker = _checker()
+    owners = packages_distributions()
+    out: dict[str, set[str]] = {}
+    for module in checker.third_party_imports(REPO / "src" / "vader"):
+        top = module.split(".")[0]
+        for dist in owners.get(top, [top]):
+            out.setdefault(checker.canonical(dist), set()).add(module)
+    return out
+
+
+def test_every_third_party_import_is_a_declared_dependency() -> None:
+    runtime, extras = _declared()
+    undeclared = {dist: mods for dist, mods in _imports().items() if dist not in runtime | extras}
+    assert not undeclared, f"imported by src/vader but not in pyproject.toml: {undeclared}"
+
+
+def test_top_level_imports_need_no_optional_extra() -> None:
+    """A module-level import of an extra (wandb, bitsandbytes) would break `import vader` without it."""
+    import ast
+
+    runtime, extras = _declared()
+    owners = packages_distributions()
+    checker = _checker()
+    bad = []
+    for file in sorted((REPO / "src" / "vader").rglob("*.py")):
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in tree.body:  # module level only: imports inside functions run when the feature is used
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                dists = {checker.canonical(d) for d in owners.get(top, [top])}
+                if dists & extras and not dists & runtime:
+                    bad.append(f"{file.relative_to(REPO)}: import {module}")
+    assert not bad, bad
+
+
+def test_every_declared_runtime_dependency_is_used() -> None:
+    runtime, _ = _declared()
+    unused = runtime - set(_imports()) - set(INDIRECT)
+    assert not unused, f"declared in pyproject.toml but never imported by src/vader: {sorted(unused)}"
+
+
+def test_every_dependency_has_a_readable_floor(tmp_path) -> None:
+    checker = _checker()
+    floors = checker.floors(REPO / "pyproject.toml")
+    runtime, _ = _declared()
+    assert runtime | TOOLING <= set(floors)
+    checker.write_constraints(floors, tmp_path / "c.txt")
+    lines = (tmp_path / "c.txt").read_text(encoding="utf-8").splitlines()
+    assert f"transformers=={floors['transformers']}" in lines
+    assert all(line.count("==") == 1 for line in lines)
+
+
+def test_floor_reader_refuses_what_it_cannot_pin(tmp_path) -> None:
+    checker = _checker()
+    (tmp_path / "pyproject.toml").write_text('[project]\ndependencies = ["torch>=2.2", "numpy<3"]\n')
+    with pytest.raises(SystemExit, match="numpy<3"):
+        checker.floors(tmp_path / "pyproject.toml")
+
+
+def test_import_scan_sees_imports_inside_functions() -> None:
+    """The floor check must reach the lazy imports no smoke test runs (the hub download path)."""
+    found = _checker().third_party_imports(REPO / "src" / "vader")
+    assert "hf_hub_download" in found["huggingface_hub"]
+    assert {"EntryNotFoundError", "GatedRepoError"} <= found["huggingface_hub.errors"]
+    assert not any(module.split(".")[0] in ("vader", "os", "json") for module in found)
