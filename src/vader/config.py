@@ -36,6 +36,7 @@ VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
 VIDEO_QUALITIES = ("standard", "high", "lossless")
+ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
 
 
@@ -140,6 +141,10 @@ class VaderConfig:
                                     "'crop' for pick_score), or 'squash' / 'crop' for all", choices=RESIZE_MODES)
     )
     reward_grad_checkpoint: bool = field(default=False, metadata=_doc("checkpoint the reward model's layers"))
+    actpred_frames: str = field(
+        default="decoded", metadata=_doc("actpred: VideoMAE sees the decoded frames as they are (the original) or "
+                                         "'resample's them to its 16", choices=ACTPRED_FRAMES)
+    )
     gradient_accumulation_steps: int = field(default=8, metadata=_doc("micro-steps per optimizer step", gt=0))
     lora_rank: int = field(default=16, metadata=_doc("LoRA rank", gt=0))
     lora_alpha: float = field(default=8.0, metadata=_doc("LoRA alpha (peft default 8, as the original)", gt=0))
@@ -187,8 +192,9 @@ class VaderConfig:
                                      "(the differences are logged in the run folder)")
     )
     video_quality: str = field(
-        default="standard", metadata=_doc("saved mp4s: 'standard' (H.264 crf 23, small), 'high' (crf 10) or "
-                                          "'lossless' (H.264 RGB crf 0: scores equal the logged ones)",
+        default="standard", metadata=_doc("saved mp4s: 'standard' (H.264 yuv420p crf 18, small, plays everywhere), "
+                                          "'high' (yuv444p crf 10) or 'lossless' (H.264 RGB crf 0: `vader score` "
+                                          "gives the logged reward)",
                                           choices=VIDEO_QUALITIES)
     )
 
