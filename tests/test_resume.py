@@ -140,3 +140,21 @@ def test_a_failed_start_in_an_existing_folder_keeps_it(first, tiny_cfg, monkeypa
     with pytest.raises(RuntimeError):
         train(tiny_cfg("--run_name", "a", *STEPS, "--max_train_steps", "3", "--resume_from", "latest"))
     assert (run / "lora").is_dir() and (run / "checkpoints" / "checkpoint-000002").is_dir()
+
+
+def test_a_new_run_in_a_folder_that_holds_a_run_is_refused(first, tiny_cfg):
+    _, run = first
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(VaderError, match=r"^run_name='a' already holds a training run .*resume_from='latest'"):
+        train(tiny_cfg("--run_name", "a", *STEPS, "--lr", "0.01"))
+    assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tiny_cfg, monkeypatch):
+    import vader.run
+
+    monkeypatch.setattr(vader.run.time, "strftime", lambda fmt: "20260101-000000")
+    cfg = tiny_cfg("--max_train_steps", "1")
+    a, b = train(cfg), train(tiny_cfg("--max_train_steps", "1"))
+    assert (a.name, b.name) == ("train-20260101-000000", "train-20260101-000000-2")
+    assert len(_rows(a)) == len(_rows(b)) == 1

@@ -173,7 +173,7 @@ def test_reward_scores_each_sample_against_its_own_prompt(trainer, monkeypatch):
     raw = {t.gen.reward_prompts([p])[0]: p for p in t.run.prompts}
     rng = set_step_seed(t.cfg.seed, 0, 0, 0)
     backprop_cutoff(t.cfg.backprop_mode, t.cfg.scheduler.num_sampling_steps, rng)
-    frames = select_frames(t.cfg.decode_frame, t.gen.num_frames, rng)
+    frames = select_frames(t.cfg.decode_frame, t.gen.num_frames, rng, t.cfg.decode_strategy, t.gen.vae)
     with torch.no_grad():
         latents = t.gen.sample_latents([raw[p] for p in scored], make_generator(rng))
         again = vader.train.decode_selected(t.gen.vae, latents, t.gen.num_frames, frames, t.cfg.decode_strategy)
@@ -181,9 +181,10 @@ def test_reward_scores_each_sample_against_its_own_prompt(trainer, monkeypatch):
     assert not torch.allclose(video[0], video[1], atol=1e-3)
 
 
-@pytest.mark.parametrize("decode_frame", ["3", "-1"])
-def test_training_decodes_the_frames_select_frames_chose(trainer, monkeypatch, decode_frame):
-    t = trainer("--decode_frame", decode_frame)
+@pytest.mark.parametrize(("decode_frame", "strategy"), [("3", "exact"), ("-1", "exact"), ("2", "latent"),
+                                                         ("-1", "latent")])
+def test_training_decodes_the_frames_select_frames_chose(trainer, monkeypatch, decode_frame, strategy):
+    t = trainer("--decode_frame", decode_frame, "--decode_strategy", strategy)
     decoded = []
     real = vader.train.decode_selected
 
@@ -197,7 +198,7 @@ def test_training_decodes_the_frames_select_frames_chose(trainer, monkeypatch, d
         t.step(step)
         rng = set_step_seed(t.cfg.seed, step, 0, 0)
         backprop_cutoff(t.cfg.backprop_mode, t.cfg.scheduler.num_sampling_steps, rng)
-        expected.append(select_frames(decode_frame, t.gen.num_frames, rng))
+        expected.append(select_frames(decode_frame, t.gen.num_frames, rng, t.cfg.decode_strategy, t.gen.vae))
     assert decoded == expected
     assert all(f != [0] for f in decoded) or decode_frame == "-1" and len({f[0] for f in decoded}) > 1
 

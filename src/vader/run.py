@@ -128,7 +128,7 @@ class Run:
 
     @classmethod
     def create(cls, cfg: VaderConfig, accelerator: Accelerator, kind: str) -> Run:
-        name = [cfg.run_name or f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        name = [cfg.run_name or _fresh_name(Path(cfg.project_dir), f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")]
         if accelerator.num_processes > 1:
             broadcast_object_list(name)  # all ranks write into the main process's folder
         folder = Path(cfg.project_dir) / name[0]
@@ -300,6 +300,15 @@ class Run:
                           f"(step {last['step']}); outputs in {self.dir}")
         acc.wait_for_everyone()
         acc.end_training()
+
+
+def _fresh_name(project_dir: Path, name: str) -> str:
+    """A timestamp name not taken yet (two runs started within one second get -2, -3, ...)."""
+    candidate, n = name, 1
+    while (project_dir / candidate).exists():
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
 
 def _finite(value: object) -> bool:

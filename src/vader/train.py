@@ -23,6 +23,7 @@ from vader.checkpoint import (
     describe_differences,
     find_resume_dir,
     find_resume_run,
+    latest_checkpoint,
     load_lora,
     load_training_state,
     lora_config,
@@ -92,7 +93,7 @@ def micro_step(gen: VideoGenerator, reward, cfg: VaderConfig, accelerator: Accel
     rng = set_step_seed(cfg.seed, step, micro, rank)
     batch = pick_prompts(prompts, cfg, step, micro, rank, world)
     cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
-    frames = select_frames(cfg.decode_frame, gen.num_frames, rng)
+    frames = select_frames(cfg.decode_frame, gen.num_frames, rng, cfg.decode_strategy, gen.vae)
     with accelerator.autocast():
         latents = gen.sample_latents(batch, make_generator(rng), cutoff=cutoff, grad_checkpoint=cfg.grad_checkpoint)
         video = decode_selected(gen.vae, latents.to(gen.dtype), gen.num_frames, frames, cfg.decode_strategy)
@@ -278,6 +279,10 @@ def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | 
     if run_dir is not None:
         _clean(run_dir, accelerator)
     if not cfg.resume_from:
+        if run_dir is not None and (latest_checkpoint(run_dir) is not None or _logged_steps(run_dir)):
+            raise VaderError(f"run_name={cfg.run_name!r} already holds a training run ({run_dir}); continue it with "
+                             "resume_from='latest', or choose another run_name (a new run there would mix two "
+                             "runs in one metrics file)")
         return None, {}
     resume_dir = find_resume_dir(cfg.resume_from, project, cfg.run_name, current)
     source_run = resume_dir.parent.parent
@@ -296,6 +301,11 @@ def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | 
             step = int(resume_dir.name.rsplit("-", 1)[-1]) if resume_dir.name.rsplit("-", 1)[-1].isdigit() else 0
             old.replace(old.with_name(f"config-{step:06d}.json"))
     return resume_dir, changes
+
+
+def _logged_steps(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and '"loss"' in metrics.read_text(errors="replace")
 
 
 def _clean(run_dir: Path, accelerator: Accelerator) -> None:
