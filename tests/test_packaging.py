@@ -121,3 +121,13 @@ def test_import_scan_sees_imports_inside_functions() -> None:
     assert "hf_hub_download" in found["huggingface_hub"]
     assert {"EntryNotFoundError", "GatedRepoError"} <= found["huggingface_hub.errors"]
     assert not any(module.split(".")[0] in ("vader", "os", "json") for module in found)
+
+
+def test_override_below_the_floor_is_installable(tmp_path) -> None:
+    """Bisecting below a declared floor needs the copy's floor lowered too, or pip refuses the pin."""
+    checker = _checker()
+    path = tmp_path / "pyproject.toml"
+    path.write_text('[project]\ndependencies = ["diffusers>=0.30", "open_clip_torch>=2.24", "av>=12"]\n'
+                    '[project.optional-dependencies]\ntest = ["pytest>=8"]\n')
+    checker.relax_floors(path, {"diffusers": "0.29.2", "open-clip-torch": "2.23.0"})
+    assert checker.floors(path) == {"diffusers": "0.29.2", "open-clip-torch": "2.23.0", "av": "12", "pytest": "8"}

@@ -2,21 +2,24 @@
 """Install the declared minimum of every dependency in a fresh venv and run a smoke test there.
 
 A `>=` floor in pyproject.toml is a promise that nothing in the normal test suite checks: the dev venv
-always resolves to the newest releases. This script checks it once, by hand or from a CI job (it
-downloads from the package index, so it is not part of `pytest`):
+always resolves to the newest releases. This script checks it, by hand or from a CI job (it downloads
+about 3 GB, torch 2.2 with its CUDA libraries, so it is not part of `pytest`):
 
     python3 tools/check_min_versions.py                      # venv /tmp/minvenv (kept and reused)
-    python3 tools/check_min_versions.py --venv /tmp/v2 --override transformers==4.57.0   # bisect one package
+    python3 tools/check_min_versions.py --python python3.10  # the oldest Python requires-python allows
+    python3 tools/check_min_versions.py --venv /tmp/v2 --override transformers==4.57.6   # bisect one package
+    python3 tools/check_min_versions.py -- --deselect tests/test_x.py::test_y           # extra pytest args
 
 Steps: (1) read [project].dependencies and the `test` extra from pyproject.toml and write a constraints
 file that pins each one to its floor (`name==min`; `--override name==version` replaces one pin, for
 bisecting); (2) create the venv if it does not exist and `pip install --upgrade -c constraints .[test]`
-(a regular install, so the tests import the installed package, package data included); (3) `pip check`;
-(4) check that every name `src/vader` imports from a third-party package, including the imports inside
-functions that no smoke test reaches, exists in the installed versions; (5) `ruff check` with the
-oldest ruff the `test` extra allows; (6) run the smoke tests with
-HF_HUB_OFFLINE=1, a subset that goes through transformers, diffusers, peft, accelerate, open_clip,
-huggingface_hub, safetensors and av. Exit status 0 only when every step passed.
+from a clean copy of the checkout (a regular install: the tests import the installed package, package
+data included); (3) `pip check`; (4) check that every name src/vader imports from a third-party package
+exists in the installed versions, the imports inside functions that no smoke test reaches included;
+(5) `ruff check` with the oldest ruff the `test` extra allows; (6) the smoke tests with HF_HUB_OFFLINE=1,
+a subset that goes through transformers, diffusers, peft, accelerate, open_clip, huggingface_hub,
+safetensors and av. Exit status 0 only when every step passed. A run takes 2-5 minutes on 2 cores once
+the downloads are cached.
 
 Uses only the standard library (Python >= 3.11 for tomllib) so that it runs before anything is installed.
 """
@@ -27,8 +30,10 @@ import argparse
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import tomllib
@@ -55,6 +60,10 @@ SMOKE_TESTS = [
 ]
 SMOKE_SELECT = "not multiprocess and not gpu"
 
+# Not copied into the build tree: venvs, build outputs, caches, run folders.
+SKIP_COPY = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
+             "project_dir", "wandb")
+
 # Import names whose absence is allowed: optional extras that are not installed by `.[test]`.
 OPTIONAL_IMPORTS = {"bitsandbytes"}
 
@@ -79,6 +88,19 @@ def floors(pyproject: Path) -> dict[str, str]:
             raise SystemExit(f"check_min_versions: cannot read a '>=' floor from {spec!r} in {pyproject}")
         out[canonical(match.group(1))] = match.group(3)
     return out
+
+
+def relax_floors(pyproject: Path, overrides: dict[str, str]) -> None:
+    """Lower the `>=` floor of each overridden package in (a copy of) pyproject.toml to the override, so that
+    a version below the declared floor can be installed to see what breaks there."""
+    text = pyproject.read_text(encoding="utf-8")
+
+    def lower(match: re.Match) -> str:
+        version = overrides.get(canonical(match.group(1)))
+        return match.group(0) if version is None else f'"{match.group(1)}{match.group(2) or ""}>={version}"'
+
+    pyproject.write_text(re.sub(r'"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*>=\s*[^",;\s]+"', lower, text),
+                         encoding="utf-8")
 
 
 def write_constraints(pins: dict[str, str], path: Path) -> None:
@@ -144,11 +166,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     pins = floors(REPO / "pyproject.toml")
+    overrides: dict[str, str] = {}
     for item in args.override:
         name, sep, version = item.partition("==")
         if not sep or not version:
             parser.error(f"--override {item!r}: expected NAME==VERSION")
-        pins[canonical(name)] = version
+        overrides[canonical(name)] = version
+    pins.update(overrides)
     constraints = args.venv.with_name(args.venv.name + "-constraints.txt")
 
     if not (args.venv / "bin" / "python").exists():
@@ -157,10 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     write_constraints(pins, constraints)
     print(f"constraints ({constraints}):\n" + constraints.read_text(encoding="utf-8"), flush=True)
     py = str(args.venv / "bin" / "python")
-    # --upgrade so that a reused venv is moved to exactly the pins, down as well as up.
-    if run([py, "-m", "pip", "install", "-q", "--upgrade", "-c", str(constraints), f"{REPO}[test]"]) != 0:
-        print("check_min_versions: the floors do not install together (see pip's message above)")
-        return 1
+    # Built from a clean copy: setuptools would write build/ into the checkout (read-only in CI) and reuse
+    # stale files from an earlier build/ there.
+    with tempfile.TemporaryDirectory(prefix="vader-src-") as tmp:
+        source = Path(tmp) / "vader"
+        shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*SKIP_COPY))
+        relax_floors(source / "pyproject.toml", overrides)
+        # --upgrade so that a reused venv is moved to exactly the pins, down as well as up.
+        if run([py, "-m", "pip", "install", "-q", "--upgrade", "-c", str(constraints), f"{source}[test]"]) != 0:
+            print("check_min_versions: the floors do not install together (see pip's message above)")
+            return 1
     failures = []
     if run([py, "-m", "pip", "check"]) != 0:
         failures.append("pip check")
