@@ -354,13 +354,15 @@ def test_nonfinite_steps_are_logged_skipped_and_n_in_a_row_stop_the_run(tiny_cfg
 
 def test_huge_lr_stops_with_one_line_and_saves_no_nonfinite_tensor(tiny_cfg):
     """--lr 1e6: every step from 3 on is NaN on the tiny preset."""
-    cfg = tiny_cfg("--run_name", "lr", "--lr", "1e6", "--max_train_steps", "10", "--checkpointing_steps", "1")
+    cfg = tiny_cfg("--run_name", "lr", "--lr", "1e6", "--max_train_steps", "10", "--checkpointing_steps", "1",
+                   "--logger_type", "tensorboard")
     with pytest.raises(VaderError, match=r"max_nonfinite_steps=3 reached: steps 3\.\.5 .*lower lr") as info:
         vader.train.train(cfg)
     assert "\n" not in str(info.value)
     run = Path(cfg.project_dir) / "lr"
     rows = _strict_rows(run / "metrics.jsonl")
     assert [r["skipped"] for r in rows] == [False, False, True, True, True]
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # the tracker was flushed and closed
     for folder in (run / "checkpoints").iterdir():
         for tensor in load_file(str(folder / "adapter_model.safetensors")).values():
             assert torch.isfinite(tensor).all(), folder

@@ -247,6 +247,12 @@ class Run:
             self.bar.close()
             self.bar = None
 
+    def abort(self) -> None:
+        """A run stopping early on purpose: flush what was logged (progress bar, trackers)."""
+        self.close_bar()
+        if self.accelerator.trackers:
+            self.accelerator.end_training()
+
     # ---- validation / inference videos ----
     def sample_videos(self, gen, reward, folder: Path, tag: str = "val") -> tuple[list[Path], float | None]:
         """num_val_runs × val_batch_size videos per process from fixed seeds, saved as mp4 (and scored).

@@ -241,7 +241,7 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
             run.note(f"step {done}: non-finite loss/reward/gradient (loss {result.loss}, reward {result.reward}, "
                      f"grad norm {result.grad_norm}); update skipped ({in_a_row} in a row)")
         if in_a_row >= cfg.max_nonfinite_steps:
-            run.close_bar()
+            run.abort()
             raise VaderError(f"max_nonfinite_steps={cfg.max_nonfinite_steps} reached: steps {done - in_a_row + 1}"
                              f"..{done} had a non-finite loss, reward or gradient and were skipped (the LoRA was "
                              f"not updated by them); lower lr (now {cfg.lr}) and resume from the last checkpoint "
