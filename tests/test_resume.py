@@ -158,3 +158,36 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tiny_cfg, monkeyp
     a, b = train(cfg), train(tiny_cfg("--max_train_steps", "1"))
     assert (a.name, b.name) == ("train-20260101-000000", "train-20260101-000000-2")
     assert len(_rows(a)) == len(_rows(b)) == 1
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_bitwise_exact(tiny_cfg, tmp_path):
+    """SIGKILL a training process wherever it is once it has a checkpoint (possibly inside the next
+    checkpoint write), resume 'latest': the final LoRA equals an uninterrupted run's bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import FAST, REPO, TINY_TRAIN
+
+    args = [*FAST, *STEPS, "--max_train_steps", "8", "--project_dir", str(tmp_path / "runs"), "--run_name", "k"]
+    full = train(tiny_cfg(*STEPS, "--max_train_steps", "8", "--run_name", "full"))
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "vader", "train", str(TINY_TRAIN), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "runs" / "k" / "checkpoints"
+    try:
+        while proc.poll() is None and not (ckpts / "checkpoint-000002").is_dir():
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (tmp_path / "runs" / "k" / "lora").exists()
+    subprocess.run([sys.executable, "-m", "vader", "train", str(TINY_TRAIN), *args, "--resume_from", "latest"],
+                   env=env, check=True, capture_output=True)
+    a, b = _lora(tmp_path / "runs" / "k" / "lora"), _lora(full / "lora")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _rows(tmp_path / "runs" / "k") if "loss" in r] == list(range(1, 9))
