@@ -191,3 +191,17 @@ def test_resume_after_kill_9_is_bitwise_exact(tiny_cfg, tmp_path):
     a, b = _lora(tmp_path / "runs" / "k" / "lora"), _lora(full / "lora")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _rows(tmp_path / "runs" / "k") if "loss" in r] == list(range(1, 9))
+
+
+def test_an_allowed_lr_change_is_the_lr_the_optimizer_uses(first, tiny_cfg):
+    """The optimizer state saved in a checkpoint carries the old lr; the new one must win."""
+    from vader.run import Run, make_accelerator
+    from vader.train import _resume, setup
+
+    _, run = first
+    cfg = tiny_cfg("--run_name", "lr", *STEPS, "--lr", "0.01")
+    accelerator = make_accelerator(cfg)
+    t = setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
+    assert _resume(cfg, run / "checkpoints" / "checkpoint-000002", t, {"lr": (0.05, 0.01)})[0] == 2
+    assert [g["lr"] for g in t.optimizer.param_groups] == [0.01]
+    assert t.optimizer.state_dict()["state"]  # the moments were loaded

@@ -356,6 +356,8 @@ def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple
     except (ValueError, KeyError, RuntimeError) as exc:
         raise VaderError(f"resume_from={str(folder)!r}: its optimizer state does not fit this run ({exc}); was it "
                          "saved with another use_AdamW8bit or LoRA layout?") from None
+    for group in t.optimizer.param_groups:  # the saved state carries the old lr; cfg.lr is the one to use
+        group["lr"] = cfg.lr
     step = int(state["step"])
     run = t.run
     run.keep_history_until(step)
