@@ -46,7 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 #   test_actpred: transformers VideoMAE from_pretrained and image processor
 #   test_vae: diffusers AutoencoderKL;  test_loading: safetensors, load_state_dict(assign=True), hub cache
 #   test_checkpoint: peft inject/get/set adapter state, PeftModel.from_pretrained on the saved folder
+#   test_inspect: peft inject_adapter_in_model(low_cpu_mem_usage=True) on a meta-device model (peft >= 0.13)
 #   test_media: av encode/decode;  test_train: accelerate end to end (single process), every piece together
+#   test_cli: the installed `vader` entry point in subprocesses
 SMOKE_TESTS = [
     "tests/test_config.py",
     "tests/test_text.py",
@@ -55,8 +57,10 @@ SMOKE_TESTS = [
     "tests/test_vae.py",
     "tests/test_loading.py",
     "tests/test_checkpoint.py",
+    "tests/test_inspect.py",
     "tests/test_media.py",
     "tests/test_train.py",
+    "tests/test_cli.py",
 ]
 SMOKE_SELECT = "not multiprocess and not gpu"
 
