@@ -366,3 +366,18 @@ def test_huge_lr_stops_with_one_line_and_saves_no_nonfinite_tensor(tiny_cfg):
     for folder in (run / "checkpoints").iterdir():
         for tensor in load_file(str(folder / "adapter_model.safetensors")).values():
             assert torch.isfinite(tensor).all(), folder
+
+
+def test_a_run_stopped_by_nonfinite_steps_continues_as_its_message_says(tiny_cfg):
+    """The stop message points at a lower lr and a checkpoint from before the divergence: doing
+    that finishes the run with a finite LoRA (the latest checkpoints hold the already-diverged one)."""
+    cfg = tiny_cfg("--run_name", "lr", "--lr", "1e6", "--max_train_steps", "6", "--checkpointing_steps", "1")
+    with pytest.raises(VaderError, match="lower lr .* --resume_from <its folder> --allow_config_change True"):
+        vader.train.train(cfg)
+    first = Path(cfg.project_dir) / "lr" / "checkpoints" / "checkpoint-000001"
+    run = vader.train.train(tiny_cfg("--lr", "0.01", "--max_train_steps", "6", "--checkpointing_steps", "1",
+                                     "--resume_from", str(first), "--allow_config_change", "True"))
+    assert run.name == "lr"
+    rows = [r for r in _strict_rows(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and not any(r["skipped"] for r in rows[1:])
+    assert all(torch.isfinite(v).all() for v in load_file(str(run / "lora" / "adapter_model.safetensors")).values())

@@ -244,8 +244,9 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
             run.abort()
             raise VaderError(f"max_nonfinite_steps={cfg.max_nonfinite_steps} reached: steps {done - in_a_row + 1}"
                              f"..{done} had a non-finite loss, reward or gradient and were skipped (the LoRA was "
-                             f"not updated by them); lower lr (now {cfg.lr}) and resume from the last checkpoint "
-                             f"or restart; see {run.dir / 'metrics.jsonl'}")
+                             f"not updated by them); lower lr (now {cfg.lr}) and restart, or resume a checkpoint from "
+                             "before the divergence with --resume_from <its folder> --allow_config_change True; "
+                             f"see {run.dir / 'metrics.jsonl'}")
         counters = {"nonfinite_steps": nonfinite_total, "nonfinite_in_a_row": in_a_row}
         if cfg.checkpointing_steps and done % cfg.checkpointing_steps == 0 and done < total:
             _save_checkpoint(t, done, counters)
