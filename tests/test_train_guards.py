@@ -381,3 +381,20 @@ def test_a_run_stopped_by_nonfinite_steps_continues_as_its_message_says(tiny_cfg
     rows = [r for r in _strict_rows(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and not any(r["skipped"] for r in rows[1:])
     assert all(torch.isfinite(v).all() for v in load_file(str(run / "lora" / "adapter_model.safetensors")).values())
+
+
+def test_gradient_checkpointing_replays_the_same_lora_dropout_masks(trainer):
+    """Recomputation must redraw the very masks of the first forward (RNG state preserved), or the
+    gradients belong to another network than the one that made the video."""
+    grads, calls = {}, {}
+    for ckpt in ("False", "True"):
+        t = trainer("--lora_dropout", "0.5", "--grad_checkpoint", ckpt, "--max_grad_norm", "0", "--run_name",
+                    f"ckpt-{ckpt}")
+        fractions = _dropout_probe(t.gen.denoiser)
+        seen = _spy_step(t)
+        t.step(0)
+        grads[ckpt], calls[ckpt] = seen[0], len(fractions)
+    assert _norm(grads["False"]) > 0
+    assert calls["True"] > calls["False"]  # the checkpointed forwards really ran again in backward
+    for a, b in zip(grads["False"], grads["True"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
