@@ -398,3 +398,25 @@ def test_gradient_checkpointing_replays_the_same_lora_dropout_masks(trainer):
     assert calls["True"] > calls["False"]  # the checkpointed forwards really ran again in backward
     for a, b in zip(grads["False"], grads["True"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-8)
+
+
+def test_fp16_overflow_is_left_to_the_grad_scaler_and_not_counted(trainer):
+    """With a GradScaler, inf gradients under a finite loss are the loss scale overflowing: the
+    scaler's own step must run (it skips the update and lowers the scale), and the step must not
+    count toward max_nonfinite_steps. (CPU stand-in for the scaler; tests/test_gpu.py runs fp16.)"""
+    t = trainer("--max_grad_norm", "0")
+    updates = []
+    t.accelerator.scaler = SimpleNamespace(update=lambda: updates.append(True))
+
+    def backward(loss):  # the scaled backward, overflowing in one element
+        loss.backward()
+        t.params[0].grad[0, 0] = float("inf")
+
+    t.accelerator.backward = backward
+    stepped = []
+    t.optimizer.step = lambda *a, **k: stepped.append(True)  # what GradScaler.step does on inf: nothing
+    result = t.step(0)
+    assert stepped == [True] and result.skipped and not result.nonfinite
+    t.reward = NaNAt(t.reward, {1})  # a NaN loss is not an overflow: counted, no optimizer step at all,
+    result = t.step(1)  # but the scaler is updated, as its step would have (else its next unscale_ raises)
+    assert stepped == [True] and updates == [True] and result.skipped and result.nonfinite

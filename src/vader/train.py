@@ -129,6 +129,8 @@ def train_step(gen: VideoGenerator, reward, optimizer, params, cfg: VaderConfig,
         nonfinite = False
     elif nonfinite:
         optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # its unscale_ ran in _clip: without update() the next unscale_ raises
+            scaler.update()
     else:
         optimizer.step()
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
