@@ -168,7 +168,8 @@ class VaderConfig:
     use_AdamW8bit: bool = field(default=False, metadata=_doc("bitsandbytes AdamW8bit instead of AdamW"))
     hps_version: str = field(default="v2.1", metadata=_doc("HPS checkpoint version", choices=HPS_VERSIONS))
     num_train_epochs: int = field(default=200, metadata=_doc("passes over the prompt list", min=0))
-    max_train_steps: int | None = field(default=800, metadata=_doc("optimizer steps; overrides epochs", gt=0))
+    max_train_steps: int | None = field(default=800, metadata=_doc("optimizer steps in total on any number of processes "
+                                                                             "(None: num_train_epochs passes over the prompts)", gt=0))
     max_grad_norm: float = field(default=1.0, metadata=_doc("gradient clipping norm (0 = off)", min=0))
     backprop_mode: str | int = field(
         default="last", metadata=_doc("steps that get gradients: last | rand | specific | K (last K steps)")

@@ -19,14 +19,15 @@ def infer(cfg: VaderConfig) -> list[Path]:
     preflight(cfg, "infer")  # every check that can fail, before a folder or a model exists
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="infer")
-    gen = build_generator(cfg, run, accelerator.device)
-    if cfg.lora_ckpt_path:
-        # our adapter folders carry their rank/alpha; the original .pt files need lora_rank/lora_alpha
-        saved = saved_lora_config(cfg.lora_ckpt_path)
-        add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
-        load_lora(gen.denoiser, cfg.lora_ckpt_path)
-        run.note(f"loaded LoRA {cfg.lora_ckpt_path}")
-    paths, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")
-    run.note(f"{len(paths)} video(s) per process in {run.dir / 'samples'}")
+    with run.discard_on_failure():  # a run that fails before its first video leaves no folder
+        gen = build_generator(cfg, run, accelerator.device)
+        if cfg.lora_ckpt_path:
+            # our adapter folders carry their rank/alpha; the original .pt files need lora_rank/lora_alpha
+            saved = saved_lora_config(cfg.lora_ckpt_path)
+            add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+            load_lora(gen.denoiser, cfg.lora_ckpt_path)
+            run.note(f"loaded LoRA {cfg.lora_ckpt_path}")
+        paths, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")
+        run.note(f"{len(paths)} video(s) per process in {run.dir / 'samples'}")
     accelerator.end_training()
     return paths
