@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 #   test_inspect: peft inject_adapter_in_model(low_cpu_mem_usage=True) on a meta-device model (peft >= 0.13)
 #   test_media: av encode/decode;  test_train: accelerate end to end (single process), every piece together
 #   test_cli: the installed `vader` entry point in subprocesses
+#   test_multiprocess: accelerate's multi-process launch, gather and gradient all-reduce (2 CPU processes, ~15 s)
 SMOKE_TESTS = [
     "tests/test_config.py",
     "tests/test_text.py",
@@ -61,8 +62,8 @@ SMOKE_TESTS = [
     "tests/test_media.py",
     "tests/test_train.py",
     "tests/test_cli.py",
+    "tests/test_multiprocess.py",
 ]
-SMOKE_SELECT = "not multiprocess and not gpu"
 
 # Not copied into the build tree: venvs, build outputs, caches, run folders.
 SKIP_COPY = (".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".ruff_cache",
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_tests:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         # -p no:cacheprovider: the run must not write into the checkout (it may be read-only in CI).
-        cmd = [py, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-k", SMOKE_SELECT, *SMOKE_TESTS,
+        cmd = [py, "-m", "pytest", "-x", "-p", "no:cacheprovider", *SMOKE_TESTS,
                *args.pytest_args]
         if run(cmd, cwd=REPO, env=env) != 0:
             failures.append("smoke tests")
