@@ -25,6 +25,17 @@ INDIRECT = {
 # Declared only for the tests or the tooling, not for the package.
 TOOLING = {"pytest", "ruff"}
 
+# Calls in src/vader that older releases reject, each seen failing there by tools/check_min_versions.py:
+# (called name or "*" for any, keyword, distribution, lowest release that accepts it, what the old one said).
+API_FLOORS = [
+    ("from_pretrained", "dtype", "transformers", "4.56",
+     "4.45: T5EncoderModel.__init__() got an unexpected keyword argument 'dtype'"),
+    ("*", "return_dict", "transformers", "5.0",
+     "4.56/4.57: CLIPVisionTransformer.forward() got an unexpected keyword argument 'return_dict'"),
+    ("inject_adapter_in_model", "low_cpu_mem_usage", "peft", "0.13",
+     "0.12: inject_adapter_in_model() got an unexpected keyword argument 'low_cpu_mem_usage'"),
+]
+
 
 def _checker():
     spec = importlib.util.spec_from_file_location("check_min_versions", REPO / "tools" / "check_min_versions.py")
@@ -131,3 +142,31 @@ def test_override_below_the_floor_is_installable(tmp_path) -> None:
                     '[project.optional-dependencies]\ntest = ["pytest>=8"]\n')
     checker.relax_floors(path, {"diffusers": "0.29.2", "open-clip-torch": "2.23.0"})
     assert checker.floors(path) == {"diffusers": "0.29.2", "open-clip-torch": "2.23.0", "av": "12", "pytest": "8"}
+
+
+def _calls_with_keyword(func: str, keyword: str) -> list[str]:
+    import ast
+
+    found = []
+    for file in sorted((REPO / "src" / "vader").rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or keyword not in {kw.arg for kw in node.keywords}:
+                continue
+            name = getattr(node.func, "attr", getattr(node.func, "id", None))
+            if func in ("*", name):
+                found.append(f"{file.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+@pytest.mark.parametrize(("func", "keyword", "dist", "minimum", "old_error"), API_FLOORS,
+                         ids=[f"{dist}-{keyword}" for _, keyword, dist, _, _ in API_FLOORS])
+def test_declared_floor_accepts_the_calls_the_code_makes(func, keyword, dist, minimum, old_error) -> None:
+    """Issue 7: `transformers>=4.45` was declared while the loaders passed `dtype=`, which 4.45 rejects."""
+    from packaging.version import Version
+
+    sites = _calls_with_keyword(func, keyword)
+    assert sites, f"no {func}(..., {keyword}=...) left in src/vader: drop this API_FLOORS entry"
+    floor = _checker().floors(REPO / "pyproject.toml")[dist]
+    assert Version(floor) >= Version(minimum), (
+        f"pyproject declares {dist}>={floor}, but {sites[0]} passes {keyword}= which needs {dist}>={minimum} "
+        f"({old_error})")
