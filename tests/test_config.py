@@ -112,6 +112,10 @@ def test_readme_documents_every_key():
     readme = (REPO / "README.md").read_text()
     missing = [key for key, _, _ in describe_keys() if f"| `{key}` |" not in readme]
     assert not missing, f"README config table lacks {missing}"
+    # the row says what `vader config --keys` says: default and doc, not a stale copy
+    stale = [key for key, default, doc in describe_keys()
+             if f"| `{key}` | `{default}` | {doc.replace('|', chr(92) + '|')} |" not in readme]
+    assert not stale, f"README config rows differ from describe_keys() for {stale}"
 
 
 @pytest.mark.parametrize(
