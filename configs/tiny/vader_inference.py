@@ -1,6 +1,6 @@
 # Inference with the tiny offline preset: the real Open-Sora v1.2 structure (STDiT3 blocks, AutoencoderKL +
 # temporal VAE, T5 encoder) at toy sizes with random weights, and a reward that needs no weights.
-# It trains a LoRA end to end on a 2-core CPU in seconds (30 steps, ~0.2 s each) with no download:
+# It generates videos on a 2-core CPU in seconds with no download, with or without a trained LoRA:
 #     vader infer configs/tiny/vader_inference.py --lora_ckpt_path project_dir/<run>/lora
 image_size = (64, 64)  # (height, width); overrides resolution / aspect_ratio
 num_frames = 17  # one temporal VAE chunk -> 5 latent frames
