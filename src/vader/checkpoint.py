@@ -8,9 +8,11 @@ crash never leaves a half-written checkpoint behind a valid name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +128,22 @@ def set_lora_dropout(model: nn.Module, active: bool) -> None:
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module.lora_dropout.train(active)
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model: every LoRA layer bypassed inside the block, restored after it (the
+    before/after samples of a run use the same denoiser object, no second copy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def _atomic_dir(final: Path) -> Path:

@@ -151,3 +151,47 @@ def plot_reward_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
     fig.savefig(out_path)
     plt.close(fig)
     return out_path
+
+
+def plot_before_after(before: list[tuple[str, Tensor, float | None]], after: list[tuple[str, Tensor, float | None]],
+                      out_path: str | Path, max_rows: int = 8) -> Path:
+    """A grid PNG: one row per prompt, the first/middle/last frame of the base model's video, then of
+    the LoRA's, from the same seed. `before`/`after` hold (prompt, video [3, T, H, W] in [-1, 1],
+    reward or None) in the same order."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(zip(before, after))[:max_rows]
+    if not rows:
+        raise ValueError("plot_before_after needs at least one (before, after) pair")
+    num_frames = rows[0][0][1].shape[1]
+    picks = sorted({0, num_frames // 2, num_frames - 1})
+    strips = []
+    for (_, base, _), (_, lora, _) in rows:
+        halves = []
+        for video in (base, lora):
+            frames = to_uint8(video)[picks]
+            line = np.full((frames.shape[1], 2, 3), 255, np.uint8)  # a thin white line between frames
+            halves.append(np.concatenate([part for f in frames for part in (f, line)][:-1], axis=1))
+        gap = np.full((halves[0].shape[0], max(4, halves[0].shape[1] // 20), 3), 255, np.uint8)
+        strips.append(np.concatenate([halves[0], gap, halves[1]], axis=1))
+    height, width = strips[0].shape[:2]
+    inch = 7.5 / width  # every strip 7.5 inches wide, whatever the video size
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, len(rows) * (height * inch + 0.45) + 0.3), dpi=110,
+                             squeeze=False)
+    for ax, strip, ((prompt, _, base_score), (_, _, lora_score)) in zip(axes[:, 0], strips, rows):
+        ax.imshow(strip, interpolation="nearest")
+        ax.set_axis_off()
+        scores = "" if base_score is None or lora_score is None else f"   reward {base_score:.3f} → {lora_score:.3f}"
+        ax.set_title(textwrap.shorten(prompt, 80) + scores, fontsize=8, loc="left")
+    frames = "/".join(str(f) for f in picks)
+    fig.suptitle(f"base (left) vs LoRA (right), same seed; frames {frames}", fontsize=9)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path

@@ -254,11 +254,13 @@ class Run:
             self.accelerator.end_training()
 
     # ---- validation / inference videos ----
-    def sample_videos(self, gen, reward, folder: Path, tag: str = "val") -> tuple[list[Path], float | None]:
+    def sample_videos(self, gen, reward, folder: Path, tag: str = "val",
+                      previews: list | None = None) -> tuple[list[Path], float | None]:
         """num_val_runs × val_batch_size videos per process from fixed seeds, saved as mp4 (and scored).
 
         Run r, process p, slot j uses prompt (r·P + p)·B + j (cycling through the prompt list), so
-        every process makes different videos and the same seed makes the same ones."""
+        every process makes different videos and the same seed makes the same ones. `previews`, when
+        given, receives this process's (prompt, video, reward or None) for the before/after grid."""
         acc, cfg = self.accelerator, self.cfg
         gen.denoiser.eval()
         paths, scores = [], []
@@ -272,14 +274,17 @@ class Run:
                 if reward is not None:
                     with torch.no_grad():
                         scores.append(reward(videos, gen.reward_prompts(prompts)).reward.float())
+            if previews is not None:
+                batch_scores = scores[-1].tolist() if reward is not None else [None] * len(prompts)
+                previews.extend(zip(prompts, videos.cpu(), batch_scores))
             for j, video in enumerate(videos):
                 name = f"run{run_index}-rank{acc.process_index}-{j}-prompt{indices[j]:04d}.mp4"
                 paths.append(write_video(folder / name, video, fps=cfg.save_fps, quality=cfg.video_quality))
         mean = acc.gather(torch.cat(scores)).mean().item() if scores else None
         return paths, mean
 
-    def validate(self, gen, reward, step: int) -> list[Path]:
-        paths, mean = self.sample_videos(gen, reward, self.dir / "samples" / f"step-{step:06d}")
+    def validate(self, gen, reward, step: int, previews: list | None = None) -> list[Path]:
+        paths, mean = self.sample_videos(gen, reward, self.dir / "samples" / f"step-{step:06d}", previews=previews)
         if mean is not None:
             self.log_validation(step, mean, paths)
         return paths
@@ -293,6 +298,25 @@ class Run:
         if self.accelerator.trackers:
             self.accelerator.log({"val_reward": reward}, step=step)
             _log_videos(self.accelerator, paths, step)
+
+    def log_before_after(self, step: int, base_reward: float | None, before: list, after: list) -> None:
+        """The base model's validation reward beside the LoRA's, and before_after.png (same prompts
+        and seeds; this process's videos)."""
+        from vader.media import plot_before_after
+
+        if not self.accelerator.is_main_process:
+            return
+        if base_reward is not None:
+            with open(self.dir / "metrics.jsonl", "a") as fh:
+                fh.write(_json_line({"step": step, "base_val_reward": base_reward}))
+            if self.accelerator.trackers:
+                self.accelerator.log({"base_val_reward": base_reward}, step=step)
+        if before and after:
+            plot_before_after(before, after, self.dir / "before_after.png")
+            lora = [s for _, _, s in after if s is not None]
+            if base_reward is not None and lora:
+                self.note(f"validation reward: base {base_reward:.4f} -> LoRA {sum(lora) / len(lora):.4f} "
+                          f"(same prompts and seeds; grid in {self.dir / 'before_after.png'})")
 
     def finish(self) -> None:
         acc = self.accelerator

@@ -27,6 +27,7 @@ from vader.checkpoint import (
     load_lora,
     load_training_state,
     lora_config,
+    lora_disabled,
     prune_checkpoints,
     read_run_config,
     save_adapter,
@@ -262,7 +263,12 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
     if accelerator.is_main_process:
         save_adapter(run.dir / "lora", t.gen.denoiser, t.lora, extra={"step": final, "config": cfg.to_dict()})
     if cfg.is_sample_preview:
-        run.validate(t.gen, t.reward, final)
+        after: list = []
+        run.validate(t.gen, t.reward, final, previews=after)
+        before: list = []
+        with lora_disabled(t.gen.denoiser):  # the base model, same prompts and seeds
+            _, base_reward = run.sample_videos(t.gen, t.reward, run.dir / "samples" / "base", previews=before)
+        run.log_before_after(final, base_reward, before, after)
     run.finish()
     return run.dir
 
