@@ -1,6 +1,7 @@
 """Reward registry: one name -> one factory; `build_reward` also takes {name: weight} mixes.
 
-Names: colorfulness, brightness (weight-free), aesthetic, hps, aesthetic_hps, pick_score, actpred.
+Names: colorfulness, brightness (weight-free), aesthetic, hps, aesthetic_hps, pick_score, actpred,
+toy_alignment, toy_size (the toy world's classifier, shipped in the package).
 Model weights come from the Hugging Face hub (cache respected, `HF_HUB_OFFLINE` honoured) or from
 local paths given in `sources` (keys: `vader.rewards.hub.SOURCE_KEYS`); `check_reward_weights`
 says, before anything is generated, which weights are missing offline and how to get them.
@@ -17,10 +18,17 @@ from vader.errors import VaderError
 from vader.rewards.base import RESIZE_MODES, Reward, RewardOutput, WeightedReward, as_dtype
 from vader.rewards.builtin import Brightness, Colorfulness
 from vader.rewards.hub import SOURCE_KEYS, WeightSource, check_sources, folder_source, validate_sources
+from vader.rewards.toy import SOURCE_DOC as _TOY_SOURCE_DOC
+from vader.rewards.toy import SOURCE_KEY as _TOY_SOURCE_KEY
+
+# Registered here, where the toy rewards are: importing vader.rewards.hub always runs this module first,
+# so validate_sources and the config reference see the key.
+SOURCE_KEYS.setdefault(_TOY_SOURCE_KEY, _TOY_SOURCE_DOC)
 
 __all__ = [
     "AVAILABLE", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "WeightedReward",
-    "build_reward", "check_reward_weights", "required_weights", "reward_names", "reward_sources",
+    "build_reward", "check_decode_frame", "check_reward_weights", "required_weights", "reward_names",
+    "reward_sources",
 ]
 
 
@@ -64,6 +72,18 @@ def _actpred(*, device=None, dtype=torch.float32, sources=None, grad_checkpoint=
                          **({"model": model} if model else {}), **options)
 
 
+def _toy_alignment(**options):
+    from vader.rewards.toy import build_toy_alignment
+
+    return build_toy_alignment(**options)
+
+
+def _toy_size(**options):
+    from vader.rewards.toy import build_toy_size
+
+    return build_toy_size(**options)
+
+
 AVAILABLE: dict[str, Callable[..., Reward]] = {
     "colorfulness": lambda **_: Colorfulness(),
     "brightness": lambda **_: Brightness(),
@@ -72,11 +92,27 @@ AVAILABLE: dict[str, Callable[..., Reward]] = {
     "aesthetic_hps": _aesthetic_hps,
     "pick_score": _pick_score,
     "actpred": _actpred,
+    "toy_alignment": _toy_alignment,
+    "toy_size": _toy_size,
 }
 
 
 def reward_names() -> tuple[str, ...]:
     return tuple(AVAILABLE)
+
+
+def check_decode_frame(reward_fn: str | dict[str, float], decode_frame: str) -> None:
+    """VaderError when a reward in `reward_fn` reads a clip but `decode_frame` decodes one frame
+    (config validation, before any model loads)."""
+    names = {reward_fn} if isinstance(reward_fn, str) else set(reward_fn)
+    if "actpred" in names:
+        from vader.rewards.actpred import check_decode_frame as check_actpred
+
+        check_actpred(decode_frame)
+    if "toy_alignment" in names:
+        from vader.rewards.toy import check_decode_frame as check_toy
+
+        check_toy(decode_frame)
 
 
 def _spec(reward_fn: str | dict[str, float]) -> dict[str, float]:
@@ -108,6 +144,11 @@ def reward_sources(reward_fn: str | dict[str, float], hps_version: str = "v2.1",
             out += [(name, s) for s in pick_sources(sources)]
         if name == "actpred":
             out += [(name, s) for s in _actpred_sources(sources)]
+        if name in ("toy_alignment", "toy_size"):
+            from vader.rewards.toy import classifier_folder
+
+            out.append((name, WeightSource(_TOY_SOURCE_KEY, "toy world classifier", local=classifier_folder(sources),
+                                           kind="model")))
     seen: set[tuple] = set()
     return [(n, s) for n, s in out if not (s.pair in seen or seen.add(s.pair))]
 
