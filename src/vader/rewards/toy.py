@@ -1,0 +1,148 @@
+"""The toy world's rewards, scored by its shipped classifier (vader.toyworld.classifier).
+
+- `toy_alignment` (text-conditioned, the analogue of HPS / ActPred): reward = mean over the five
+  attributes (shape, colour, size, motion, background) of log p(the value the prompt names | clip);
+  0 is a perfect match, log(1/5)..log(1/2) per head is chance. loss = -reward. It reads a clip
+  (decode_frame 'fml', 'alt' or 'all'): motion cannot be judged from one frame.
+- `toy_size` (prompt-free, the analogue of aesthetic): reward = the object's area in percent of the
+  frame as the classifier's regression head sees it (small objects ~4, large ~13); loss = -reward,
+  so training makes the object bigger. One decoded frame is enough (it is repeated).
+
+Weights: the package folder `vader/assets/toyworld/classifier` (config.json + model.safetensors), or
+`reward_sources['toy_classifier']` = another folder saved by ToyClassifier.save_pretrained.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vader.errors import VaderError
+from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.toyworld import WEIGHTS, world
+
+SOURCE_KEY = "toy_classifier"
+SOURCE_DOC = ("toy world video classifier for 'toy_alignment' and 'toy_size': a local folder with config.json + "
+              "model.safetensors (default: the package's vader/assets/toyworld/classifier)")
+DEFAULT_FOLDER = str(Path(WEIGHTS) / "classifier")
+CLIP_DECODE_FRAMES = ("all", "alt", "fml")
+_SCORE_SUFFIX = re.compile(r"\s*aesthetic score:\s*[\d.]+\.?\s*$", re.IGNORECASE)
+
+
+def classifier_folder(sources: dict | None = None) -> str:
+    return str((sources or {}).get(SOURCE_KEY) or DEFAULT_FOLDER)
+
+
+def load_classifier(sources: dict | None = None, device=None, dtype: torch.dtype | str = torch.float32):
+    from vader.toyworld.classifier import ToyClassifier
+
+    model = ToyClassifier.from_pretrained(classifier_folder(sources))
+    return model.to(device=device, dtype=as_dtype(dtype)).requires_grad_(False).eval()
+
+
+def check_decode_frame(decode_frame: str) -> None:
+    """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads)."""
+    if str(decode_frame) not in CLIP_DECODE_FRAMES:
+        raise VaderError(
+            f"reward_fn 'toy_alignment' judges motion, which needs a clip, but decode_frame={decode_frame!r} decodes "
+            f"one frame; use decode_frame {', '.join(repr(m) for m in CLIP_DECODE_FRAMES)}"
+        )
+
+
+def parse_prompt(prompt: str) -> world.Attributes:
+    """The toy attributes a prompt names (Open-Sora's 'aesthetic score: 6.5.' suffix ignored)."""
+    attrs = world.parse_caption(_SCORE_SUFFIX.sub("", prompt))
+    if attrs is None:
+        raise VaderError(
+            f"reward_fn 'toy_alignment' cannot read prompt {prompt!r}: it must name a toy clip like "
+            f"{world.caption(world.all_attributes()[0])!r} (sizes {'/'.join(world.SIZES)}, colours "
+            f"{'/'.join(world.COLOURS)}, shapes {'/'.join(world.SHAPES)}, moving {'/'.join(world.MOTIONS[:-1])} "
+            f"or standing still, on a {'/'.join(world.BACKGROUNDS)} background)"
+        )
+    return attrs
+
+
+class ToyAlignment(Reward):
+    """reward = mean over attributes of log p(prompt's value | clip); loss = -reward."""
+
+    name = "toy_alignment"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self._targets: dict[str, world.Attributes] = {}
+
+    def prepare(self, prompts: list[str], labels: dict[str, str] | None = None) -> None:
+        """Parse every prompt up front: one VaderError for the first that names no toy clip."""
+        bad = []
+        for prompt in dict.fromkeys(prompts):
+            try:
+                self._targets[prompt] = parse_prompt(prompt)
+            except VaderError as exc:
+                bad.append(exc)
+        if bad:
+            more = f" ({len(bad) - 1} more prompts have the same problem)" if len(bad) > 1 else ""
+            raise VaderError(f"{bad[0]}{more}")
+
+    def target(self, prompt: str) -> world.Attributes:
+        if prompt not in self._targets:
+            self._targets[prompt] = parse_prompt(prompt)
+        return self._targets[prompt]
+
+    @property
+    def targets(self) -> dict[str, str]:
+        """{prompt: attributes} (for the run log)."""
+        return {p: world.caption(a) for p, a in self._targets.items()}
+
+    def log_probs(self, frames: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        """{attribute: log p(the prompt's value) [B]}."""
+        if len(prompts) != frames.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {frames.shape[0]} clips")
+        if frames.shape[2] < 2:
+            check_decode_frame("one frame")
+        targets = [world.labels(self.target(p)) for p in prompts]
+        logits, _ = self.model(frames)
+        out = {}
+        for key, head in logits.items():
+            index = torch.tensor([t[key] for t in targets], device=head.device)
+            out[key] = head.float().log_softmax(-1).gather(1, index[:, None]).squeeze(1)
+        return out
+
+    def forward(self, frames: Tensor, prompts: list[str]) -> RewardOutput:
+        reward = torch.stack(list(self.log_probs(frames, prompts).values())).mean(0)
+        return RewardOutput(reward=reward, loss=-reward)
+
+
+class ToySize(Reward):
+    """reward = the object's area in percent of the frame; loss = -reward."""
+
+    name = "toy_size"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: Tensor, prompts: list[str]) -> RewardOutput:
+        if frames.shape[2] == 1:  # the classifier reads clips; a still frame is a clip of a still object
+            frames = frames.expand(-1, -1, 2, -1, -1)
+        _, area = self.model(frames)
+        area = area.float()
+        return RewardOutput(reward=area, loss=-area)
+
+
+def build_toy_alignment(*, device=None, dtype=torch.float32, sources=None, **_) -> ToyAlignment:
+    return ToyAlignment(load_classifier(sources, device, dtype))
+
+
+def build_toy_size(*, device=None, dtype=torch.float32, sources=None, **_) -> ToySize:
+    return ToySize(load_classifier(sources, device, dtype))
+
+
+__all__ = [
+    "CLIP_DECODE_FRAMES", "DEFAULT_FOLDER", "SOURCE_DOC", "SOURCE_KEY", "ToyAlignment", "ToySize",
+    "build_toy_alignment", "build_toy_size", "check_decode_frame", "classifier_folder", "load_classifier",
+    "parse_prompt",
+]

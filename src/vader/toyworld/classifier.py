@@ -1,0 +1,161 @@
+"""The toy world's judge: a small video classifier trained on world.py's ground truth.
+
+One head per attribute (shape 3, colour 4, size 2, motion 5, background 2) and one regression head
+for the object's area (percent of the frame, mean over the clip). It reads [B, 3, T, H, W] clips in
+[-1, 1] for any T >= 2 whose first and last frames are the clip's first and last (decode_frame
+'fml' = 3, 'alt' = 9, 'all' = 17 frames): every frame goes through the same 2D conv stack, which
+keeps an 8x8 spatial map, and the clip is summarised by its first, last and mean feature maps (so
+motion is a change of position between the first and last maps) and by the maps pooled over space
+and time (shape and colour, wherever the object is).
+
+Saved in the published layout: `config.json` (hyper-parameters + class names) and
+`model.safetensors`; `ToyClassifier.from_pretrained(folder)` loads it strictly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vader.errors import VaderError
+from vader.toyworld import world
+
+MODEL_TYPE = "vader_toy_classifier"
+HEADS = tuple(world.ATTRIBUTES)  # shape, colour, size, motion, background
+SCORE = "area_percent"  # the regression head: object area in percent of the frame
+
+
+@dataclass
+class ToyClassifierConfig:
+    channels: tuple[int, ...] = (16, 32, 48)  # per-frame conv stack, each stride 2
+    temporal_channels: int = 48
+    hidden: int = 64
+    resolution: int = world.RESOLUTION
+    classes: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in world.ATTRIBUTES.items()})
+    score: str = SCORE
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, **asdict(self), "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> ToyClassifierConfig:
+        if data.get("model_type") != MODEL_TYPE:
+            raise VaderError(f"{where}: model_type={data.get('model_type')!r}; expected {MODEL_TYPE!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known - {"model_type"})
+        if unknown:
+            raise VaderError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "channels" in kwargs:
+            kwargs["channels"] = tuple(int(c) for c in kwargs["channels"])
+        cfg = cls(**kwargs)
+        if set(cfg.classes) != set(HEADS):
+            raise VaderError(f"{where}: classes has heads {sorted(cfg.classes)}; expected {sorted(HEADS)}")
+        return cfg
+
+
+class ToyClassifier(nn.Module):
+    def __init__(self, config: ToyClassifierConfig | None = None):
+        super().__init__()
+        self.config = config = config or ToyClassifierConfig()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in config.channels:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1), nn.GroupNorm(4, c), nn.SiLU()]
+            c_in = c
+        self.frame_net = nn.Sequential(*layers)
+        self.map_size = config.resolution // 2 ** len(config.channels)
+        # first, last, mean and (last - first) maps: the difference makes motion a local feature
+        self.temporal = nn.Sequential(
+            nn.Conv2d(4 * c_in, config.temporal_channels, 3, stride=2, padding=1),
+            nn.GroupNorm(4, config.temporal_channels), nn.SiLU(),
+        )
+        side = (self.map_size + 1) // 2
+        # + the per-frame maps max- and mean-pooled over space and time: position-free evidence for shape and
+        # colour, which the position-keeping branch alone learned no better than chance
+        self.trunk = nn.Sequential(nn.Linear(config.temporal_channels * side * side + 2 * c_in, config.hidden),
+                                   nn.SiLU())
+        self.heads = nn.ModuleDict({k: nn.Linear(config.hidden, len(config.classes[k])) for k in HEADS})
+        self.score_head = nn.Linear(config.hidden, 1)
+
+    def features(self, clips: Tensor) -> Tensor:
+        b, c, t, h, w = clips.shape
+        if c != 3 or t < 2:
+            raise VaderError(f"the toy classifier reads clips [B, 3, T>=2, H, W]; got shape {tuple(clips.shape)}")
+        x = clips.float().clamp(-1, 1).permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        r = self.config.resolution
+        if (h, w) != (r, r):  # smaller samples (tiny presets) are judged at the size it was trained on
+            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=h > r or w > r)
+        maps = self.frame_net(x)
+        maps = maps.view(b, t, *maps.shape[1:])
+        first, last = maps[:, 0], maps[:, -1]
+        summary = torch.cat([first, last, maps.mean(1), last - first], dim=1)
+        pooled = torch.cat([maps.amax(dim=(1, 3, 4)), maps.mean(dim=(1, 3, 4))], dim=1)
+        return self.trunk(torch.cat([self.temporal(summary).flatten(1), pooled], dim=1))
+
+    def forward(self, clips: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """({head: logits [B, classes]}, area percent [B])."""
+        h = self.features(clips)
+        return {k: head(h) for k, head in self.heads.items()}, self.score_head(h).squeeze(-1)
+
+    # -- published layout ------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ToyClassifier:
+        """The classifier saved in `folder`; VaderError (one line) unless config.json and
+        model.safetensors are there and the weights fill exactly this architecture."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise VaderError(f"toy classifier folder {folder}: {path.name} is missing; it needs config.json and "
+                                 "model.safetensors (as ToyClassifier.save_pretrained writes them)")
+        try:
+            data = json.loads(config_path.read_text())
+            state = load_file(str(weights_path))
+        except (OSError, ValueError) as exc:
+            raise VaderError(f"toy classifier folder {folder} could not be read ({type(exc).__name__}: {exc})") from exc
+        model = cls(ToyClassifierConfig.from_dict(data, where=str(config_path)))
+        expected = model.state_dict()
+        problems = []
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
+            if keys:
+                problems.append(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+        if problems:
+            raise VaderError(f"toy classifier {weights_path} does not match its config.json: {'; '.join(problems)}")
+        model.load_state_dict(state, strict=True)
+        return model.eval()
+
+
+def frame_indices(decode_frame: str, num_frames: int = world.NUM_FRAMES) -> list[int]:
+    """The frames the training loop decodes for a clip decode_frame ('fml', 'alt', 'all'), as
+    vader.frames.select_frames picks them with the 'exact' strategy."""
+    if decode_frame == "all":
+        return list(range(num_frames))
+    if decode_frame == "alt":
+        return list(range(0, num_frames, 2))
+    if decode_frame == "fml":
+        return sorted({0, num_frames // 2, num_frames - 1})
+    raise VaderError(f"decode_frame={decode_frame!r} is not a clip mode; use 'fml', 'alt' or 'all'")
+
+
+__all__ = ["HEADS", "MODEL_TYPE", "SCORE", "ToyClassifier", "ToyClassifierConfig", "frame_indices"]
