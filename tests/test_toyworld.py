@@ -195,6 +195,12 @@ def test_toy_alignment_prefers_a_clips_own_caption(alignment):
     assert all(-1.0 < o <= 0 for o in own)
 
 
+def test_toy_alignment_predicts_the_caption_of_a_rendered_clip(alignment):
+    combos = world.split()[1][:8]
+    clips = world.render_batch(combos, list(range(8)))[:, :, frame_indices("all")]
+    assert alignment.predict(clips) == [world.caption(a) for a in combos]
+
+
 def test_toy_alignment_reward_is_mean_log_probability_and_loss_its_negative(alignment):
     a = world.Attributes("triangle", "blue", "large", "up", "light")
     clip = world.render(a, 5)[:, frame_indices("alt")][None]

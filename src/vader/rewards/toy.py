@@ -111,6 +111,10 @@ class ToyAlignment(Reward):
             out[key] = head.float().log_softmax(-1).gather(1, index[:, None]).squeeze(1)
         return out
 
+    def predict(self, frames: Tensor) -> list[str]:
+        """The caption the classifier reads off each clip (for logging what it sees)."""
+        return [world.caption(a) for a in self.model.predict(frames)]
+
     def forward(self, frames: Tensor, prompts: list[str]) -> RewardOutput:
         reward = torch.stack(list(self.log_probs(frames, prompts).values())).mean(0)
         return RewardOutput(reward=reward, loss=-reward)

@@ -103,6 +103,14 @@ class ToyClassifier(nn.Module):
         h = self.features(clips)
         return {k: head(h) for k, head in self.heads.items()}, self.score_head(h).squeeze(-1)
 
+    @torch.no_grad()
+    def predict(self, clips: Tensor) -> list[world.Attributes]:
+        """The most likely attributes of each clip (what the judge sees, for logs and accuracy checks)."""
+        logits, _ = self(clips)
+        picks = {k: logits[k].argmax(-1).tolist() for k in HEADS}
+        return [world.Attributes(**{k: self.config.classes[k][picks[k][i]] for k in HEADS})
+                for i in range(clips.shape[0])]
+
     # -- published layout ------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:
