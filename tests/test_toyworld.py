@@ -281,3 +281,17 @@ def test_tiny_preset_trains_with_toy_alignment(tiny_cfg):
         assert row["grad_norm"] > 0 and not row["skipped"]
         assert math.isfinite(row["loss"]) and row["reward"] <= 0  # a mean log-probability
         assert row["loss"] == pytest.approx(-row["reward"], rel=1e-4)
+
+
+def test_vader_score_reads_mp4_clips_with_toy_alignment(alignment, tmp_path):
+    """Through the real file path: H.264 + yuv420 encoding is a perturbation the judge must survive."""
+    from vader.media import write_video
+    from vader.score import score_rows
+
+    combos = world.split()[1][10:13]
+    paths = [write_video(tmp_path / f"{i}.mp4", world.render(a, 900 + i), fps=8) for i, a in enumerate(combos)]
+    own = score_rows(alignment, paths, [world.caption(a) for a in combos])
+    shifted = [world.caption(a) for a in combos[1:] + combos[:1]]
+    wrong = score_rows(alignment, paths, shifted)
+    assert all(o.reward > -0.1 for o in own), [o.reward for o in own]
+    assert all(o.reward > w.reward + 1.0 for o, w in zip(own, wrong))
