@@ -242,6 +242,14 @@ def test_unknown_prompt_is_one_line_error_in_prepare(alignment):
     alignment.prepare([world.caption(world.all_attributes()[1]) + " aesthetic score: 6.5."])  # the suffix is ignored
 
 
+def test_explicit_label_gives_a_free_form_prompt_its_toy_caption(alignment):
+    a = world.Attributes("triangle", "yellow", "small", "left", "light")
+    alignment.prepare(["a little yellow pyramid sliding west"], {"a little yellow pyramid sliding west": world.caption(a)})
+    assert alignment.target("a little yellow pyramid sliding west") == a
+    with pytest.raises(VaderError, match="label 'playing guitar' of prompt 'a quiet lake at dawn': it must name"):
+        alignment.prepare(["a quiet lake at dawn"], {"a quiet lake at dawn": "playing guitar"})
+
+
 def test_single_frame_decoding_is_rejected_for_toy_alignment(alignment, tiny_cfg):
     with pytest.raises(VaderError, match="decode_frame='-1'") as info:
         rewards.check_decode_frame("toy_alignment", "-1")

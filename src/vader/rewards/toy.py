@@ -52,12 +52,13 @@ def check_decode_frame(decode_frame: str) -> None:
         )
 
 
-def parse_prompt(prompt: str) -> world.Attributes:
+def parse_prompt(prompt: str, what: str | None = None) -> world.Attributes:
     """The toy attributes a prompt names (Open-Sora's 'aesthetic score: 6.5.' suffix ignored)."""
     attrs = world.parse_caption(_SCORE_SUFFIX.sub("", prompt))
+    what = what or f"prompt {prompt!r}"
     if attrs is None:
         raise VaderError(
-            f"reward_fn 'toy_alignment' cannot read prompt {prompt!r}: it must name a toy clip like "
+            f"reward_fn 'toy_alignment' cannot read {what}: it must name a toy clip like "
             f"{world.caption(world.all_attributes()[0])!r} (sizes {'/'.join(world.SIZES)}, colours "
             f"{'/'.join(world.COLOURS)}, shapes {'/'.join(world.SHAPES)}, moving {'/'.join(world.MOTIONS[:-1])} "
             f"or standing still, on a {'/'.join(world.BACKGROUNDS)} background)"
@@ -76,11 +77,14 @@ class ToyAlignment(Reward):
         self._targets: dict[str, world.Attributes] = {}
 
     def prepare(self, prompts: list[str], labels: dict[str, str] | None = None) -> None:
-        """Parse every prompt up front: one VaderError for the first that names no toy clip."""
+        """Parse every prompt up front: one VaderError for the first that names no toy clip. An explicit
+        label ({prompt: toy caption}, e.g. from a prompt file's tab column) replaces the prompt's own words."""
+        labels = labels or {}
         bad = []
         for prompt in dict.fromkeys(prompts):
             try:
-                self._targets[prompt] = parse_prompt(prompt)
+                self._targets[prompt] = (parse_prompt(labels[prompt], f"the label {labels[prompt]!r} of prompt {prompt!r}")
+                                         if prompt in labels else parse_prompt(prompt))
             except VaderError as exc:
                 bad.append(exc)
         if bad:
