@@ -3,7 +3,8 @@
 - `toy_alignment` (text-conditioned, the analogue of HPS / ActPred): reward = mean over the five
   attributes (shape, colour, size, motion, background) of log p(the value the prompt names | clip);
   0 is a perfect match, log(1/5)..log(1/2) per head is chance. loss = -reward. It reads a clip
-  (decode_frame 'fml', 'alt' or 'all'): motion cannot be judged from one frame.
+  (decode_frame 'fml', 'alt' or 'all'): motion cannot be judged from one frame. A prompt must be a
+  toy caption, or carry one as its explicit label (`prompt<TAB>caption` in a prompt file).
 - `toy_size` (prompt-free, the analogue of aesthetic): reward = the object's area in percent of the
   frame as the classifier's regression head sees it (small objects ~4, large ~13); loss = -reward,
   so training makes the object bigger. One decoded frame is enough (it is repeated).
