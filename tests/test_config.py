@@ -237,3 +237,10 @@ def test_decode_frame_range_follows_the_decode_strategy():
     assert load_config(TINY_TRAIN, ["--decode_frame", "4", "--decode_strategy", "latent"]).decode_frame == "4"
     with pytest.raises(VaderError, match=r"decode_frame='5' is out of range: .*latent frames 0\.\.4$"):
         load_config(TINY_TRAIN, ["--decode_frame", "5", "--decode_strategy", "latent"])
+
+
+@pytest.mark.parametrize("reward", ["toy_alignment", "actpred", "{'toy_alignment': 1.0, 'toy_size': 0.5}"])
+def test_clip_rewards_refuse_single_frame_decodes_when_the_config_is_read(tiny_cfg, reward):
+    with pytest.raises(VaderError, match="clip"):
+        tiny_cfg("--reward_fn", reward, "--decode_frame", "-1")
+    tiny_cfg("--reward_fn", reward, "--decode_frame", "fml")  # a clip is fine

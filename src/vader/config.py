@@ -603,14 +603,11 @@ def _validate_reward(reward_fn: Any) -> None:
 
 def _validate_reward_inputs(cfg: VaderConfig) -> None:
     """Cheap checks that would otherwise fail only after the models are loaded."""
+    from vader.rewards import check_decode_frame
     from vader.rewards.hub import validate_sources
 
     validate_sources(cfg.reward_sources)
-    names = {cfg.reward_fn} if isinstance(cfg.reward_fn, str) else set(cfg.reward_fn)
-    if "actpred" in names:
-        from vader.rewards.actpred import check_decode_frame
-
-        check_decode_frame(cfg.decode_frame)
+    check_decode_frame(cfg.reward_fn, cfg.decode_frame)  # rewards that need a clip (actpred, toy_alignment)
 
 
 def describe_keys() -> list[tuple[str, str, str]]:
