@@ -108,8 +108,9 @@ def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device):
     labels = {gen.reward_prompts([p])[0]: label for p, label in run.labels.items()}
     reward.prepare(list(dict.fromkeys(gen.reward_prompts(run.prompts))), labels)
     targets = getattr(reward, "targets", None)
-    if targets:
-        run.note("reward targets: " + "; ".join(f"{p!r} -> {t!r}" for p, t in list(targets.items())[:8]))
+    mapped = {p: t for p, t in (targets or {}).items() if p != t}  # a prompt that is its own target says nothing
+    if mapped:
+        run.note("reward targets: " + "; ".join(f"{p!r} -> {t!r}" for p, t in list(mapped.items())[:8]))
     return reward
 
 

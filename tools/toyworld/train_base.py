@@ -510,6 +510,8 @@ def main() -> None:
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--pilot", action="store_true", help="a tiny run to time the stages")
     parser.add_argument("--card-only", action="store_true", help="only sample and score the shipped weights")
+    parser.add_argument("--reuse-vae", action="store_true",
+                        help="train only the denoiser, on the VAE already in --out (its train_log.json entry kept)")
     args = parser.parse_args()
     if args.pilot:
         args.vae_spatial_steps, args.vae_temporal_steps, args.vae_steps = 20, 20, 5
@@ -529,13 +531,20 @@ def main() -> None:
     y, mask, captions = stage_text(out, args.seed)
     log["text_encoder"] = {"seconds": round(time.time() - t0, 1), "captions": len(captions)}
 
-    vae = stage_vae(out, args.vae_steps, args.vae_batch, log, args.vae_spatial_steps, args.vae_temporal_steps)
     pretrain, _ = world.split()
     attrs, seeds = dataset(pretrain, args.seeds_per_caption, first_seed=0)
-    t1 = time.time()
-    set_latent_stats(vae, attrs[:: max(1, len(attrs) // 192)], seeds[:: max(1, len(attrs) // 192)], log)
-    vae_eval(vae, log)
-    log["vae"]["bytes"] = save_weights(vae, out / "vae", vae.config.to_dict())
+    if args.reuse_vae:
+        from vader.models.presets import load_vae
+
+        vae = load_vae(str(out / "vae"))
+        log["vae"] = json.loads((out / "train_log.json").read_text())["vae"]
+        t1 = time.time()
+    else:
+        vae = stage_vae(out, args.vae_steps, args.vae_batch, log, args.vae_spatial_steps, args.vae_temporal_steps)
+        t1 = time.time()
+        set_latent_stats(vae, attrs[:: max(1, len(attrs) // 192)], seeds[:: max(1, len(attrs) // 192)], log)
+        vae_eval(vae, log)
+        log["vae"]["bytes"] = save_weights(vae, out / "vae", vae.config.to_dict())
 
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
