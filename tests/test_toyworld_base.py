@@ -157,8 +157,8 @@ def _sample(generator, prompts: list[str], seed: int) -> torch.Tensor:
     return tb.sample_videos(generator, prompts, seed)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped base (900 denoiser steps) does not follow the background word "
-                   "yet: 49% on pretraining prompts (chance 50%); see the model card")
+@pytest.mark.xfail(strict=True, reason="the shipped base (3000 denoiser steps) follows the background word on "
+                   "about half the pretraining prompts (52%, chance 50%); see the model card")
 def test_samples_have_the_captions_background(generator):
     tb = _train_base()
     pre = world.pretrain_captions()

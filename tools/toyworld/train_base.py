@@ -506,7 +506,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=0, help="end-to-end video steps after the two stages")
     parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--seeds-per-caption", type=int, default=4)
-    parser.add_argument("--dit-steps", type=int, default=900)
+    parser.add_argument("--dit-steps", type=int, default=3000)
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--pilot", action="store_true", help="a tiny run to time the stages")
     parser.add_argument("--card-only", action="store_true", help="only sample and score the shipped weights")
