@@ -13,9 +13,10 @@ from vader.train import train
 
 TOY_TRAIN = REPO / "configs" / "toy" / "vader_train.py"
 
-# Measured with these settings (seed 200): see the README's quick-start figures. The margin below
+# Measured with these settings (seed 200, lr 3e-4): base -3.78 -> LoRA -3.29 on the 24 held-out
+# validation videos (README quick start: mean over three seeds). The margin below
 # is about half the measured gain, so the test fails if alignment stops working, not on noise.
-MIN_GAIN = 0.5
+MIN_GAIN = 0.25
 
 
 def test_short_vader_run_raises_toy_alignment_on_heldout_captions(tmp_path):
