@@ -46,6 +46,9 @@ def max_decode_index(strategy: str, num_frames: int, micro_frame_size: int = MIC
     return decode_choices(strategy, num_frames) - 1
 
 
+CLIP_DECODE_FRAMES = ("all", "alt", "fml")  # the modes that decode several frames (a clip)
+
+
 def select_frames(
     mode: str,
     num_frames: int,

@@ -26,7 +26,7 @@ from torch import Tensor
 from vader.toyworld import WEIGHTS, world
 from vader.toyworld.classifier import HEADS, ToyClassifier, ToyClassifierConfig, frame_indices
 
-CLIP_MODES = ("fml", "alt", "all")
+CLIP_MODES = ("fml", "alt", "all")  # vader.frames.CLIP_DECODE_FRAMES, in the order training cycles them
 RADIUS_JITTER = (0.8, 1.2)  # x the caption size's radius: small 0.088..0.132, large 0.16..0.24
 EVAL_SEED_BASE = 10_000_000  # evaluation seeds never overlap training seeds (< 10M)
 

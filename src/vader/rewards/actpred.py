@@ -40,14 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vader.errors import VaderError
-from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.frames import CLIP_DECODE_FRAMES
+from vader.rewards.base import Reward, RewardOutput, as_dtype, check_clip_decode
 from vader.rewards.kinetics import prompt_key, resolve_label
 
 ACTPRED_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
 # (hub repository, file) pairs an offline check needs; None = the repository's model files.
 ACTPRED_WEIGHTS = [(ACTPRED_MODEL, None)]
-# decode_frame values that give ActPred a clip (two or more frames).
-CLIP_DECODE_FRAMES = ("all", "alt", "fml")
 # how the decoded frames reach the classifier (see the module docstring)
 FRAME_MODES = ("decoded", "resample")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,11 +56,7 @@ _INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample cod
 
 def check_decode_frame(decode_frame: str) -> None:
     """VaderError unless `decode_frame` decodes a clip (for config validation before any model loads)."""
-    if str(decode_frame) not in CLIP_DECODE_FRAMES:
-        raise VaderError(
-            f"reward_fn 'actpred' classifies a clip but decode_frame={decode_frame!r} decodes one frame; "
-            f"use decode_frame {', '.join(repr(m) for m in CLIP_DECODE_FRAMES)}"
-        )
+    check_clip_decode("actpred", "classifies a clip", decode_frame)
 
 
 @dataclass(frozen=True)

@@ -289,3 +289,13 @@ def check_pinned(src, path: str | os.PathLike) -> None:
             f"{expected}, got {actual}; delete it from the Hugging Face cache and download it again, or set "
             f"reward_sources[{src.key!r}] to a local file you trust"
         )
+
+def check_clip_decode(reward: str, needs: str, decode_frame: str) -> None:
+    """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads);
+    `needs` says why `reward` reads several frames."""
+    from vader.frames import CLIP_DECODE_FRAMES
+
+    if str(decode_frame) not in CLIP_DECODE_FRAMES:
+        raise VaderError(f"reward_fn {reward!r} {needs}, but decode_frame={decode_frame!r} decodes one frame; "
+                         f"use decode_frame {', '.join(repr(m) for m in CLIP_DECODE_FRAMES)}")
+

@@ -22,14 +22,14 @@ import torch
 from torch import Tensor
 
 from vader.errors import VaderError
-from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.frames import CLIP_DECODE_FRAMES
+from vader.rewards.base import Reward, RewardOutput, as_dtype, check_clip_decode
 from vader.toyworld import WEIGHTS, world
 
 SOURCE_KEY = "toy_classifier"
 SOURCE_DOC = ("toy world video classifier for 'toy_alignment' and 'toy_size': a local folder with config.json + "
               "model.safetensors (default: the package's vader/assets/toyworld/classifier)")
 DEFAULT_FOLDER = str(Path(WEIGHTS) / "classifier")
-CLIP_DECODE_FRAMES = ("all", "alt", "fml")
 _SCORE_SUFFIX = re.compile(r"\s*aesthetic score:\s*[\d.]+\.?\s*$", re.IGNORECASE)
 
 
@@ -46,11 +46,7 @@ def load_classifier(sources: dict | None = None, device=None, dtype: torch.dtype
 
 def check_decode_frame(decode_frame: str) -> None:
     """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads)."""
-    if str(decode_frame) not in CLIP_DECODE_FRAMES:
-        raise VaderError(
-            f"reward_fn 'toy_alignment' judges motion, which needs a clip, but decode_frame={decode_frame!r} decodes "
-            f"one frame; use decode_frame {', '.join(repr(m) for m in CLIP_DECODE_FRAMES)}"
-        )
+    check_clip_decode("toy_alignment", "judges motion, which needs a clip", decode_frame)
 
 
 def parse_prompt(prompt: str, what: str | None = None) -> world.Attributes:

@@ -15,6 +15,7 @@ Saved in the published layout: `config.json` (hyper-parameters + class names) an
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -155,15 +156,13 @@ class ToyClassifier(nn.Module):
 
 
 def frame_indices(decode_frame: str, num_frames: int = world.NUM_FRAMES) -> list[int]:
-    """The frames the training loop decodes for a clip decode_frame ('fml', 'alt', 'all'), as
-    vader.frames.select_frames picks them with the 'exact' strategy."""
-    if decode_frame == "all":
-        return list(range(num_frames))
-    if decode_frame == "alt":
-        return list(range(0, num_frames, 2))
-    if decode_frame == "fml":
-        return sorted({0, num_frames // 2, num_frames - 1})
-    raise VaderError(f"decode_frame={decode_frame!r} is not a clip mode; use 'fml', 'alt' or 'all'")
+    """The frames the training loop decodes for a clip decode_frame ('fml', 'alt', 'all'): what
+    vader.frames.select_frames picks with the 'exact' strategy (no random draw for these modes)."""
+    from vader.frames import CLIP_DECODE_FRAMES, select_frames
+
+    if decode_frame not in CLIP_DECODE_FRAMES:
+        raise VaderError(f"decode_frame={decode_frame!r} is not a clip mode; use 'fml', 'alt' or 'all'")
+    return select_frames(decode_frame, num_frames, random.Random(0))
 
 
 __all__ = ["HEADS", "MODEL_TYPE", "SCORE", "ToyClassifier", "ToyClassifierConfig", "frame_indices"]
