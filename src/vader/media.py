@@ -108,7 +108,8 @@ def read_metrics(metrics_path: str | Path) -> list[dict]:
     return rows
 
 
-def _finite(value) -> bool:
+def finite_number(value: object) -> bool:
+    """A real int/float that is not NaN or inf (metrics rows hold null for skipped values)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -116,9 +117,9 @@ def reward_curve_points(metrics_path: str | Path) -> tuple[list[int], list[float
     """(steps, rewards) of the training rows with a finite reward, and the steps whose reward is
     null or not finite (updates skipped by the non-finite guard)."""
     rows = [r for r in read_metrics(metrics_path) if "reward" in r and "step" in r]
-    good = [r for r in rows if _finite(r["reward"])]
+    good = [r for r in rows if finite_number(r["reward"])]
     return ([r["step"] for r in good], [float(r["reward"]) for r in good],
-            [r["step"] for r in rows if not _finite(r["reward"])])
+            [r["step"] for r in rows if not finite_number(r["reward"])])
 
 
 def plot_reward_curve(metrics_path: str | Path, out_path: str | Path) -> Path:

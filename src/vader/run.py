@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vader.config import VaderConfig
 from vader.errors import VaderError
-from vader.media import plot_reward_curve, write_video
+from vader.media import finite_number, plot_reward_curve, write_video
 
 
 def make_accelerator(cfg: VaderConfig) -> Accelerator:
@@ -225,7 +225,7 @@ class Run:
                 rows.append(row)
         rows = [r for r in rows if r.get("step", 0) <= step]
         path.write_text("".join(_json_line(r) for r in rows))
-        self.history = [r for r in rows if _finite(r.get("reward"))]
+        self.history = [r for r in rows if finite_number(r.get("reward"))]
         if torn:
             self.note(f"dropped {torn} unreadable line(s) of {path} (a write interrupted by a kill)")
 
@@ -233,12 +233,12 @@ class Run:
         if not self.accelerator.is_main_process:
             return
         row = {"step": step, **metrics, "time": round(time.perf_counter() - self.started, 3)}
-        if _finite(row.get("reward")):
+        if finite_number(row.get("reward")):
             self.history.append(row)
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(_json_line(row))
         if self.accelerator.trackers:
-            self.accelerator.log({k: v for k, v in metrics.items() if _finite(v)}, step=step)
+            self.accelerator.log({k: v for k, v in metrics.items() if finite_number(v)}, step=step)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{metrics.get('loss', 0):.4f}", reward=f"{metrics.get('reward', 0):.4f}")
@@ -340,10 +340,6 @@ def _fresh_name(project_dir: Path, name: str) -> str:
         n += 1
         candidate = f"{name}-{n}"
     return candidate
-
-
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _json_line(row: dict) -> str:
