@@ -1,0 +1,259 @@
+"""What the diffusers backends share: weight lookup with one-line errors, the text-encoder adapter
+that `EmbeddingCache` accepts, decoding only the chunks a causal VAE needs, and diffusers-format LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vader.errors import VaderError
+
+# diffusers models, transformers models: single file first, then a sharded index
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer_config.json",)
+SCHEDULER_FILES = ("scheduler_config.json",)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One part of a diffusers pipeline: `source` is a hub id or a folder in the pipeline layout
+    (the part in `subfolder`), or a folder holding the part itself."""
+
+    name: str  # the settings field that names it ("transformer", "vae", ...)
+    source: str
+    subfolder: str
+    config_file: str  # config.json, tokenizer_config.json, scheduler_config.json
+    weights: tuple[str, ...]  # any one of these (empty: a config-only part)
+
+    def location(self) -> tuple[str, str | None]:
+        """(name_or_path, subfolder) for `from_pretrained`."""
+        local = Path(self.source).expanduser()
+        if local.is_dir():
+            if (local / self.subfolder).is_dir():
+                return str(local), self.subfolder
+            return str(local), None
+        return self.source, self.subfolder
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _cached(repo: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _shards_present(index: Path, exists: Callable[[str], bool]) -> bool:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(weight_map) and all(exists(shard) for shard in set(weight_map.values()))
+
+
+def _has_files(part: Component, exists: Callable[[str], bool], locate: Callable[[str], Path | None]) -> bool:
+    if not exists(part.config_file):
+        return False
+    for name in part.weights:
+        path = locate(name)
+        if path is None:
+            continue
+        if not name.endswith(".index.json") or _shards_present(path, exists):
+            return True
+    return not part.weights
+
+
+def component_problem(part: Component) -> tuple[str, str | None]:
+    """(problem, hub repo to fetch) for a part that is not on this machine; ("", None) when it is.
+
+    A hub part that is not cached is a problem only offline: online, `from_pretrained` downloads it.
+    """
+    from vader.models.loading import hub_offline
+
+    local = Path(part.source).expanduser()
+    if local.is_dir():
+        path, sub = part.location()
+        folder = Path(path) / sub if sub else Path(path)
+
+        def locate(name: str) -> Path | None:
+            return folder / name if (folder / name).is_file() else None
+
+        if _has_files(part, lambda name: locate(name) is not None, locate):
+            return "", None
+        wanted = " or ".join(part.weights) if part.weights else part.config_file
+        return (f"{part.name}={part.source!r}: {folder} lacks {part.config_file} or {wanted} (a folder in the "
+                f"diffusers layout holds {part.subfolder}/ beside the other parts)"), None
+    if local.exists() or not _is_repo_id(part.source):
+        return (f"{part.name}={part.source!r}: no such local folder, and not a hub repo id (which looks like "
+                "'org/name')"), None
+
+    def locate_hub(name: str) -> Path | None:
+        return _cached(part.source, f"{part.subfolder}/{name}")
+
+    if _has_files(part, lambda name: locate_hub(name) is not None, locate_hub):
+        return "", None
+    if hub_offline():
+        return f"{part.name}={part.source!r}", part.source
+    return "", None
+
+
+def missing_weights_message(parts: Sequence[Component]) -> str | None:
+    """One line naming every part whose files are absent (every missing repo once), or None."""
+    local_problems: list[str] = []
+    repos: dict[str, list[str]] = {}
+    for part in parts:
+        problem, repo = component_problem(part)
+        if repo is not None:
+            repos.setdefault(repo, []).append(part.subfolder)
+        elif problem:
+            local_problems.append(problem)
+    messages = list(local_problems)
+    if repos:
+        names = "; ".join(f"{repo} ({', '.join(subs)})" for repo, subs in repos.items())
+        fetch = " && ".join(f"hf download {repo}" for repo in repos)
+        messages.append(f"missing weights (offline: HF_HUB_OFFLINE is set): {names}; fetch with: {fetch} "
+                        "(huggingface-cli download on huggingface_hub < 1.0), or point the settings at local "
+                        "folders in the diffusers layout")
+    return "; also: ".join(messages) if messages else None
+
+
+def check_weights(parts: Sequence[Component]) -> None:
+    message = missing_weights_message(parts)
+    if message:
+        raise VaderError(message)
+
+
+def load_part(part: Component, loader: Callable[..., object], **kwargs) -> object:
+    """`loader(name_or_path, subfolder=..., **kwargs)` with a failure as one VaderError line."""
+    path, sub = part.location()
+    if sub is not None:
+        kwargs["subfolder"] = sub
+    try:
+        return loader(path, **kwargs)
+    except (OSError, ValueError) as exc:  # missing or unreadable files, by loader
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise VaderError(f"{part.name}={part.source!r}: could not load {part.subfolder} ({first})") from None
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+
+class PromptEncoder:
+    """A tokenizer + encoder with the interface `vader.models.text.EmbeddingCache` uses: `encode`
+    gives y [B, 1, L, C] and mask [B, L]; `cache_id` and `model_max_length` key the cache."""
+
+    def __init__(self, encode: Callable[[list[str]], tuple[Tensor, Tensor]], name: str, dtype: torch.dtype,
+                 model_max_length: int, output_dim: int) -> None:
+        self._encode = encode
+        self.name = name
+        self.dtype = dtype
+        self.model_max_length = model_max_length
+        self.output_dim = output_dim
+
+    @property
+    def cache_id(self) -> str:
+        return f"{self.name}|{self.dtype}"
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if not prompts:
+            empty = torch.zeros(0, 1, self.model_max_length, self.output_dim, dtype=self.dtype)
+            return empty, torch.zeros(0, self.model_max_length, dtype=torch.long)
+        y, mask = self._encode(list(prompts))
+        return y[:, None], mask
+
+
+# ---- decoding -----------------------------------------------------------------------------------
+
+
+def decode_until(chunks: Iterator[Tensor], frames: list[int] | None, total: int) -> Tensor:
+    """Take a causal VAE's decoded chunks ([B, 3, f, H, W], in order) only until the last wanted
+    output frame exists, then pick `frames` (None: all `total`). Later chunks are never decoded."""
+    last = total - 1 if frames is None else max(frames)
+    pieces: list[Tensor] = []
+    produced = 0
+    try:
+        for piece in chunks:
+            pieces.append(piece)
+            produced += piece.shape[2]
+            if produced > last:
+                break
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # runs the generator's cleanup (the VAE's feature cache) now, not at garbage collection
+    video = torch.cat(pieces, dim=2)
+    return video if frames is None else video[:, :, list(frames)]
+
+
+def check_frames(frames: list[int] | None, total: int) -> None:
+    if frames is None:
+        return
+    if not frames:
+        raise ValueError("frames must name at least one output frame (None decodes all)")
+    bad = [f for f in frames if not 0 <= f < total]
+    if bad:
+        raise ValueError(f"frames {bad} are outside the output frames 0..{total - 1}")
+
+
+# ---- LoRA ---------------------------------------------------------------------------------------
+
+PEFT_PREFIX = "base_model.model."
+
+
+def peft_state_and_config(lora: nn.Module | dict[str, Tensor], config=None):
+    """(state dict in peft's key format without the adapter name, its LoraConfig)."""
+    from peft import get_peft_model_state_dict
+
+    if isinstance(lora, nn.Module):
+        model = getattr(lora, "base_model", lora) if hasattr(lora, "peft_config") else lora
+        configs = getattr(lora, "peft_config", None) or getattr(model, "peft_config", None) or {}
+        if config is None and configs:
+            config = configs.get("default") or next(iter(configs.values()))
+        state = get_peft_model_state_dict(lora)
+    else:
+        state = dict(lora)
+    if config is None:
+        raise ValueError("a LoRA state dict needs its LoraConfig (rank and alpha set the scale diffusers applies)")
+    state = {(k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k): v.detach().cpu().contiguous()
+             for k, v in state.items()}
+    return state, config
+
+
+def save_diffusers_lora(pipeline_class: type, lora: nn.Module | dict[str, Tensor], folder: str | os.PathLike[str],
+                        config=None, dtype: torch.dtype | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` (keys `transformer.<module>.lora_A.weight`, the
+    LoraConfig in the file's metadata) that `pipeline_class.load_lora_weights(folder)` loads."""
+    state, config = peft_state_and_config(lora, config)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    metadata = config.to_dict()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline_class.save_lora_weights(folder, transformer_lora_layers=state,
+                                     transformer_lora_adapter_metadata=metadata)
+    return folder

@@ -1,0 +1,336 @@
+"""Wan2.1 text-to-video through diffusers' own classes, with VADER's backprop cutoff.
+
+WanTransformer3DModel + AutoencoderKLWan + UMT5 (transformers), sampled with flow-matching Euler
+(diffusers' FlowMatchEulerDiscreteScheduler with `shift`) and classifier-free guidance as WanPipeline
+runs it: two transformer passes per step, `uncond + g * (cond - uncond)`. With fp32 weights the
+latents equal `WanPipeline(..., scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+output_type="latent")`; with bf16 weights ours keep the latents and the guidance in fp32 where the
+pipeline rounds them to bf16 after every step.
+
+The published Wan2.1 repos ship UniPCMultistepScheduler for inference; the gradient path here is
+the first-order Euler step (every step a plain function of the previous latents), so that is what
+is sampled and trained. Not supported: Wan2.2's second transformer (`boundary_ratio`) and its
+per-token timesteps (`expand_timesteps`), image conditioning (I2V), UniPC/DPM solvers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vader.backends.common import (
+    DIFFUSERS_WEIGHTS,
+    TOKENIZER_FILES,
+    TRANSFORMERS_WEIGHTS,
+    Component,
+    PromptEncoder,
+    check_frames,
+    check_weights,
+    decode_until,
+    load_part,
+    missing_weights_message,
+    save_diffusers_lora,
+)
+from vader.errors import VaderError
+
+WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections of every block
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype(key: str, name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise VaderError(f"{key}={name!r} is not a dtype; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class WanSettings:
+    """Everything a Wan backend needs; each component is a hub id or a folder (the diffusers layout:
+    `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`; or a folder holding that part alone)."""
+
+    pretrained: str = WAN_REPO
+    transformer: str | None = None  # None: `pretrained`
+    vae: str | None = None
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "bf16"  # transformer and text encoder weights
+    vae_dtype: str = "fp32"  # as diffusers' Wan examples load the VAE
+    height: int = 480
+    width: int = 832
+    num_frames: int = 81
+    num_steps: int = 50
+    guidance_scale: float = 5.0  # <= 1: no classifier-free guidance (one transformer pass per step)
+    negative_prompt: str = ""  # WanPipeline's default; Wan's authors use a long list of defects
+    shift: float = 3.0  # flow shift: 3.0 for 480p, 5.0 for 720p (Wan's recommendation)
+    max_sequence_length: int = 512
+
+    def components(self) -> dict[str, Component]:
+        def source(value: str | None) -> str:
+            return value if value is not None else self.pretrained
+
+        return {
+            "tokenizer": Component("tokenizer", source(self.tokenizer), "tokenizer", TOKENIZER_FILES[0], ()),
+            "text_encoder": Component("text_encoder", source(self.text_encoder), "text_encoder", "config.json",
+                                      TRANSFORMERS_WEIGHTS),
+            "transformer": Component("transformer", source(self.transformer), "transformer", "config.json",
+                                     DIFFUSERS_WEIGHTS),
+            "vae": Component("vae", source(self.vae), "vae", "config.json", DIFFUSERS_WEIGHTS),
+        }
+
+    def validate(self, spatial_multiple: int = 16, temporal: int = 4) -> None:
+        """One-line errors for sizes and numbers the pipeline cannot run (before anything loads)."""
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0 or value % spatial_multiple:
+                raise VaderError(f"{key}={value!r} must be a positive multiple of {spatial_multiple} (the VAE "
+                                 f"downsamples 8x and the transformer patches 2x2), e.g. 480 x 832")
+        if not isinstance(self.num_frames, int) or self.num_frames < 1 or (self.num_frames - 1) % temporal:
+            raise VaderError(f"num_frames={self.num_frames!r} must be {temporal}k + 1 (the VAE keeps the first "
+                             f"frame and packs {temporal} frames per latent frame), e.g. 33, 49 or 81")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise VaderError(f"num_steps={self.num_steps!r} must be a positive integer")
+        if not math.isfinite(self.guidance_scale):
+            raise VaderError(f"guidance_scale={self.guidance_scale!r} must be a finite number")
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise VaderError(f"shift={self.shift!r} must be a positive number (3.0 for 480p, 5.0 for 720p)")
+        if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
+            raise VaderError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
+        _dtype("dtype", self.dtype)
+        _dtype("vae_dtype", self.vae_dtype)
+
+
+def missing_weights(settings: WanSettings) -> str | None:
+    """The one-line message `build` would raise for absent weights, or None (for a preflight)."""
+    return missing_weights_message(list(settings.components().values()))
+
+
+@dataclass
+class WanGenerator:
+    denoiser: nn.Module  # WanTransformer3DModel
+    vae: nn.Module  # AutoencoderKLWan
+    text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (UMT5-XXL is 5.7B parameters)
+    settings: WanSettings
+    device: torch.device
+    dtype: torch.dtype
+    embeddings: dict[str, Tensor] = field(default_factory=dict)
+
+    lora_target_modules = LORA_TARGETS
+
+    @classmethod
+    def build(cls, settings: WanSettings | None = None, device: torch.device | str = "cpu",
+              prompts: list[str] | None = None, cache=None, **overrides) -> WanGenerator:
+        """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
+        and release the text encoder before the transformer and the VAE load."""
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import AutoTokenizer, UMT5EncoderModel
+
+        settings = dataclasses.replace(settings or WanSettings(), **overrides)
+        settings.validate()
+        device = torch.device(device)
+        dtype = _dtype("dtype", settings.dtype)
+        vae_dtype = _dtype("vae_dtype", settings.vae_dtype)
+        if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
+            raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
+        parts = settings.components()
+        check_weights(list(parts.values()))
+        tokenizer = load_part(parts["tokenizer"], AutoTokenizer.from_pretrained)
+        encoder = load_part(parts["text_encoder"], UMT5EncoderModel.from_pretrained, dtype=dtype)
+        gen = cls(None, None, None, settings, device, dtype)  # type: ignore[arg-type]
+        gen.text_encoder = gen._prompt_encoder(tokenizer, encoder.to(device).eval().requires_grad_(False),
+                                               name=parts["text_encoder"].source)
+        if prompts is not None:
+            gen.encode_prompts(prompts, cache=cache)
+            gen.release_text_encoder()
+        gen.denoiser = load_part(parts["transformer"], WanTransformer3DModel.from_pretrained, torch_dtype=dtype)
+        gen.vae = load_part(parts["vae"], AutoencoderKLWan.from_pretrained, torch_dtype=vae_dtype)
+        gen._adopt_models()
+        return gen
+
+    @classmethod
+    def from_components(cls, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
+                        settings: WanSettings | None = None, device: torch.device | str = "cpu") -> WanGenerator:
+        """Wrap models already in memory (their dtypes are kept; `settings.dtype` is not applied)."""
+        settings = settings or WanSettings()
+        settings.validate()
+        device = torch.device(device)
+        gen = cls(transformer, vae, None, settings, device, next(transformer.parameters()).dtype)
+        if text_encoder is not None:
+            gen.text_encoder = gen._prompt_encoder(tokenizer, text_encoder.to(device).eval().requires_grad_(False),
+                                                   name=str(getattr(text_encoder.config, "name_or_path", "umt5")))
+        gen._adopt_models()
+        return gen
+
+    def _adopt_models(self) -> None:
+        self.denoiser.to(self.device).eval().requires_grad_(False)
+        self.vae.to(self.device).eval().requires_grad_(False)
+        patch = self.denoiser.config.patch_size
+        multiple = self.vae.config.scale_factor_spatial * patch[1]
+        self.settings.validate(spatial_multiple=multiple, temporal=self.vae.config.scale_factor_temporal)
+
+    # ---- text ----
+    def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> PromptEncoder:
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        length = self.settings.max_sequence_length
+
+        def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
+            # WanPipeline._get_t5_prompt_embeds: cleaned text, padded to max length, and the
+            # embedding rows past each prompt's own tokens set to zero
+            tokens = tokenizer([prompt_clean(t) for t in texts], padding="max_length", max_length=length,
+                               truncation=True, add_special_tokens=True, return_attention_mask=True,
+                               return_tensors="pt")
+            ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+            hidden = model(ids, mask).last_hidden_state.to(model.dtype)
+            seq_lens = mask.gt(0).sum(dim=1)
+            keep = torch.arange(length, device=hidden.device)[None, :] < seq_lens[:, None]
+            return torch.where(keep[..., None], hidden, torch.zeros_like(hidden)), mask.long()
+
+        return PromptEncoder(encode, name=f"wan:{name}", dtype=model.dtype, model_max_length=length,
+                             output_dim=int(model.config.d_model))
+
+    def reward_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts)
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.settings.guidance_scale > 1.0
+
+    def encode_prompts(self, prompts: list[str], cache=None) -> None:
+        """Encode every new prompt (and the negative prompt when guidance is on) once."""
+        wanted = list(prompts) + ([self.settings.negative_prompt] if self.uses_guidance else [])
+        todo = [p for p in dict.fromkeys(wanted) if p not in self.embeddings]
+        if not todo:
+            return
+        if self.text_encoder is None:
+            raise RuntimeError("text encoder already released; encode all prompts before releasing it")
+        if cache is not None:
+            y, _ = cache.get_or_encode(self.text_encoder, todo)
+        else:
+            y, _ = self.text_encoder.encode(todo)
+        for i, p in enumerate(todo):
+            self.embeddings[p] = y[i].to(self.device)  # [1, L, C]
+
+    def release_text_encoder(self) -> None:
+        self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- sizes ----
+    @property
+    def num_frames(self) -> int:
+        return self.settings.num_frames
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of one video's latents."""
+        cfg = self.vae.config
+        t = (self.num_frames - 1) // cfg.scale_factor_temporal + 1
+        return (self.denoiser.config.in_channels, t, self.settings.height // cfg.scale_factor_spatial,
+                self.settings.width // cfg.scale_factor_spatial)
+
+    # ---- sampling ----
+    def scheduler(self):
+        """A fresh flow-matching Euler scheduler with this run's shift and step count."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.settings.shift)
+        sched.set_timesteps(self.settings.num_steps, device=self.device)
+        return sched
+
+    def initial_noise(self, batch: int, generator: torch.Generator) -> Tensor:
+        """fp32 noise drawn as WanPipeline draws it from the same generator."""
+        shape = (batch, *self.latent_shape)
+        return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device).to(self.device)
+
+    def sample_latents(self, prompts: list[str], generator: torch.Generator, *, cutoff: int | None = None,
+                       grad_checkpoint: bool = False, progress: Callable | None = None) -> Tensor:
+        """Latents [B, C, T, H, W] (fp32, normalised as the transformer sees them); gradients only
+        through steps >= cutoff (None: no gradients)."""
+        self.encode_prompts(prompts)
+        n = len(prompts)
+        model_dtype = next(self.denoiser.parameters()).dtype
+        cond = torch.cat([self.embeddings[p] for p in prompts]).to(model_dtype)
+        uncond = None
+        if self.uses_guidance:
+            uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(model_dtype)
+        sched = self.scheduler()
+        timesteps, sigmas = sched.timesteps, sched.sigmas
+        _set_checkpointing(self.denoiser, grad_checkpoint)
+        z = self.initial_noise(n, generator)
+        steps = range(len(timesteps))
+        for i in progress(steps) if progress else steps:
+            with torch.set_grad_enabled(cutoff is not None and i >= cutoff):
+                v = self.velocity(z, timesteps[i].expand(n), cond, uncond)
+                z = z + (sigmas[i + 1] - sigmas[i]) * v
+        return z
+
+    def velocity(self, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None) -> Tensor:
+        """The guided flow prediction in fp32."""
+        x = z.to(next(self.denoiser.parameters()).dtype)
+        v = self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0].float()
+        if uncond is None:
+            return v
+        v_uncond = self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=uncond,
+                                 return_dict=False)[0].float()
+        return v_uncond + self.settings.guidance_scale * (v - v_uncond)
+
+    # ---- decoding ----
+    def decode(self, latents: Tensor, frames: list[int] | None = None) -> Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1] (fp32): all frames, or only `frames` (output frame
+        indices). The causal VAE decodes the first latent frame alone (one output frame), then one
+        latent frame (4 output frames) at a time with its feature cache; decoding stops after the
+        last latent frame a chosen frame needs. Gradients flow back to `latents`."""
+        check_frames(frames, self.num_frames)
+        return decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
+
+    def _decode_chunks(self, latents: Tensor) -> Iterator[Tensor]:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        vae = self.vae
+        cfg = vae.config
+        z = latents.to(vae.dtype)
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
+        z = z / inv_std + mean  # WanPipeline's own expression, so the full decode matches it bit for bit
+        # AutoencoderKLWan._decode, one latent frame per call; its cache lives on the module
+        vae.clear_cache()
+        try:
+            x = vae.post_quant_conv(z)
+            for i in range(x.shape[2]):
+                vae._conv_idx = [0]
+                out = vae.decoder(x[:, :, i: i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                  first_chunk=i == 0)
+                if cfg.patch_size is not None:
+                    out = unpatchify(out, patch_size=cfg.patch_size)
+                yield out.clamp(-1.0, 1.0)
+        finally:
+            vae.clear_cache()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
+        """Whole videos [B, 3, F, H, W] in [-1, 1], no autograd anywhere."""
+        return self.decode(self.sample_latents(prompts, generator, cutoff=None, progress=progress))
+
+    # ---- LoRA ----
+    def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:
+        """`pytorch_lora_weights.safetensors` in `folder`, loadable by `WanPipeline.load_lora_weights`."""
+        from diffusers import WanPipeline
+
+        return save_diffusers_lora(WanPipeline, lora, folder, config)
+
+
+def _set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """diffusers' per-block activation checkpointing; it acts only in steps that record a graph."""
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        return
+    if enabled and not model.is_gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    elif not enabled and model.is_gradient_checkpointing:
+        model.disable_gradient_checkpointing()

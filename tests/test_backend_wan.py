@@ -1,0 +1,240 @@
+"""The Wan2.1 backend on tiny random components (the sizes diffusers' own Wan tests use), saved in
+the diffusers layout and loaded back through `from_pretrained`, compared with diffusers' WanPipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    AutoencoderKLWan,
+    FlowMatchEulerDiscreteScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
+
+from vader.backends import VideoBackend, backend_class, settings_class  # noqa: E402
+from vader.backends.wan import WanGenerator, WanSettings  # noqa: E402
+from vader.errors import VaderError  # noqa: E402
+from vader.models.text import EmbeddingCache, tiny_t5_tokenizer  # noqa: E402
+
+PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
+NEGATIVE = "blurry, low quality"
+SHIFT = 3.0
+# Measured max |ours - pipeline| on these components: 0.0 for the latents and the decoded video (the
+# same fp32 operations in the same order); the bound leaves room for a different BLAS thread split.
+TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    """A tiny Wan pipeline saved in the published layout (transformer/, vae/, text_encoder/, ...)."""
+    tokenizer = tiny_t5_tokenizer(64)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_config = UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+                             decoder_start_token_id=0)
+    text_encoder = UMT5EncoderModel(text_config)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+    folder = tmp_path_factory.mktemp("wan") / "tiny-wan"
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def settings(folder, **overrides) -> WanSettings:
+    values = dict(pretrained=str(folder), dtype="fp32", vae_dtype="fp32", height=32, width=32, num_frames=9,
+                  num_steps=3, guidance_scale=6.0, negative_prompt=NEGATIVE, shift=SHIFT, max_sequence_length=16)
+    values.update(overrides)
+    return WanSettings(**values)
+
+
+def pipeline(folder) -> WanPipeline:
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe: WanPipeline, s: WanSettings, seed: int, output_type: str = "latent") -> torch.Tensor:
+    negative = [s.negative_prompt] * len(PROMPTS) if s.guidance_scale > 1 else None
+    return pipe(prompt=PROMPTS, negative_prompt=negative, height=s.height, width=s.width, num_frames=s.num_frames,
+                num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, max_sequence_length=16,
+                generator=torch.Generator().manual_seed(seed), output_type=output_type).frames
+
+
+def add_random_lora(model: torch.nn.Module, targets: list[str], seed: int = 1) -> LoraConfig:
+    """LoRA with non-zero B (peft starts B at zero, which would change nothing)."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.2
+            p.requires_grad_(True)
+    return config
+
+
+@pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["cfg-negative-prompt", "no-cfg"])
+def test_latents_and_video_equal_the_pipeline(wan_dir, guidance):
+    s = settings(wan_dir, guidance_scale=guidance)
+    gen = WanGenerator.build(s, "cpu")
+    assert isinstance(gen, VideoBackend)
+    latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    assert latents.grad_fn is None and latents.shape == (2, *gen.latent_shape) == (2, 16, 3, 4, 4)
+    pipe = pipeline(wan_dir)
+    reference = run_pipeline(pipe, s, seed=0)
+    torch.testing.assert_close(latents, reference, atol=TOL, rtol=0)
+    other = run_pipeline(pipe, s, seed=1)
+    assert (other - reference).abs().max() > 0.1  # the comparison can fail: another seed differs
+
+    video = gen.decode(latents)
+    pixels = run_pipeline(pipe, s, seed=0, output_type="pt")  # [B, F, 3, H, W] in [0, 1]
+    assert video.shape == (2, 3, 9, 32, 32)
+    torch.testing.assert_close((video + 1) / 2, pixels.permute(0, 2, 1, 3, 4), atol=TOL, rtol=0)
+    torch.testing.assert_close(gen.generate(PROMPTS, torch.Generator().manual_seed(0)), video, atol=0, rtol=0)
+
+
+def test_prompts_encoded_once_through_the_cache_then_encoder_released(wan_dir):
+    cache = EmbeddingCache()
+    gen = WanGenerator.build(settings(wan_dir), "cpu", prompts=PROMPTS, cache=cache)
+    assert gen.text_encoder is None
+    assert set(gen.embeddings) == {*PROMPTS, NEGATIVE}
+    assert cache.misses == 3 and len(cache) == 3
+    assert gen.embeddings[PROMPTS[0]].shape == (1, 16, 32)
+    gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))  # cached prompts need no encoder
+    with pytest.raises(RuntimeError, match="already released"):
+        gen.sample_latents(["a prompt never encoded"], torch.Generator().manual_seed(0))
+
+
+def test_gradients_only_through_steps_from_the_cutoff(wan_dir):
+    gen = WanGenerator.build(settings(wan_dir), "cpu")
+    add_random_lora(gen.denoiser, gen.lora_target_modules)
+    lora = [p for n, p in gen.denoiser.named_parameters() if "lora_" in n]
+    assert lora and all("attn1" in n or "attn2" in n for n, p in gen.denoiser.named_parameters() if "lora_" in n)
+    grad_modes: list[bool] = []
+    gen.denoiser.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+
+    plain = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=None)
+    assert plain.grad_fn is None and grad_modes == [False] * 6  # 3 steps x (cond, uncond)
+
+    grads = {}
+    for cutoff in (2, 0):
+        grad_modes.clear()
+        latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=cutoff)
+        assert grad_modes == [False] * (2 * cutoff) + [True] * (2 * (3 - cutoff))
+        torch.testing.assert_close(latents.detach(), plain, atol=0, rtol=0)  # the graph changes no value
+        for p in lora:
+            p.grad = None
+        latents.square().mean().backward()
+        grads[cutoff] = torch.cat([p.grad.flatten() for p in lora])
+        assert grads[cutoff].abs().max() > 0
+    assert (grads[0] - grads[2]).abs().max() > 1e-6  # earlier steps add their own contribution
+
+    grad_modes.clear()
+    checkpointed = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=2, grad_checkpoint=True)
+    for p in lora:
+        p.grad = None
+    checkpointed.square().mean().backward()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in lora]), grads[2])
+
+
+@pytest.mark.parametrize("frames", [[0], [1, 2, 3, 4], [2, 5], [8], [0, 4, 8]])
+def test_partial_decode_equals_full_decode_and_passes_gradients(wan_dir, frames):
+    gen = WanGenerator.build(settings(wan_dir), "cpu")
+    latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    full = latents.clone().requires_grad_(True)
+    video = gen.decode(full)
+    part = latents.clone().requires_grad_(True)
+    chosen = gen.decode(part, frames)
+    torch.testing.assert_close(chosen, video[:, :, frames], atol=1e-6, rtol=0)
+
+    weights = torch.randn(chosen.shape, generator=torch.Generator().manual_seed(3))
+    (chosen * weights).sum().backward()
+    (video[:, :, frames] * weights).sum().backward()
+    torch.testing.assert_close(part.grad, full.grad, atol=1e-5, rtol=1e-4)
+    # output frame 0 comes from latent frame 0, frames 1-4 from latent 1, 5-8 from latent 2: the
+    # causal VAE never decodes (and sends no gradient to) the latent frames after the last needed one
+    last_latent = (max(frames) + 3) // 4
+    assert part.grad[:, :, last_latent].abs().max() > 0
+    assert not part.grad[:, :, last_latent + 1:].any()
+
+
+def test_lora_saved_in_diffusers_format_loads_into_the_pipeline(wan_dir, tmp_path):
+    s = settings(wan_dir)
+    gen = WanGenerator.build(s, "cpu")
+    config = add_random_lora(gen.denoiser, gen.lora_target_modules)
+    ours = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+
+    folder = gen.save_lora_diffusers(gen.denoiser, tmp_path / "lora", config=config)
+    assert (folder / "pytorch_lora_weights.safetensors").is_file()
+    pipe = pipeline(wan_dir)
+    base = run_pipeline(pipe, s, seed=0)
+    pipe.load_lora_weights(folder)
+    with_lora = run_pipeline(pipe, s, seed=0)
+    assert (with_lora - base).abs().max() > 0.05  # the LoRA changes the output
+    # Measured max |ours - pipeline with the loaded LoRA|: 0.0 (same weights, same operations).
+    torch.testing.assert_close(with_lora, ours, atol=TOL, rtol=0)
+
+    # a bare peft state dict with its config writes the same file
+    from peft import get_peft_model_state_dict
+
+    again = gen.save_lora_diffusers(get_peft_model_state_dict(gen.denoiser), tmp_path / "again", config=config)
+    first, second = (load_file(f / "pytorch_lora_weights.safetensors") for f in (folder, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert all(k.startswith("transformer.blocks.") for k in first)
+    with pytest.raises(ValueError, match="LoraConfig"):
+        gen.save_lora_diffusers(get_peft_model_state_dict(gen.denoiser), tmp_path / "x")
+
+
+def test_missing_weights_offline_name_every_repo_in_one_line(tmp_path):
+    s = WanSettings(pretrained="vader-test-absent/wan-main", vae="vader-test-absent/wan-vae",
+                    tokenizer=str(tmp_path / "no-such-folder"))
+    with pytest.raises(VaderError) as info:
+        WanGenerator.build(s, "cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "vader-test-absent/wan-main (text_encoder, transformer)" in message
+    assert "vader-test-absent/wan-vae (vae)" in message
+    assert "hf download vader-test-absent/wan-main && hf download vader-test-absent/wan-vae" in message
+    assert f"tokenizer={str(tmp_path / 'no-such-folder')!r}" in message
+
+
+def test_folder_lacking_a_part_is_named(wan_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "wan"
+    shutil.copytree(wan_dir, copy)
+    (copy / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(VaderError, match=r"^vae=.*lacks config.json or diffusion_pytorch_model.safetensors"):
+        WanGenerator.build(settings(copy), "cpu")
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("num_frames", 10, "num_frames=10 must be 4k + 1"),
+    ("height", 40, "height=40 must be a positive multiple of 16"),
+    ("num_steps", 0, "num_steps=0 must be a positive integer"),
+    ("shift", -1.0, "shift=-1.0 must be a positive number"),
+    ("dtype", "fp64", "dtype='fp64' is not a dtype; expected one of fp32, bf16, fp16"),
+])
+def test_bad_settings_are_one_line_errors(key, value, needle):
+    with pytest.raises(VaderError, match=needle.replace("(", r"\(").replace("+", r"\+")):
+        WanGenerator.build(WanSettings(**{key: value}), "cpu")
+
+
+def test_registry():
+    assert backend_class("wan") is WanGenerator and settings_class("wan") is WanSettings
+    with pytest.raises(VaderError, match="model.type='sora2' is not a diffusers backend; expected one of wan, "):
+        backend_class("sora2")
