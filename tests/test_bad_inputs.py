@@ -28,6 +28,10 @@ WANDB = ["--logger_type", "wandb", "--use_wandb", "True", "--debug", "False"]
 
 CASES: list[tuple[str, list[str], list[str]]] = [
     # ---- keys and values (config.py's schema) ----
+    ("unknown attention", ["train", TRAIN, "--model.attention", "flash"],
+     ["model.attention='flash' is not valid", "'sdpa', 'math'"]),
+    ("math attention with enable_flash_attn", ["infer", INFER, "--model.attention", "math", "--model.enable_flash_attn",
+                                               "True"], ["model.attention='math' contradicts model.enable_flash_attn"]),
     ("unknown key", ["train", TRAIN, "--seeed", "1"], ["'seeed'", "did you mean 'seed'"]),
     ("unknown nested key", ["train", TRAIN, "--model.depht", "2"], ["model.depht", "did you mean 'depth'"]),
     ("bad choice dtype", ["train", TRAIN, "--dtype", "int8"], ["dtype='int8'", "'bf16'"]),
@@ -123,7 +127,6 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("wandb without credentials", ["train", TRAIN, *WANDB], ["logger_type='wandb'", "wandb login",
                                                              "WANDB_MODE=offline", "--logger_type tensorboard"]),
     ("wandb without credentials (infer)", ["infer", INFER, *WANDB], ["wandb login"]),
-    ("dtype fp8", ["train", TRAIN, "--dtype", "fp8"], ["dtype='fp8' is not supported"]),
     ("several problems at once", ["train", TRAIN, "--project_dir", "{in}/afile", "--prompt_path", "{in}/empty.txt",
                                   "--lora_ckpt_path", "{in}/zero.pt"], ["not a folder", "is empty", "0 bytes"]),
 ]

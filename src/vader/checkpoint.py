@@ -231,6 +231,9 @@ def clean_partial_writes(run_dir: Path) -> list[Path]:
 # Keys that do not change what a resumed run computes: logging, cadence, where files go, how long to
 # train, memory-only switches (checkpointing recomputes the same values), keys accepted for
 # compatibility only. Every other key changes results and must match on resume.
+# `model.attention` is not free: sdpa and math differ by float rounding (1e-6 of the output in fp32,
+# about 1% in bf16), which would break the bit-exact resume. `model.enable_flash_attn` is: it can
+# only agree with model.attention (True with 'math' is refused), so that key carries any difference.
 RESUME_FREE_KEYS = frozenset({
     "verbose", "is_vader_training", "lora_ckpt_path", "resume_from", "project_dir", "run_name",
     "logger_type", "use_wandb", "wandb_entity", "wandb_project", "debug",

@@ -38,6 +38,7 @@ SCHEDULER_TYPES = ("rflow",)
 VIDEO_QUALITIES = ("standard", "high", "lossless")
 ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
+ATTENTION_BACKENDS = ("sdpa", "math")  # the same names as vader.models.stdit3.ATTENTION_BACKENDS
 
 
 def _doc(text: str, **kw: Any) -> Any:
@@ -53,7 +54,11 @@ class ModelConfig:
         default="hpcai-tech/OpenSora-STDiT-v3", metadata=_doc("hub id or local folder; None = random init")
     )
     qk_norm: bool = field(default=True, metadata=_doc("RMS-norm q and k per head (Open-Sora v1.2: True)"))
-    enable_flash_attn: bool = field(default=False, metadata=_doc("accepted for compatibility; no effect"))
+    attention: str = field(default="sdpa", metadata=_doc(
+        "attention kernels: 'sdpa' (torch's fused scaled_dot_product_attention; on GPUs no attention matrix is kept "
+        "for backward) or 'math' (the reference's exact numerics)", choices=ATTENTION_BACKENDS))
+    enable_flash_attn: bool = field(default=False, metadata=_doc(
+        "the original's flag: True selects attention='sdpa' (False leaves model.attention to decide)"))
     enable_layernorm_kernel: bool = field(default=False, metadata=_doc("accepted for compatibility; no effect"))
     overrides: dict[str, Any] = field(default_factory=dict, metadata=_doc("STDiT3 architecture overrides"))
 
@@ -152,7 +157,9 @@ class VaderConfig:
         default=0.01, metadata=_doc("LoRA dropout (peft): on while training samples, as in the original; off for "
                                     "validation and inference", min=0, lt=1)
     )
-    dtype: str = field(default="bf16", metadata=_doc("dtype of the frozen model weights", choices=DTYPES))
+    dtype: str = field(default="bf16", metadata=_doc(
+        "dtype of the frozen model weights; 'fp8': the denoiser's Linear weights in float8 e4m3 with per-channel "
+        "scales, computed in bf16, everything else bf16", choices=DTYPES))
     mixed_precision: str = field(default="bf16", metadata=_doc("autocast precision", choices=MIXED_PRECISIONS))
     logger_type: str = field(default="wandb", metadata=_doc("experiment tracker", choices=LOGGER_TYPES))
     use_wandb: bool = field(default=True, metadata=_doc("False turns wandb off even if logger_type='wandb'"))
@@ -502,6 +509,12 @@ def _check_modes(cfg: VaderConfig) -> None:
                                               cfg.vae.micro_frame_size)
 
 
+def _check_attention(cfg: VaderConfig) -> None:
+    if cfg.model.enable_flash_attn and cfg.model.attention == "math":
+        raise VaderError("model.attention='math' contradicts model.enable_flash_attn=True (which selects 'sdpa'); "
+                         "set model.enable_flash_attn=False to get the reference's math attention")
+
+
 def _check_rewards(cfg: VaderConfig) -> None:
     _validate_reward(cfg.reward_fn)
     _validate_reward_inputs(cfg)
@@ -519,7 +532,7 @@ CUSTOM_CHECKS: dict[str, Callable[[VaderConfig], None]] = {
 # run after the table, in this order: rules that relate several keys or look beyond the config
 # (files, the reward registry); decode_frame needs num_frames, actpred needs the decode_frame
 AFTER_TABLE: tuple[Callable[[VaderConfig], None], ...] = (
-    _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_rewards,
+    _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_rewards, _check_attention,
 )
 
 

@@ -28,6 +28,7 @@ from transformers import T5Config
 
 from vader.config import ModelConfig, TextEncoderConfig, VAEConfig
 from vader.errors import VaderError
+from vader.models.fp8 import FP8, check_fp8_support, quantize_linears
 from vader.models.loading import Checkpoint, load_checkpoint, local_config, resolve_checkpoint
 from vader.models.stdit3 import STDiT3, STDiT3Config, stdit3_xl_2_config
 from vader.models.text import T5TextEncoder, tiny_t5
@@ -49,10 +50,36 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The dtype of the run's models and tensors for config `dtype`. With 'fp8' that is bf16: only the
+    denoiser's Linear weights are stored in fp8 (see `denoiser_dtype`); VAE, rewards, activations,
+    conditioning and everything else stay bf16."""
     if name == "fp8":
-        raise VaderError("dtype='fp8' is not supported for model weights in this version; use 'bf16' "
-                         "(recommended for 240p/360p), 'fp16' or 'fp32'")
+        check_fp8_support()
+        return torch.bfloat16
     return TORCH_DTYPES[name]
+
+
+def denoiser_dtype(name: str) -> torch.dtype:
+    """What `build_denoiser` takes for config `dtype`: torch.float8_e4m3fn for 'fp8' (Linear weights in
+    fp8, the rest bf16), else the same as `torch_dtype`."""
+    dtype = torch_dtype(name)
+    return FP8 if name == "fp8" else dtype  # type: ignore[return-value]
+
+
+def attention_backend(cfg: ModelConfig) -> str:
+    """The denoiser's attention kernels: `model.attention`, or 'sdpa' when the original's
+    `enable_flash_attn=True` asks for fused attention (config validation refuses it with 'math')."""
+    return "sdpa" if cfg.enable_flash_attn else cfg.attention
+
+
+def _is_fp8(dtype: torch.dtype) -> bool:
+    return FP8 is not None and dtype == FP8
+
+
+def _only_denoiser_fp8(dtype: torch.dtype, what: str) -> None:
+    if _is_fp8(dtype):
+        raise VaderError(f"fp8 weights are for the denoiser only; load the {what} in torch.bfloat16 "
+                         "(dtype='fp8' keeps it in bf16)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,15 +164,18 @@ def text_encoder_config(cfg: TextEncoderConfig) -> T5Config:
 
 def load_denoiser(name_or_path: str = STDIT3_XL2_REPO, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu", overrides: dict[str, Any] | None = None, *,
-                  base: STDiT3Config | None = None) -> STDiT3:
+                  base: STDiT3Config | None = None, attention: str = "sdpa") -> STDiT3:
     """`STDiT3.from_pretrained`: a hub id or folder -> frozen STDiT3 in `dtype` on `device`.
 
     Architecture: `base` (default XL/2), then the checkpoint's config.json, then `overrides`.
+    dtype=torch.float8_e4m3fn stores the Linear weights in fp8 and everything else in bf16.
     """
     checkpoint = resolve_checkpoint(name_or_path, "model.from_pretrained")
     config = _stdit3_config({**(base or stdit3_xl_2_config()).to_dict(), **checkpoint.config}, overrides or {},
                             name_or_path)
-    return _load_denoiser(config, checkpoint, dtype, device)
+    model = _load_denoiser(config, checkpoint, dtype, device)
+    model.set_attention_backend(attention)
+    return model
 
 
 def load_vae(name_or_path: str = VAE_V1_2_REPO, dtype: torch.dtype = torch.float32,
@@ -156,6 +186,7 @@ def load_vae(name_or_path: str = VAE_V1_2_REPO, dtype: torch.dtype = torch.float
     Architecture: `base` (default v1.2), then the checkpoint's config.json, then `overrides`
     (VideoVAEConfig fields, e.g. micro_batch_size). One repo holds the spatial and temporal weights.
     """
+    _only_denoiser_fp8(dtype, "VAE")
     checkpoint = resolve_checkpoint(name_or_path, "vae.from_pretrained")
     published = dict(checkpoint.config)
     if "vae_2d" in published or "vae_temporal" in published:
@@ -174,7 +205,16 @@ def load_vae(name_or_path: str = VAE_V1_2_REPO, dtype: torch.dtype = torch.float
 
 def _load_denoiser(config: STDiT3Config, checkpoint: Checkpoint, dtype: torch.dtype,
                    device: torch.device | str) -> STDiT3:
+    if _is_fp8(dtype):
+        # Loaded in bf16, then each Linear is quantised in turn: the peak is the bf16 model.
+        return _to_fp8(load_checkpoint(lambda: STDiT3(config), checkpoint, torch.bfloat16, device))
     return _freeze(load_checkpoint(lambda: STDiT3(config), checkpoint, dtype, device))
+
+
+def _to_fp8(model: STDiT3) -> STDiT3:
+    """Linear weights -> fp8 (quantised from the model's current dtype), every other weight -> bf16."""
+    quantize_linears(_freeze(model), compute_dtype=torch.bfloat16)
+    return _freeze(model.to(torch.bfloat16))
 
 
 def _load_vae(config: VideoVAEConfig, checkpoint: Checkpoint, dtype: torch.dtype,
@@ -189,19 +229,28 @@ def _load_vae(config: VideoVAEConfig, checkpoint: Checkpoint, dtype: torch.dtype
 
 def build_denoiser(cfg: ModelConfig, caption_channels: int, model_max_length: int, dtype: torch.dtype,
                    device: torch.device) -> STDiT3:
+    """The frozen denoiser in `dtype` (`denoiser_dtype(config dtype)`: torch.float8_e4m3fn = fp8 Linear
+    weights, the rest bf16) with the attention kernels `model.attention` selects."""
     if cfg.from_pretrained:
         checkpoint = resolve_checkpoint(cfg.from_pretrained, "model.from_pretrained")
         config = denoiser_config(cfg, caption_channels, model_max_length, checkpoint.config)
-        return _load_denoiser(config, checkpoint, dtype, device)
-    config = denoiser_config(cfg, caption_channels, model_max_length)
-    model = STDiT3(config)
-    # Random weights (tiny preset, benchmarks): N(0, 1/sqrt(hidden)) everywhere, not the reference's
-    # zero-init, so that every LoRA target changes the output and receives a reward gradient.
-    model.init_weights(std=config.hidden_size**-0.5)
-    return _freeze(model.to(device=device, dtype=dtype))
+        model = _load_denoiser(config, checkpoint, dtype, device)
+    else:
+        config = denoiser_config(cfg, caption_channels, model_max_length)
+        model = STDiT3(config)
+        # Random weights (tiny preset, benchmarks): N(0, 1/sqrt(hidden)) everywhere, not the reference's
+        # zero-init, so that every LoRA target changes the output and receives a reward gradient.
+        model.init_weights(std=config.hidden_size**-0.5)
+        if _is_fp8(dtype):
+            model = _to_fp8(model.to(device=device))
+        else:
+            model = _freeze(model.to(device=device, dtype=dtype))
+    model.set_attention_backend(attention_backend(cfg))
+    return model
 
 
 def build_vae(cfg: VAEConfig, dtype: torch.dtype, device: torch.device) -> VideoVAE:
+    _only_denoiser_fp8(dtype, "VAE")
     if cfg.from_pretrained:
         checkpoint = resolve_checkpoint(cfg.from_pretrained, "vae.from_pretrained")
         return _load_vae(vae_config(cfg, checkpoint.config), checkpoint, dtype, device)

@@ -24,7 +24,10 @@ from torch.utils.checkpoint import checkpoint
 
 from vader.errors import VaderError
 
-__all__ = ["STDiT3", "STDiT3Config", "pos_embed_2d", "stdit3_xl_2_config", "timestep_embedding"]
+__all__ = ["ATTENTION_BACKENDS", "STDiT3", "STDiT3Config", "pos_embed_2d", "stdit3_xl_2_config",
+           "timestep_embedding"]
+
+ATTENTION_BACKENDS = ("sdpa", "math")
 
 # (shift, scale, gate) rows of a block's modulation table, in the reference's order.
 _MSA, _MLP = 0, 3
@@ -166,8 +169,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, s
     """Softmax attention over [..., heads, seq, head_dim]; key_mask [B, 1, 1, L] is True = attend.
 
     The default path is the reference's: q pre-scaled, logits upcast to fp32 for the softmax,
-    probabilities cast back to q's dtype. `sdpa=True` uses PyTorch's fused kernels instead
-    (fp32 softmax internally, far less memory, not bit-identical under bf16).
+    probabilities cast back to q's dtype; it keeps every [seq, seq] probability matrix for
+    backward. `sdpa=True` uses PyTorch's fused kernels instead (flash / memory-efficient on GPUs,
+    fp32 accumulation inside, no attention matrix kept; not bit-identical: about 1e-6 of the
+    output's scale in fp32, a few bf16 ulps in bf16 — tests/test_attention.py).
     """
     if sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
@@ -479,7 +484,8 @@ class STDiT3(nn.Module):
 
     Attributes that change computation but not weights:
     - `gradient_checkpointing`: recompute each block in backward (VADER's `grad_checkpoint`).
-    - `set_attention_backend("sdpa")`: fused attention kernels instead of the reference's math.
+    - `set_attention_backend("sdpa")`: fused attention kernels instead of the reference's math
+      (a bare STDiT3 runs "math"; `vader.models.presets` sets the config's `model.attention`).
     """
 
     def __init__(self, config: STDiT3Config) -> None:
@@ -554,12 +560,19 @@ class STDiT3(nn.Module):
             nn.init.zeros_(block.mlp.fc2.weight)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Pick "math" (the reference's numerics, default) or "sdpa" (F.scaled_dot_product_attention)."""
-        if backend not in ("math", "sdpa"):
+        """Pick "math" (the reference's numerics; the class default) or "sdpa" (F.scaled_dot_product_attention,
+        what runs build from the config use unless `model.attention='math'`)."""
+        if backend not in ATTENTION_BACKENDS:
             raise VaderError(f"unknown attention backend {backend!r}; use 'math' or 'sdpa'")
         for module in self.modules():
             if isinstance(module, SelfAttention | CrossAttention):
                 module.sdpa = backend == "sdpa"
+
+    @property
+    def attention_backend(self) -> str:
+        """"sdpa" or "math": what the attention layers run now."""
+        layers = [m.sdpa for m in self.modules() if isinstance(m, SelfAttention | CrossAttention)]
+        return "sdpa" if layers and all(layers) else "math"
 
     # --- forward ------------------------------------------------------------------------------
 
