@@ -1,0 +1,125 @@
+"""Counting tensor memory without a GPU: a live-storage meter and weightless models on fake tensors.
+
+`LiveBytes` is a TorchDispatchMode that sees every tensor an op creates and keeps the bytes of each
+distinct storage alive until Python frees it (views share their storage and count once). The peak
+and what held it are recorded under the label of the phase that created each storage. Under
+torch's FakeTensorMode the same code runs full-size models with no memory at all: `materialise`
+turns a model built on the meta device into fake tensors of the run's dtypes, so a plan runs the
+real training step (sampler, decode, reward, backward, optimizer) on shapes alone.
+
+Fake CUDA tensors fail in backward without a GPU, so plans count CPU fake tensors; on CPU
+F.scaled_dot_product_attention dispatches to a fused kernel that keeps O(tokens) state for backward,
+as the CUDA flash / memory-efficient kernels do, so attention memory matches a GPU's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+__all__ = ["LiveBytes", "fake_mode", "materialise"]
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live bytes of every storage created while active, by label; the peak and its breakdown.
+
+    Labels come from `phase(...)`; `relabel` moves existing storages (e.g. parameter gradients once
+    backward made them) to another label without changing the total.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.label = "other"
+        self.total = 0
+        self.peak = 0
+        self.by_label: dict[str, int] = {}
+        self.at_peak: dict[str, int] = {}
+        self.peak_label = "other"  # the phase running when the peak was reached
+        self._live: dict[int, list[Any]] = {}  # id(storage) -> [bytes, label, weakref]
+
+    @contextlib.contextmanager
+    def phase(self, label: str) -> Iterator[None]:
+        previous, self.label = self.label, label
+        try:
+            yield
+        finally:
+            self.label = previous
+
+    def reset_peak(self) -> None:
+        self.peak, self.at_peak, self.peak_label = self.total, dict(self.by_label), self.label
+
+    def add(self, tensor: torch.Tensor, label: str | None = None) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._live:
+            return
+        size = storage.nbytes()
+        label = label or self.label
+
+        def freed(_: object, key: int = key) -> None:
+            entry = self._live.pop(key, None)
+            if entry is not None:
+                self.total -= entry[0]
+                self.by_label[entry[1]] -= entry[0]
+
+        self._live[key] = [size, label, weakref.ref(storage, freed)]
+        self.total += size
+        self.by_label[label] = self.by_label.get(label, 0) + size
+        if self.total > self.peak:
+            self.peak, self.at_peak, self.peak_label = self.total, dict(self.by_label), self.label
+
+    def relabel(self, tensors: Iterable[torch.Tensor | None], label: str) -> None:
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            entry = self._live.get(id(tensor.untyped_storage()))
+            if entry is None:
+                self.add(tensor, label)
+                continue
+            self.by_label[entry[1]] -= entry[0]
+            entry[1] = label
+            self.by_label[label] = self.by_label.get(label, 0) + entry[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.add(item)
+        return out
+
+
+def fake_mode():  # type: ignore[no-untyped-def]
+    """A FakeTensorMode that accepts real inputs (small real tensors such as timesteps mix in)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def materialise(module: nn.Module, dtype: torch.dtype, *, trainable: str | None = None,
+                trainable_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Give a meta-device module real (or, under FakeTensorMode, fake) storage in place: floating
+    parameters and buffers in `dtype`, parameters whose name contains `trainable` in
+    `trainable_dtype` with requires_grad (LoRA trains in fp32), everything else frozen. Values are
+    uninitialised: this is for counting memory, never for running a model whose outputs matter.
+
+    Parameters are replaced, not converted: Module.to() on fake tensors swaps tensors, which the
+    fake mode's own weak references forbid.
+    """
+    for prefix, sub in module.named_modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            train = trainable is not None and trainable in f"{prefix}.{name}"
+            kind = (trainable_dtype if train else dtype) if p.is_floating_point() else p.dtype
+            sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=kind), requires_grad=train)
+        for name, b in list(sub._buffers.items()):
+            if b is not None:
+                sub._buffers[name] = torch.zeros(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
+    return module
