@@ -40,8 +40,8 @@ def quantize_weight(weight: Tensor, compute_dtype: torch.dtype = torch.bfloat16)
     """
     check_fp8_support()
     w = weight.detach().float()
-    amax = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    scale = (amax / E4M3_MAX).to(compute_dtype)
+    # clamped to the smallest normal number of the compute dtype: a zero row then gives 0 / scale = 0
+    scale = (w.abs().amax(dim=1) / E4M3_MAX).clamp_min(torch.finfo(compute_dtype).tiny).to(compute_dtype)
     q = (w / scale.float()[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
     return q, scale
 
