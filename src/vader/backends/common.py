@@ -27,6 +27,15 @@ TOKENIZER_FILES = ("tokenizer_config.json",)
 SCHEDULER_FILES = ("scheduler_config.json",)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(key: str, name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise VaderError(f"{key}={name!r} is not a dtype; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 @dataclass(frozen=True)
 class Component:
     """One part of a diffusers pipeline: `source` is a hub id or a folder in the pipeline layout
@@ -257,3 +266,15 @@ def save_diffusers_lora(pipeline_class: type, lora: nn.Module | dict[str, Tensor
     pipeline_class.save_lora_weights(folder, transformer_lora_layers=state,
                                      transformer_lora_adapter_metadata=metadata)
     return folder
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+def set_checkpointing(model: nn.Module, enabled: bool) -> None:
+    """diffusers' per-block activation checkpointing; it acts only in steps that record a graph."""
+    if not getattr(model, "_supports_gradient_checkpointing", False):
+        return
+    if enabled and not model.is_gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    elif not enabled and model.is_gradient_checkpointing:
+        model.disable_gradient_checkpointing()

@@ -35,21 +35,14 @@ from vader.backends.common import (
     decode_until,
     load_part,
     missing_weights_message,
+    parse_dtype,
     save_diffusers_lora,
+    set_checkpointing,
 )
 from vader.errors import VaderError
 
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections of every block
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _dtype(key: str, name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise VaderError(f"{key}={name!r} is not a dtype; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 @dataclass
 class WanSettings:
     """Everything a Wan backend needs; each component is a hub id or a folder (the diffusers layout:
@@ -102,8 +95,8 @@ class WanSettings:
             raise VaderError(f"shift={self.shift!r} must be a positive number (3.0 for 480p, 5.0 for 720p)")
         if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
             raise VaderError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
-        _dtype("dtype", self.dtype)
-        _dtype("vae_dtype", self.vae_dtype)
+        parse_dtype("dtype", self.dtype)
+        parse_dtype("vae_dtype", self.vae_dtype)
 
 
 def missing_weights(settings: WanSettings) -> str | None:
@@ -134,8 +127,8 @@ class WanGenerator:
         settings = dataclasses.replace(settings or WanSettings(), **overrides)
         settings.validate()
         device = torch.device(device)
-        dtype = _dtype("dtype", settings.dtype)
-        vae_dtype = _dtype("vae_dtype", settings.vae_dtype)
+        dtype = parse_dtype("dtype", settings.dtype)
+        vae_dtype = parse_dtype("vae_dtype", settings.vae_dtype)
         if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
             raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
         parts = settings.components()
@@ -262,7 +255,7 @@ class WanGenerator:
             uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(model_dtype)
         sched = self.scheduler()
         timesteps, sigmas = sched.timesteps, sched.sigmas
-        _set_checkpointing(self.denoiser, grad_checkpoint)
+        set_checkpointing(self.denoiser, grad_checkpoint)
         z = self.initial_noise(n, generator)
         steps = range(len(timesteps))
         for i in progress(steps) if progress else steps:
@@ -325,12 +318,3 @@ class WanGenerator:
 
         return save_diffusers_lora(WanPipeline, lora, folder, config)
 
-
-def _set_checkpointing(model: nn.Module, enabled: bool) -> None:
-    """diffusers' per-block activation checkpointing; it acts only in steps that record a graph."""
-    if not getattr(model, "_supports_gradient_checkpointing", False):
-        return
-    if enabled and not model.is_gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    elif not enabled and model.is_gradient_checkpointing:
-        model.disable_gradient_checkpointing()

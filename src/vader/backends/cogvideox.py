@@ -1,0 +1,344 @@
+"""CogVideoX (1.0: 2B and 5B) text-to-video through diffusers' own classes, with VADER's backprop cutoff.
+
+CogVideoXTransformer3DModel + AutoencoderKLCogVideoX + T5 (transformers), sampled with the
+v-prediction DDIM step of CogVideoXDDIMScheduler (its config read from the checkpoint's
+`scheduler/`) and classifier-free guidance as CogVideoXPipeline runs it: one transformer pass on the
+batch [negative, prompt], `uncond + g * (cond - uncond)`, optionally the pipeline's dynamic guidance
+(`use_dynamic_cfg`). With fp32 weights the latents equal `CogVideoXPipeline(..., output_type="latent")`
+(our latents are [B, C, T, H, W]; the pipeline's are [B, T, C, H, W]).
+
+Not supported: CogVideoXDPMScheduler's stochastic second-order step (the 5B repo ships it; its
+config is read into the DDIM step instead), CogVideoX 1.5 (`patch_size_t`: padded latent frames),
+image or video conditioning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from vader.backends.common import (
+    DIFFUSERS_WEIGHTS,
+    SCHEDULER_FILES,
+    TOKENIZER_FILES,
+    TRANSFORMERS_WEIGHTS,
+    Component,
+    PromptEncoder,
+    check_frames,
+    check_weights,
+    decode_until,
+    load_part,
+    missing_weights_message,
+    parse_dtype,
+    save_diffusers_lora,
+    set_checkpointing,
+)
+from vader.errors import VaderError
+
+COGVIDEOX_REPO = "THUDM/CogVideoX-2b"
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the joint text-video attention of every block
+
+
+@dataclass
+class CogVideoXSettings:
+    """Everything a CogVideoX backend needs; each component is a hub id or a folder (the diffusers
+    layout: `transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`; or the part alone)."""
+
+    pretrained: str = COGVIDEOX_REPO
+    transformer: str | None = None  # None: `pretrained`
+    vae: str | None = None
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    scheduler: str | None = None
+    dtype: str = "bf16"  # transformer and text encoder weights
+    vae_dtype: str = "bf16"
+    height: int = 480
+    width: int = 720
+    num_frames: int = 49
+    num_steps: int = 50
+    guidance_scale: float = 6.0  # <= 1: no classifier-free guidance
+    use_dynamic_cfg: bool = False  # the pipeline's cosine ramp of the guidance scale over the steps
+    negative_prompt: str = ""
+    max_sequence_length: int = 226  # must equal the transformer's max_text_seq_length
+
+    def components(self) -> dict[str, Component]:
+        def source(value: str | None) -> str:
+            return value if value is not None else self.pretrained
+
+        return {
+            "tokenizer": Component("tokenizer", source(self.tokenizer), "tokenizer", TOKENIZER_FILES[0], ()),
+            "text_encoder": Component("text_encoder", source(self.text_encoder), "text_encoder", "config.json",
+                                      TRANSFORMERS_WEIGHTS),
+            "transformer": Component("transformer", source(self.transformer), "transformer", "config.json",
+                                     DIFFUSERS_WEIGHTS),
+            "vae": Component("vae", source(self.vae), "vae", "config.json", DIFFUSERS_WEIGHTS),
+            "scheduler": Component("scheduler", source(self.scheduler), "scheduler", SCHEDULER_FILES[0], ()),
+        }
+
+    def validate(self, spatial_multiple: int = 16, frame_rule: int = 8) -> None:
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0 or value % spatial_multiple:
+                raise VaderError(f"{key}={value!r} must be a positive multiple of {spatial_multiple} (the VAE "
+                                 f"downsamples 8x and the transformer patches 2x2), e.g. 480 x 720")
+        if not isinstance(self.num_frames, int) or self.num_frames < 1 or (self.num_frames - 1) % frame_rule:
+            raise VaderError(f"num_frames={self.num_frames!r} must be {frame_rule}k + 1 (an odd number of latent "
+                             "frames, which the VAE decodes to exactly that many frames), e.g. 33 or 49")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise VaderError(f"num_steps={self.num_steps!r} must be a positive integer")
+        if not math.isfinite(self.guidance_scale):
+            raise VaderError(f"guidance_scale={self.guidance_scale!r} must be a finite number")
+        if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
+            raise VaderError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
+        parse_dtype("dtype", self.dtype)
+        parse_dtype("vae_dtype", self.vae_dtype)
+
+
+def missing_weights(settings: CogVideoXSettings) -> str | None:
+    """The one-line message `build` would raise for absent weights, or None (for a preflight)."""
+    return missing_weights_message(list(settings.components().values()))
+
+
+@dataclass
+class CogVideoXGenerator:
+    denoiser: nn.Module  # CogVideoXTransformer3DModel
+    vae: nn.Module  # AutoencoderKLCogVideoX
+    text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (T5-XXL is 4.7B parameters)
+    scheduler_config: dict
+    settings: CogVideoXSettings
+    device: torch.device
+    dtype: torch.dtype
+    embeddings: dict[str, Tensor] = field(default_factory=dict)
+
+    lora_target_modules = LORA_TARGETS
+
+    @classmethod
+    def build(cls, settings: CogVideoXSettings | None = None, device: torch.device | str = "cpu",
+              prompts: list[str] | None = None, cache=None, **overrides) -> CogVideoXGenerator:
+        """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
+        and release the text encoder before the transformer and the VAE load."""
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        settings = dataclasses.replace(settings or CogVideoXSettings(), **overrides)
+        settings.validate()
+        device = torch.device(device)
+        dtype = parse_dtype("dtype", settings.dtype)
+        vae_dtype = parse_dtype("vae_dtype", settings.vae_dtype)
+        if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
+            raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
+        parts = settings.components()
+        check_weights(list(parts.values()))
+        scheduler = load_part(parts["scheduler"], CogVideoXDDIMScheduler.from_pretrained)
+        tokenizer = load_part(parts["tokenizer"], AutoTokenizer.from_pretrained)
+        encoder = load_part(parts["text_encoder"], T5EncoderModel.from_pretrained, dtype=dtype)
+        gen = cls(None, None, None, dict(scheduler.config), settings, device, dtype)  # type: ignore[arg-type]
+        gen.text_encoder = gen._prompt_encoder(tokenizer, encoder.to(device).eval().requires_grad_(False),
+                                               name=parts["text_encoder"].source)
+        if prompts is not None:
+            gen.encode_prompts(prompts, cache=cache)
+            gen.release_text_encoder()
+        gen.denoiser = load_part(parts["transformer"], CogVideoXTransformer3DModel.from_pretrained,
+                                 torch_dtype=dtype)
+        gen.vae = load_part(parts["vae"], AutoencoderKLCogVideoX.from_pretrained, torch_dtype=vae_dtype)
+        gen._adopt_models()
+        return gen
+
+    @classmethod
+    def from_components(cls, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
+                        scheduler, settings: CogVideoXSettings | None = None,
+                        device: torch.device | str = "cpu") -> CogVideoXGenerator:
+        """Wrap models already in memory (their dtypes are kept; `settings.dtype` is not applied)."""
+        settings = settings or CogVideoXSettings()
+        settings.validate()
+        device = torch.device(device)
+        gen = cls(transformer, vae, None, dict(scheduler.config), settings, device,
+                  next(transformer.parameters()).dtype)
+        if text_encoder is not None:
+            gen.text_encoder = gen._prompt_encoder(tokenizer, text_encoder.to(device).eval().requires_grad_(False),
+                                                   name=str(getattr(text_encoder.config, "name_or_path", "t5")))
+        gen._adopt_models()
+        return gen
+
+    def _adopt_models(self) -> None:
+        self.denoiser.to(self.device).eval().requires_grad_(False)
+        self.vae.to(self.device).eval().requires_grad_(False)
+        tcfg = self.denoiser.config
+        if tcfg.patch_size_t is not None:
+            raise VaderError(f"transformer={self.settings.transformer or self.settings.pretrained!r} is CogVideoX 1.5 "
+                             "(patch_size_t is set), which this backend does not support; use CogVideoX-2b or -5b")
+        if tcfg.max_text_seq_length != self.settings.max_sequence_length:
+            raise VaderError(f"max_sequence_length={self.settings.max_sequence_length} must equal the "
+                             f"transformer's max_text_seq_length ({tcfg.max_text_seq_length})")
+        spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.settings.validate(spatial_multiple=spatial * tcfg.patch_size,
+                               frame_rule=2 * self.vae.config.temporal_compression_ratio)
+
+    # ---- text ----
+    def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> PromptEncoder:
+        length = self.settings.max_sequence_length
+
+        def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
+            # CogVideoXPipeline._get_t5_prompt_embeds: padded to max length and encoded WITHOUT the
+            # attention mask (the transformer was trained on embeddings of the padding too)
+            tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                               add_special_tokens=True, return_tensors="pt")
+            hidden = model(tokens.input_ids.to(self.device))[0].to(model.dtype)
+            return hidden, tokens.attention_mask.long()
+
+        return PromptEncoder(encode, name=f"cogvideox:{name}", dtype=model.dtype, model_max_length=length,
+                             output_dim=int(model.config.d_model))
+
+    def reward_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts)
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.settings.guidance_scale > 1.0
+
+    def encode_prompts(self, prompts: list[str], cache=None) -> None:
+        """Encode every new prompt (and the negative prompt when guidance is on) once."""
+        wanted = list(prompts) + ([self.settings.negative_prompt] if self.uses_guidance else [])
+        todo = [p for p in dict.fromkeys(wanted) if p not in self.embeddings]
+        if not todo:
+            return
+        if self.text_encoder is None:
+            raise RuntimeError("text encoder already released; encode all prompts before releasing it")
+        if cache is not None:
+            y, _ = cache.get_or_encode(self.text_encoder, todo)
+        else:
+            y, _ = self.text_encoder.encode(todo)
+        for i, p in enumerate(todo):
+            self.embeddings[p] = y[i].to(self.device)  # [1, L, C]
+
+    def release_text_encoder(self) -> None:
+        self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ---- sizes ----
+    @property
+    def num_frames(self) -> int:
+        return self.settings.num_frames
+
+    @property
+    def _spatial(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of one video's latents."""
+        t = (self.num_frames - 1) // self.vae.config.temporal_compression_ratio + 1
+        return (self.denoiser.config.in_channels, t, self.settings.height // self._spatial,
+                self.settings.width // self._spatial)
+
+    # ---- sampling ----
+    def scheduler(self):
+        """A fresh CogVideoXDDIMScheduler (the checkpoint's config) set to this run's steps."""
+        from diffusers import CogVideoXDDIMScheduler
+
+        sched = CogVideoXDDIMScheduler.from_config(self.scheduler_config)
+        sched.set_timesteps(self.settings.num_steps, device=self.device)
+        return sched
+
+    def initial_noise(self, batch: int, generator: torch.Generator) -> Tensor:
+        """Noise [B, T, C, H, W] (the pipeline's layout) drawn as CogVideoXPipeline draws it."""
+        c, t, h, w = self.latent_shape
+        noise = torch.randn((batch, t, c, h, w), generator=generator, dtype=torch.float32, device=generator.device)
+        return noise.to(self.device)
+
+    def rotary_embeddings(self) -> tuple[Tensor, Tensor] | None:
+        """CogVideoX-5B's 3D rotary position embedding, as the pipeline computes it (2B has none)."""
+        cfg = self.denoiser.config
+        if not cfg.use_rotary_positional_embeddings:
+            return None
+        from diffusers.models.embeddings import get_3d_rotary_pos_embed
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        grid_h = self.settings.height // (self._spatial * cfg.patch_size)
+        grid_w = self.settings.width // (self._spatial * cfg.patch_size)
+        crops = get_resize_crop_region_for_grid((grid_h, grid_w), cfg.sample_width // cfg.patch_size,
+                                                cfg.sample_height // cfg.patch_size)
+        return get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops,
+                                       grid_size=(grid_h, grid_w), temporal_size=self.latent_shape[1],
+                                       device=self.device)
+
+    def guidance_at(self, t: Tensor) -> float:
+        g = self.settings.guidance_scale
+        if not self.settings.use_dynamic_cfg:
+            return g
+        n = self.settings.num_steps  # the pipeline's formula: t (0..999) against the step count, as it is
+        return 1 + g * ((1 - math.cos(math.pi * ((n - t.item()) / n) ** 5.0)) / 2)
+
+    def sample_latents(self, prompts: list[str], generator: torch.Generator, *, cutoff: int | None = None,
+                       grad_checkpoint: bool = False, progress: Callable | None = None) -> Tensor:
+        """Latents [B, C, T, H, W] (fp32, scaled as the transformer sees them); gradients only
+        through steps >= cutoff (None: no gradients)."""
+        self.encode_prompts(prompts)
+        n = len(prompts)
+        model_dtype = next(self.denoiser.parameters()).dtype
+        text = torch.cat([self.embeddings[p] for p in prompts])
+        if self.uses_guidance:
+            negative = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1)
+            text = torch.cat([negative, text])
+        text = text.to(model_dtype)
+        sched = self.scheduler()
+        rotary = self.rotary_embeddings()
+        set_checkpointing(self.denoiser, grad_checkpoint)
+        z = self.initial_noise(n, generator) * sched.init_noise_sigma
+        steps = range(len(sched.timesteps))
+        for i in progress(steps) if progress else steps:
+            t = sched.timesteps[i]
+            with torch.set_grad_enabled(cutoff is not None and i >= cutoff):
+                x = torch.cat([z, z]) if self.uses_guidance else z
+                x = sched.scale_model_input(x, t).to(model_dtype)
+                v = self.denoiser(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]),
+                                  image_rotary_emb=rotary, return_dict=False)[0].float()
+                if self.uses_guidance:
+                    v_uncond, v_cond = v.chunk(2)
+                    v = v_uncond + self.guidance_at(t) * (v_cond - v_uncond)
+                z = sched.step(v, t, z, return_dict=False)[0]  # v-prediction DDIM, eta = 0
+        return z.permute(0, 2, 1, 3, 4)
+
+    # ---- decoding ----
+    def decode(self, latents: Tensor, frames: list[int] | None = None) -> Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1] (fp32): all frames, or only `frames` (output frame
+        indices). The causal VAE decodes latent frames in its own chunks (the first 2 + T mod 2, then
+        2 at a time: 9 output frames, then 8 each) with its conv cache; decoding stops after the
+        chunk that holds the last chosen frame. Gradients flow back to `latents`."""
+        check_frames(frames, self.num_frames)
+        return decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
+
+    def _decode_chunks(self, latents: Tensor) -> Iterator[Tensor]:
+        vae = self.vae
+        z = 1 / vae.config.scaling_factor * latents.to(vae.dtype)  # CogVideoXPipeline.decode_latents
+        # AutoencoderKLCogVideoX._decode, one chunk per yield
+        size = vae.num_latent_frames_batch_size
+        count = z.shape[2]
+        remaining = count % size
+        conv_cache = None
+        for i in range(max(count // size, 1)):
+            start = size * i + (0 if i == 0 else remaining)
+            chunk = z[:, :, start: size * (i + 1) + remaining]
+            if vae.post_quant_conv is not None:
+                chunk = vae.post_quant_conv(chunk)
+            chunk, conv_cache = vae.decoder(chunk, conv_cache=conv_cache)
+            yield chunk.clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
+        """Whole videos [B, 3, F, H, W] in [-1, 1], no autograd anywhere."""
+        return self.decode(self.sample_latents(prompts, generator, cutoff=None, progress=progress))
+
+    # ---- LoRA ----
+    def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:
+        """`pytorch_lora_weights.safetensors` in `folder`, loadable by `CogVideoXPipeline.load_lora_weights`."""
+        from diffusers import CogVideoXPipeline
+
+        return save_diffusers_lora(CogVideoXPipeline, lora, folder, config)

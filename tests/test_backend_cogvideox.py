@@ -1,0 +1,254 @@
+"""The CogVideoX backend on tiny random components (the sizes diffusers' own CogVideoX tests use),
+saved in the diffusers layout and loaded back through `from_pretrained`, compared with diffusers'
+CogVideoXPipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import (  # noqa: E402
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+)
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import T5Config, T5EncoderModel  # noqa: E402
+
+from vader.backends import VideoBackend, backend_class, settings_class  # noqa: E402
+from vader.backends.cogvideox import CogVideoXGenerator, CogVideoXSettings  # noqa: E402
+from vader.errors import VaderError  # noqa: E402
+from vader.models.text import EmbeddingCache, tiny_t5_tokenizer  # noqa: E402
+
+PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
+NEGATIVE = "blurry, low quality"
+FRAMES = 17  # 5 latent frames: the VAE decodes latents 0-2 (frames 0-8), then latents 3-4 (frames 9-16)
+# Measured max |ours - pipeline| on these components: 0.0 for the latents and the decoded video, with
+# and without rotary embeddings and dynamic guidance (the same fp32 operations in the same order).
+TOL = 1e-6
+
+
+def tiny_pipeline(rotary: bool) -> CogVideoXPipeline:
+    tokenizer = tiny_t5_tokenizer(64)
+    torch.manual_seed(0)
+    # rotary (CogVideoX-5B style) splits the head dim 1/4 time, 3/8 + 3/8 space: it needs 16, not 8
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2 if rotary else 4, attention_head_dim=16 if rotary else 8, in_channels=4,
+        out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2,
+        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
+        use_rotary_positional_embeddings=rotary,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    text_config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
+                           feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    text_encoder = T5EncoderModel(text_config)
+    # CogVideoX-2b's published scheduler config
+    scheduler = CogVideoXDDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
+        timestep_spacing="trailing",
+    )
+    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
+
+
+@pytest.fixture(scope="module")
+def cog_dirs(tmp_path_factory):
+    """Two tiny pipelines in the published layout: 2B style, and 5B style (rotary embeddings)."""
+    out = {}
+    for name, rotary in (("2b", False), ("5b", True)):
+        folder = tmp_path_factory.mktemp("cogvideox") / f"tiny-{name}"
+        tiny_pipeline(rotary).save_pretrained(folder)
+        out[name] = folder
+    return out
+
+
+@pytest.fixture
+def cog_dir(cog_dirs):
+    return cog_dirs["2b"]
+
+
+def settings(folder, **overrides) -> CogVideoXSettings:
+    values = dict(pretrained=str(folder), dtype="fp32", vae_dtype="fp32", height=16, width=16, num_frames=FRAMES,
+                  num_steps=3, guidance_scale=6.0, negative_prompt=NEGATIVE, max_sequence_length=16)
+    values.update(overrides)
+    return CogVideoXSettings(**values)
+
+
+def pipeline(folder) -> CogVideoXPipeline:
+    pipe = CogVideoXPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_pipeline(pipe: CogVideoXPipeline, s: CogVideoXSettings, seed: int, output_type: str = "latent"):
+    negative = [s.negative_prompt] * len(PROMPTS) if s.guidance_scale > 1 else None
+    out = pipe(prompt=PROMPTS, negative_prompt=negative, height=s.height, width=s.width, num_frames=s.num_frames,
+               num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, use_dynamic_cfg=s.use_dynamic_cfg,
+               max_sequence_length=16, generator=torch.Generator().manual_seed(seed), output_type=output_type).frames
+    return out.permute(0, 2, 1, 3, 4)  # [B, T, C, H, W] -> [B, C, T, H, W] (pixels: [B, 3, F, H, W] in [0, 1])
+
+
+def add_random_lora(model: torch.nn.Module, targets: list[str], seed: int = 1) -> LoraConfig:
+    """LoRA with non-zero B (peft starts B at zero, which would change nothing)."""
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.2
+            p.requires_grad_(True)
+    return config
+
+
+@pytest.mark.parametrize(("variant", "guidance", "dynamic"), [
+    ("2b", 6.0, False), ("2b", 1.0, False), ("5b", 6.0, True), ("5b", 6.0, False),
+], ids=["2b-cfg-negative-prompt", "2b-no-cfg", "5b-rotary-dynamic-cfg", "5b-rotary"])
+def test_latents_and_video_equal_the_pipeline(cog_dirs, variant, guidance, dynamic):
+    s = settings(cog_dirs[variant], guidance_scale=guidance, use_dynamic_cfg=dynamic)
+    gen = CogVideoXGenerator.build(s, "cpu")
+    assert isinstance(gen, VideoBackend)
+    latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    assert latents.grad_fn is None and latents.shape == (2, *gen.latent_shape) == (2, 4, 5, 2, 2)
+    pipe = pipeline(cog_dirs[variant])
+    reference = run_pipeline(pipe, s, seed=0)
+    torch.testing.assert_close(latents, reference, atol=TOL, rtol=0)
+    assert (run_pipeline(pipe, s, seed=1) - reference).abs().max() > 0.1  # another seed differs
+
+    video = gen.decode(latents)
+    assert video.shape == (2, 3, FRAMES, 16, 16)
+    torch.testing.assert_close((video + 1) / 2, run_pipeline(pipe, s, seed=0, output_type="pt"), atol=TOL, rtol=0)
+    torch.testing.assert_close(gen.generate(PROMPTS, torch.Generator().manual_seed(0)), video, atol=0, rtol=0)
+
+
+def test_dynamic_guidance_changes_the_result(cog_dir):
+    plain = CogVideoXGenerator.build(settings(cog_dir), "cpu")
+    dynamic = CogVideoXGenerator.build(settings(cog_dir, use_dynamic_cfg=True), "cpu")
+    a, b = (g.sample_latents(PROMPTS, torch.Generator().manual_seed(0)) for g in (plain, dynamic))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_prompts_encoded_once_through_the_cache_then_encoder_released(cog_dir):
+    cache = EmbeddingCache()
+    gen = CogVideoXGenerator.build(settings(cog_dir), "cpu", prompts=PROMPTS, cache=cache)
+    assert gen.text_encoder is None
+    assert set(gen.embeddings) == {*PROMPTS, NEGATIVE}
+    assert cache.misses == 3 and len(cache) == 3
+    assert gen.embeddings[PROMPTS[0]].shape == (1, 16, 32)
+    gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError, match="already released"):
+        gen.sample_latents(["a prompt never encoded"], torch.Generator().manual_seed(0))
+
+
+def test_gradients_only_through_steps_from_the_cutoff(cog_dir):
+    gen = CogVideoXGenerator.build(settings(cog_dir), "cpu")
+    add_random_lora(gen.denoiser, gen.lora_target_modules)
+    lora = [p for n, p in gen.denoiser.named_parameters() if "lora_" in n]
+    assert lora
+    grad_modes: list[bool] = []
+    gen.denoiser.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+
+    plain = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=None)
+    assert plain.grad_fn is None and grad_modes == [False] * 3  # one pass per step on [negative, prompt]
+
+    grads = {}
+    for cutoff in (2, 0):
+        grad_modes.clear()
+        latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=cutoff)
+        assert grad_modes == [False] * cutoff + [True] * (3 - cutoff)
+        torch.testing.assert_close(latents.detach(), plain, atol=0, rtol=0)
+        for p in lora:
+            p.grad = None
+        latents.square().mean().backward()
+        grads[cutoff] = torch.cat([p.grad.flatten() for p in lora])
+        assert grads[cutoff].abs().max() > 0
+    assert (grads[0] - grads[2]).abs().max() > 1e-6
+
+    checkpointed = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=2, grad_checkpoint=True)
+    for p in lora:
+        p.grad = None
+    checkpointed.square().mean().backward()
+    torch.testing.assert_close(torch.cat([p.grad.flatten() for p in lora]), grads[2])
+
+
+@pytest.mark.parametrize("frames", [[0], [8], [3, 7], [9], [0, 16], [12]])
+def test_partial_decode_equals_full_decode_and_passes_gradients(cog_dir, frames):
+    gen = CogVideoXGenerator.build(settings(cog_dir), "cpu")
+    latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    full = latents.clone().requires_grad_(True)
+    video = gen.decode(full)
+    part = latents.clone().requires_grad_(True)
+    chosen = gen.decode(part, frames)
+    torch.testing.assert_close(chosen, video[:, :, frames], atol=1e-6, rtol=0)
+
+    weights = torch.randn(chosen.shape, generator=torch.Generator().manual_seed(3))
+    (chosen * weights).sum().backward()
+    (video[:, :, frames] * weights).sum().backward()
+    torch.testing.assert_close(part.grad, full.grad, atol=1e-5, rtol=1e-4)
+    assert part.grad[:, :, :3].abs().max() > 0
+    if max(frames) <= 8:  # only the first chunk (latents 0-2) was decoded
+        assert not part.grad[:, :, 3:].any()
+    else:
+        assert part.grad[:, :, 3:].abs().max() > 0
+
+
+def test_lora_saved_in_diffusers_format_loads_into_the_pipeline(cog_dir, tmp_path):
+    s = settings(cog_dir)
+    gen = CogVideoXGenerator.build(s, "cpu")
+    config = add_random_lora(gen.denoiser, gen.lora_target_modules)
+    ours = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+
+    folder = gen.save_lora_diffusers(gen.denoiser, tmp_path / "lora", config=config)
+    pipe = pipeline(cog_dir)
+    base = run_pipeline(pipe, s, seed=0)
+    pipe.load_lora_weights(folder)
+    with_lora = run_pipeline(pipe, s, seed=0)
+    assert (with_lora - base).abs().max() > 0.05  # the LoRA changes the output
+    # Measured max |ours - pipeline with the loaded LoRA|: 0.0.
+    torch.testing.assert_close(with_lora, ours, atol=TOL, rtol=0)
+
+    again = gen.save_lora_diffusers(get_peft_model_state_dict(gen.denoiser), tmp_path / "again", config=config)
+    first, second = (load_file(f / "pytorch_lora_weights.safetensors") for f in (folder, again))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert all(k.startswith("transformer.transformer_blocks.") for k in first)
+
+
+def test_missing_weights_offline_name_every_repo_in_one_line():
+    s = CogVideoXSettings(pretrained="vader-test-absent/cogvideox-main", text_encoder="vader-test-absent/t5")
+    with pytest.raises(VaderError) as info:
+        CogVideoXGenerator.build(s, "cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "vader-test-absent/cogvideox-main (tokenizer, transformer, vae, scheduler)" in message
+    assert "vader-test-absent/t5 (text_encoder)" in message
+    assert "hf download vader-test-absent/cogvideox-main && hf download vader-test-absent/t5" in message
+
+
+@pytest.mark.parametrize(("key", "value", "needle"), [
+    ("num_frames", 13, "num_frames=13 must be 8k + 1"),
+    ("width", 100, "width=100 must be a positive multiple of 16"),
+    ("guidance_scale", float("nan"), "guidance_scale=nan must be a finite number"),
+    ("vae_dtype", "int8", "vae_dtype='int8' is not a dtype; expected one of fp32, bf16, fp16"),
+])
+def test_bad_settings_are_one_line_errors(key, value, needle):
+    with pytest.raises(VaderError, match=needle.replace("+", r"\+")):
+        CogVideoXGenerator.build(CogVideoXSettings(**{key: value}), "cpu")
+
+
+def test_sequence_length_must_match_the_transformer(cog_dir):
+    with pytest.raises(VaderError, match=r"max_sequence_length=32 must equal the transformer's max_text_seq_length \(16\)"):
+        CogVideoXGenerator.build(settings(cog_dir, max_sequence_length=32), "cpu")
+
+
+def test_registry():
+    assert backend_class("cogvideox") is CogVideoXGenerator and settings_class("cogvideox") is CogVideoXSettings
