@@ -159,7 +159,7 @@ class CogVideoXGenerator:
         settings.validate()
         device = torch.device(device)
         gen = cls(transformer, vae, None, dict(scheduler.config), settings, device,
-                  next(transformer.parameters()).dtype)
+                  transformer.dtype)
         if text_encoder is not None:
             gen.text_encoder = gen._prompt_encoder(tokenizer, text_encoder.to(device).eval().requires_grad_(False),
                                                    name=str(getattr(text_encoder.config, "name_or_path", "t5")))
@@ -282,7 +282,7 @@ class CogVideoXGenerator:
         through steps >= cutoff (None: no gradients)."""
         self.encode_prompts(prompts)
         n = len(prompts)
-        model_dtype = next(self.denoiser.parameters()).dtype
+        model_dtype = self.dtype
         text = torch.cat([self.embeddings[p] for p in prompts])
         if self.uses_guidance:
             negative = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1)

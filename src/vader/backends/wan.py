@@ -153,7 +153,7 @@ class WanGenerator:
         settings = settings or WanSettings()
         settings.validate()
         device = torch.device(device)
-        gen = cls(transformer, vae, None, settings, device, next(transformer.parameters()).dtype)
+        gen = cls(transformer, vae, None, settings, device, transformer.dtype)
         if text_encoder is not None:
             gen.text_encoder = gen._prompt_encoder(tokenizer, text_encoder.to(device).eval().requires_grad_(False),
                                                    name=str(getattr(text_encoder.config, "name_or_path", "umt5")))
@@ -248,7 +248,7 @@ class WanGenerator:
         through steps >= cutoff (None: no gradients)."""
         self.encode_prompts(prompts)
         n = len(prompts)
-        model_dtype = next(self.denoiser.parameters()).dtype
+        model_dtype = self.dtype
         cond = torch.cat([self.embeddings[p] for p in prompts]).to(model_dtype)
         uncond = None
         if self.uses_guidance:
@@ -266,7 +266,7 @@ class WanGenerator:
 
     def velocity(self, z: Tensor, t: Tensor, cond: Tensor, uncond: Tensor | None) -> Tensor:
         """The guided flow prediction in fp32."""
-        x = z.to(next(self.denoiser.parameters()).dtype)
+        x = z.to(self.dtype)
         v = self.denoiser(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0].float()
         if uncond is None:
             return v
