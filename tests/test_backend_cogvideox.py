@@ -270,3 +270,23 @@ def test_bf16_weights_train_an_fp32_lora_and_stay_near_the_bf16_pipeline(cog_dir
     gen.decode(latents, [0, 9]).mean().backward()
     grads = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
+
+
+def test_text_encoder_is_freed_before_the_transformer_loads(cog_dir, monkeypatch):
+    import gc
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, T5EncoderModel) for o in gc.get_objects())
+
+    before = alive()
+    seen = []
+    original = CogVideoXTransformer3DModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(alive())
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(CogVideoXTransformer3DModel, "from_pretrained", classmethod(spy))
+    CogVideoXGenerator.build(settings(cog_dir), "cpu", prompts=PROMPTS)
+    assert seen == [before]

@@ -257,3 +257,25 @@ def test_bf16_weights_train_an_fp32_lora_and_stay_near_the_bf16_pipeline(wan_dir
     gen.decode(latents, [0, 5]).mean().backward()
     grads = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
     assert torch.isfinite(grads).all() and grads.abs().max() > 0
+
+
+def test_text_encoder_is_freed_before_the_transformer_loads(wan_dir, monkeypatch):
+    import gc
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, UMT5EncoderModel) for o in gc.get_objects())
+
+    before = alive()
+    seen = []
+    original = WanTransformer3DModel.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(alive())
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(WanTransformer3DModel, "from_pretrained", classmethod(spy))
+    WanGenerator.build(settings(wan_dir), "cpu", prompts=PROMPTS)
+    assert seen == [before]
+    WanGenerator.build(settings(wan_dir), "cpu")  # without prompts the encoder is kept for later prompts
+    assert seen == [before, before + 1]

@@ -141,6 +141,7 @@ class CogVideoXGenerator:
         gen = cls(None, None, None, dict(scheduler.config), settings, device, dtype)  # type: ignore[arg-type]
         gen.text_encoder = gen._prompt_encoder(tokenizer, encoder.to(device).eval().requires_grad_(False),
                                                name=parts["text_encoder"].source)
+        del tokenizer, encoder  # the PromptEncoder holds the only references: releasing it frees the encoder
         if prompts is not None:
             gen.encode_prompts(prompts, cache=cache)
             gen.release_text_encoder()
