@@ -214,6 +214,38 @@ def test_train_step_with_fp8_weights(tiny_cfg, monkeypatch) -> None:
     assert all(t.dtype == torch.float32 for t in lora_state_dict(t.gen.denoiser).values())
 
 
+def test_infer_with_fp8_weights_loads_a_lora_trained_on_bf16(tiny_cfg, monkeypatch, tmp_path) -> None:
+    """`vader infer` with dtype='fp8' and a LoRA saved from a bf16 denoiser: the adapter lands on the
+    fp8 layers unchanged (fp32) and videos are written."""
+    from vader import infer as infer_module
+    from vader import video
+    from vader.checkpoint import save_adapter
+
+    cfg = tiny_cfg("--dtype", "fp8", "--mixed_precision", "bf16", "--run_name", "fp8-infer", "--num_val_runs", "1",
+                   "--val_batch_size", "1")
+    donor = tiny(torch.bfloat16)
+    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in add_lora(donor, lora):
+            p.normal_(0.0, 0.1)
+    save_adapter(tmp_path / "lora", donor, lora)
+    cfg.lora_ckpt_path = str(tmp_path / "lora")
+    real_build = video.build_denoiser  # see test_train_step_with_fp8_weights
+    monkeypatch.setattr(video, "build_denoiser", lambda model, channels, length, dtype, device: real_build(
+        model, channels, length, denoiser_dtype(cfg.dtype), device))
+    built = []
+    real_generator = infer_module.build_generator
+    monkeypatch.setattr(infer_module, "build_generator", lambda *a: built.append(real_generator(*a)) or built[-1])
+    paths = infer_module.infer(cfg)
+    assert len(paths) == 1 and paths[0].stat().st_size > 0
+    denoiser = built[0].denoiser
+    assert any(isinstance(m, Fp8Linear) for m in denoiser.modules())
+    loaded, expected = lora_state_dict(denoiser), lora_state_dict(donor)
+    assert loaded.keys() == expected.keys()
+    assert all(loaded[k].dtype == torch.float32 and torch.equal(loaded[k], expected[k]) for k in expected)
+
+
 # ---- where fp8 is not available -------------------------------------------------------------------
 
 

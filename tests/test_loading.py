@@ -144,6 +144,8 @@ def test_denoiser_from_folder_follows_its_config_json(denoiser_dir: Path, source
     assert model.config == source_denoiser.config  # hidden 48, depth 1: neither preset
     assert_same_state(model, source_denoiser)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.attention_backend == "sdpa"  # model.attention's default; the bare source runs math
+    model.set_attention_backend(source_denoiser.attention_backend)  # same kernels: bit-equal outputs
     with torch.no_grad():
         assert torch.equal(model(**denoiser_inputs()), source_denoiser(**denoiser_inputs()))
 
