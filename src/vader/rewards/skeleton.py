@@ -280,5 +280,6 @@ def reward_skeleton(reward_fn: str | dict[str, float], *, dtype: torch.dtype, hp
     parts = {name: (weight, SKELETONS[name](**options)) for name, weight in spec.items()}
     only = next(iter(parts.values()))
     reward = only[1] if len(parts) == 1 and only[0] == 1.0 else WeightedReward(parts)
+    reward = reward.to(dtype=dtype)  # as build_reward: every floating weight in dtype (the aesthetic head too)
     reward.requires_grad_(False)
     return reward.eval()
