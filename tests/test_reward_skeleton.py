@@ -238,6 +238,7 @@ def test_mix_options_and_errors() -> None:
 
 _OPENED: list[str] = []
 _AUDITING: list[bool] = []
+_HOOKED: list[bool] = []
 
 
 def _audit(event: str, args: tuple) -> None:
@@ -259,9 +260,9 @@ def test_builds_read_no_file_but_package_data(monkeypatch) -> None:
         monkeypatch.setattr(module, name, no_hub)
     for name in reward_names():
         reward_skeleton(name, dtype=torch.bfloat16)
-    if not hasattr(sys.modules[__name__], "_audit_installed"):
+    if not _HOOKED:
         sys.addaudithook(_audit)  # hooks cannot be removed; it records only while _AUDITING is set
-        sys.modules[__name__]._audit_installed = True
+        _HOOKED.append(True)
     _OPENED.clear()
     _AUDITING.append(True)
     try:
