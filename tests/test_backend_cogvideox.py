@@ -290,3 +290,67 @@ def test_text_encoder_is_freed_before_the_transformer_loads(cog_dir, monkeypatch
     monkeypatch.setattr(CogVideoXTransformer3DModel, "from_pretrained", classmethod(spy))
     CogVideoXGenerator.build(settings(cog_dir), "cpu", prompts=PROMPTS)
     assert seen == [before]
+
+
+def test_full_backprop_gradient_matches_finite_differences(cog_dir):
+    """The reward's gradient through every sampling step and the partial decode, against a central
+    difference along a random LoRA direction. Measured: 0.003% apart at eps 3e-4 (the difference's
+    O(eps^2) error: 0.3% at 1e-3, 30% at 1e-2)."""
+    from vader.rewards import build_reward
+
+    gen = CogVideoXGenerator.build(settings(cog_dir), "cpu")
+    add_random_lora(gen.denoiser, gen.lora_target_modules)
+    params = [p for n, p in gen.denoiser.named_parameters() if "lora_" in n]
+    reward = build_reward("brightness")
+
+    def brightness(cutoff: int | None) -> torch.Tensor:
+        latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0), cutoff=cutoff)
+        return reward(gen.decode(latents, [0, 9, 16]), PROMPTS).reward.mean()
+
+    brightness(0).backward()
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction, strict=True)).item()
+    eps = 3e-4
+    with torch.no_grad():
+        for p, d in zip(params, direction, strict=True):
+            p.add_(eps * d)
+        plus = brightness(None).item()
+        for p, d in zip(params, direction, strict=True):
+            p.sub_(2 * eps * d)
+        minus = brightness(None).item()
+    numeric = (plus - minus) / (2 * eps)
+    assert abs(analytic) > 1e-4
+    assert abs(numeric - analytic) <= 0.01 * abs(analytic)
+
+
+def test_short_vader_run_raises_the_reward(cog_dir):
+    """Ten steps of the training loop's recipe (backprop_mode 'last', decode_frame 'fml', LoRA,
+    AdamW) on the backend surface alone. Measured brightness on a held-out seed: 0.517 -> 0.571."""
+    import random
+
+    from vader.checkpoint import add_lora
+    from vader.frames import select_frames
+    from vader.rewards import build_reward
+    from vader.sampling import backprop_cutoff
+
+    s = settings(cog_dir)
+    gen = CogVideoXGenerator.build(s, "cpu")
+    params = add_lora(gen.denoiser, LoraConfig(r=4, lora_alpha=4, target_modules=gen.lora_target_modules))
+    reward = build_reward("brightness")
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+
+    def held_out() -> float:
+        video = gen.generate(PROMPTS, torch.Generator().manual_seed(100))
+        return reward(video, PROMPTS).reward.mean().item()
+
+    before = held_out()
+    for step in range(10):
+        rng = random.Random(step)
+        cutoff = backprop_cutoff("last", s.num_steps, rng)
+        frames = select_frames("fml", gen.num_frames, rng)
+        latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(step), cutoff=cutoff)
+        out = reward(gen.decode(latents, frames), PROMPTS)
+        optimizer.zero_grad()
+        out.loss.mean().backward()
+        optimizer.step()
+    assert held_out() - before > 0.025
