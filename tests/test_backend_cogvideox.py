@@ -246,7 +246,8 @@ def test_bad_settings_are_one_line_errors(key, value, needle):
 
 
 def test_sequence_length_must_match_the_transformer(cog_dir):
-    with pytest.raises(VaderError, match=r"max_sequence_length=32 must equal the transformer's max_text_seq_length \(16\)"):
+    with pytest.raises(VaderError,
+                       match=r"max_sequence_length=32 must equal the transformer's max_text_seq_length \(16\)"):
         CogVideoXGenerator.build(settings(cog_dir, max_sequence_length=32), "cpu")
 
 
@@ -354,3 +355,21 @@ def test_short_vader_run_raises_the_reward(cog_dir):
         out.loss.mean().backward()
         optimizer.step()
     assert held_out() - before > 0.025
+
+
+def test_from_components_samples_what_build_samples(cog_dir):
+    pipe = pipeline(cog_dir)
+    s = settings(cog_dir)
+    wrapped = CogVideoXGenerator.from_components(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                                 pipe.scheduler, s)
+    steps: list[int] = []
+
+    def progress(iterable):
+        for i in iterable:
+            steps.append(i)
+            yield i
+
+    latents = wrapped.sample_latents(PROMPTS, torch.Generator().manual_seed(0), progress=progress)
+    assert steps == [0, 1, 2]
+    built = CogVideoXGenerator.build(s, "cpu").sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, built, atol=0, rtol=0)

@@ -324,3 +324,20 @@ def test_full_backprop_gradient_matches_finite_differences(wan_dir_wide_vae):
     numeric = (plus - minus) / (2 * eps)
     assert abs(analytic) > 1e-5
     assert abs(numeric - analytic) <= 0.01 * abs(analytic)
+
+
+def test_from_components_samples_what_build_samples(wan_dir):
+    pipe = pipeline(wan_dir)
+    s = settings(wan_dir)
+    wrapped = WanGenerator.from_components(pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, s)
+    steps: list[int] = []
+
+    def progress(iterable):
+        for i in iterable:
+            steps.append(i)
+            yield i
+
+    latents = wrapped.sample_latents(PROMPTS, torch.Generator().manual_seed(0), progress=progress)
+    assert steps == [0, 1, 2]
+    built = WanGenerator.build(s, "cpu").sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, built, atol=0, rtol=0)
