@@ -341,3 +341,10 @@ def test_from_components_samples_what_build_samples(wan_dir):
     assert steps == [0, 1, 2]
     built = WanGenerator.build(s, "cpu").sample_latents(PROMPTS, torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, built, atol=0, rtol=0)
+
+
+def test_a_diffusers_without_the_classes_is_named():
+    from vader.backends.common import require_diffusers
+
+    with pytest.raises(VaderError, match=r"^model.type='wan' needs WanNoSuchModel from diffusers, which diffusers "):
+        require_diffusers("wan", "AutoencoderKLWan", "WanNoSuchModel")

@@ -36,6 +36,7 @@ from vader.backends.common import (
     load_part,
     missing_weights_message,
     parse_dtype,
+    require_diffusers,
     save_diffusers_lora,
     set_checkpointing,
 )
@@ -123,6 +124,8 @@ class CogVideoXGenerator:
               prompts: list[str] | None = None, cache=None, **overrides) -> CogVideoXGenerator:
         """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
         and release the text encoder before the transformer and the VAE load."""
+        require_diffusers("cogvideox", "AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXPipeline",
+                          "CogVideoXDDIMScheduler")
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
         from transformers import AutoTokenizer, T5EncoderModel
 

@@ -36,6 +36,16 @@ def parse_dtype(key: str, name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def require_diffusers(backend: str, *names: str) -> None:
+    """One line naming the diffusers classes this installation lacks (older releases have no Wan)."""
+    import diffusers
+
+    missing = [name for name in names if not hasattr(diffusers, name)]
+    if missing:
+        raise VaderError(f"model.type={backend!r} needs {', '.join(missing)} from diffusers, which diffusers "
+                         f"{diffusers.__version__} lacks: `pip install -U diffusers` (tested with 0.42.1)")
+
+
 @dataclass(frozen=True)
 class Component:
     """One part of a diffusers pipeline: `source` is a hub id or a folder in the pipeline layout

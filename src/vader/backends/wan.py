@@ -36,6 +36,7 @@ from vader.backends.common import (
     load_part,
     missing_weights_message,
     parse_dtype,
+    require_diffusers,
     save_diffusers_lora,
     set_checkpointing,
 )
@@ -121,6 +122,7 @@ class WanGenerator:
               prompts: list[str] | None = None, cache=None, **overrides) -> WanGenerator:
         """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
         and release the text encoder before the transformer and the VAE load."""
+        require_diffusers("wan", "AutoencoderKLWan", "WanTransformer3DModel", "WanPipeline", "FlowMatchEulerDiscreteScheduler")
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
