@@ -373,3 +373,23 @@ def test_from_components_samples_what_build_samples(cog_dir):
     assert steps == [0, 1, 2]
     built = CogVideoXGenerator.build(s, "cpu").sample_latents(PROMPTS, torch.Generator().manual_seed(0))
     torch.testing.assert_close(latents, built, atol=0, rtol=0)
+
+
+def test_meta_models_describe_the_checkpoint_without_weights(cog_dir):
+    from vader.backends.cogvideox import meta_models
+
+    meta = meta_models(settings(cog_dir))
+    gen = CogVideoXGenerator.build(settings(cog_dir), "cpu")
+    for name, loaded in (("transformer", gen.denoiser), ("vae", gen.vae)):
+        shapes = {k: tuple(v.shape) for k, v in meta[name].state_dict().items()}
+        assert shapes == {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+    assert meta["text_encoder"].config.d_model == 32
+
+    # not on this machine: the published CogVideoX-2b architecture (parameter counts as published)
+    full = meta_models(CogVideoXSettings())
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in full.items()}
+    assert round(counts["transformer"] / 1e9, 2) == 1.69
+    assert round(counts["vae"] / 1e6) == 216
+    assert round(counts["text_encoder"] / 1e9, 2) == 4.76
+    suffixes = tuple(f".{name}" for name in CogVideoXGenerator.lora_target_modules)
+    assert len([n for n, _ in full["transformer"].named_modules() if n.endswith(suffixes)]) == 30 * 4

@@ -348,3 +348,28 @@ def test_a_diffusers_without_the_classes_is_named():
 
     with pytest.raises(VaderError, match=r"^model.type='wan' needs WanNoSuchModel from diffusers, which diffusers "):
         require_diffusers("wan", "AutoencoderKLWan", "WanNoSuchModel")
+
+
+def test_meta_models_describe_the_checkpoint_without_weights(wan_dir):
+    from vader.backends.wan import meta_models
+
+    meta = meta_models(settings(wan_dir))
+    gen = WanGenerator.build(settings(wan_dir), "cpu")
+    for name, loaded in (("transformer", gen.denoiser), ("vae", gen.vae)):
+        shapes = {k: tuple(v.shape) for k, v in meta[name].state_dict().items()}
+        assert shapes == {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+        assert all(p.is_meta for p in meta[name].parameters())
+    assert meta["text_encoder"].config.d_model == 32
+
+    # not on this machine: the published Wan2.1-T2V-1.3B architecture (parameter counts as published)
+    full = meta_models(WanSettings())
+    counts = {name: sum(p.numel() for p in model.parameters()) for name, model in full.items()}
+    assert round(counts["transformer"] / 1e9, 2) == 1.42
+    assert round(counts["vae"] / 1e6) == 127
+    assert round(counts["text_encoder"] / 1e9, 2) == 5.68
+    suffixes = tuple(f".{name}" for name in WanGenerator.lora_target_modules)
+    targets = [n for n, _ in full["transformer"].named_modules() if n.endswith(suffixes)]
+    assert len(targets) == 30 * 2 * 4  # 30 blocks, self- and cross-attention, q/k/v/out
+
+    with pytest.raises(VaderError, match=r"^transformer='vader-test-absent/wan': its transformer/config.json"):
+        meta_models(WanSettings(pretrained="vader-test-absent/wan"))

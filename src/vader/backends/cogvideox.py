@@ -30,6 +30,7 @@ from vader.backends.common import (
     TRANSFORMERS_WEIGHTS,
     Component,
     PromptEncoder,
+    architecture_config,
     check_frames,
     check_weights,
     decode_until,
@@ -44,6 +45,11 @@ from vader.errors import VaderError
 
 COGVIDEOX_REPO = "THUDM/CogVideoX-2b"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the joint text-video attention of every block
+# The published architecture, for describing the model without its files: CogVideoX-2b is the defaults of
+# CogVideoXTransformer3DModel (1.69B parameters) and AutoencoderKLCogVideoX (216M); its text encoder is
+# T5 v1.1 XXL's encoder (4.76B).
+T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+          "feed_forward_proj": "gated-gelu"}
 
 
 @dataclass
@@ -104,6 +110,23 @@ class CogVideoXSettings:
 def missing_weights(settings: CogVideoXSettings) -> str | None:
     """The one-line message `build` would raise for absent weights, or None (for a preflight)."""
     return missing_weights_message(list(settings.components().values()))
+
+
+def meta_models(settings: CogVideoXSettings | None = None) -> dict[str, nn.Module]:
+    """Transformer, VAE and text encoder on the meta device (shapes, no memory, nothing downloaded):
+    from the checkpoint's own configs when they are on this machine, else the published CogVideoX-2b."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import AutoConfig, T5Config, T5EncoderModel
+
+    parts = (settings or CogVideoXSettings()).components()
+    transformer = architecture_config(parts["transformer"], CogVideoXTransformer3DModel.load_config,
+                                      COGVIDEOX_REPO, {})
+    vae = architecture_config(parts["vae"], AutoencoderKLCogVideoX.load_config, COGVIDEOX_REPO, {})
+    text = architecture_config(parts["text_encoder"], AutoConfig.from_pretrained, COGVIDEOX_REPO,
+                               T5Config(**T5_XXL))
+    with torch.device("meta"):
+        return {"transformer": CogVideoXTransformer3DModel.from_config(transformer),
+                "vae": AutoencoderKLCogVideoX.from_config(vae), "text_encoder": T5EncoderModel(text)}
 
 
 @dataclass

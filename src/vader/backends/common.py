@@ -178,6 +178,36 @@ def load_part(part: Component, loader: Callable[..., object], **kwargs) -> objec
         raise VaderError(f"{part.name}={part.source!r}: could not load {part.subfolder} ({first})") from None
 
 
+# ---- architecture without weights ------------------------------------------------------------------
+
+
+def local_config(part: Component, read: Callable[..., object]) -> object | None:
+    """`read(name_or_path, subfolder=..., local_files_only=True)` (a class's config reader) when the
+    part's config is on this machine (folder or HF cache), else None. Never downloads."""
+    path, sub = part.location()
+    kwargs = {"local_files_only": True}
+    if sub is not None:
+        kwargs["subfolder"] = sub
+    try:
+        return read(path, **kwargs)
+    except (OSError, ValueError):
+        return None
+
+
+def architecture_config(part: Component, read: Callable[..., object], published_repo: str,
+                        published: object) -> object:
+    """The part's own config when it is on this machine; the published architecture for the
+    published repo otherwise; a one-line error for any other source whose config is absent."""
+    found = local_config(part, read)
+    if found is not None:
+        return found
+    if part.source == published_repo:
+        return published
+    raise VaderError(f"{part.name}={part.source!r}: its {part.subfolder}/{part.config_file} is not on this "
+                     f"machine, so its architecture is unknown; fetch it (`hf download {part.source} "
+                     f"--include '{part.subfolder}/*.json'`) or point {part.name} at a local folder")
+
+
 # ---- text ---------------------------------------------------------------------------------------
 
 

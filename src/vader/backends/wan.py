@@ -30,6 +30,7 @@ from vader.backends.common import (
     TRANSFORMERS_WEIGHTS,
     Component,
     PromptEncoder,
+    architecture_config,
     check_frames,
     check_weights,
     decode_until,
@@ -44,6 +45,16 @@ from vader.errors import VaderError
 
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # self- and cross-attention projections of every block
+# The published architecture, for describing the model without its files: diffusers'
+# convert_wan_to_diffusers.py "Wan-T2V-1.3B" (1.419B parameters); the VAE is AutoencoderKLWan's defaults
+# (127M); the text encoder is google/umt5-xxl's encoder (5.68B).
+WAN_1_3B_TRANSFORMER = {
+    "added_kv_proj_dim": None, "attention_head_dim": 128, "cross_attn_norm": True, "eps": 1e-06, "ffn_dim": 8960,
+    "freq_dim": 256, "in_channels": 16, "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+    "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "text_dim": 4096,
+}
+UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
+            "feed_forward_proj": "gated-gelu"}
 @dataclass
 class WanSettings:
     """Everything a Wan backend needs; each component is a hub id or a folder (the diffusers layout:
@@ -103,6 +114,22 @@ class WanSettings:
 def missing_weights(settings: WanSettings) -> str | None:
     """The one-line message `build` would raise for absent weights, or None (for a preflight)."""
     return missing_weights_message(list(settings.components().values()))
+
+
+def meta_models(settings: WanSettings | None = None) -> dict[str, nn.Module]:
+    """Transformer, VAE and text encoder on the meta device (shapes, no memory, nothing downloaded):
+    from the checkpoint's own configs when they are on this machine, else the published Wan2.1-T2V-1.3B."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoConfig, UMT5Config, UMT5EncoderModel
+
+    parts = (settings or WanSettings()).components()
+    transformer = architecture_config(parts["transformer"], WanTransformer3DModel.load_config, WAN_REPO,
+                                      WAN_1_3B_TRANSFORMER)
+    vae = architecture_config(parts["vae"], AutoencoderKLWan.load_config, WAN_REPO, {})
+    text = architecture_config(parts["text_encoder"], AutoConfig.from_pretrained, WAN_REPO, UMT5Config(**UMT5_XXL))
+    with torch.device("meta"):
+        return {"transformer": WanTransformer3DModel.from_config(transformer),
+                "vae": AutoencoderKLWan.from_config(vae), "text_encoder": UMT5EncoderModel(text)}
 
 
 @dataclass
