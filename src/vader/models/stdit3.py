@@ -171,8 +171,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, s
     The default path is the reference's: q pre-scaled, logits upcast to fp32 for the softmax,
     probabilities cast back to q's dtype; it keeps every [seq, seq] probability matrix for
     backward. `sdpa=True` uses PyTorch's fused kernels instead (flash / memory-efficient on GPUs,
-    fp32 accumulation inside, no attention matrix kept; not bit-identical: about 1e-6 of the
-    output's scale in fp32, a few bf16 ulps in bf16 — tests/test_attention.py).
+    fp32 accumulation inside, no attention matrix kept; not bit-identical: the denoiser's output
+    moves by about 1e-6 of its scale in fp32 and 1% in bf16, as far from fp32 as math's own bf16
+    rounding; tests/test_attention.py).
     """
     if sdpa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
