@@ -393,3 +393,27 @@ def test_meta_models_describe_the_checkpoint_without_weights(cog_dir):
     assert round(counts["text_encoder"] / 1e9, 2) == 4.76
     suffixes = tuple(f".{name}" for name in CogVideoXGenerator.lora_target_modules)
     assert len([n for n, _ in full["transformer"].named_modules() if n.endswith(suffixes)]) == 30 * 4
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["cfg", "dynamic-cfg"])
+def test_training_step_runs_on_fake_tensors(cog_dirs, dynamic):
+    """`vader plan` runs the step under FakeTensorMode on meta-built models: no value may be read."""
+    from vader.backends.cogvideox import meta_models
+    from vader.memory import fake_mode, materialise
+
+    s = settings(cog_dirs["5b"], dtype="bf16", vae_dtype="bf16", use_dynamic_cfg=dynamic)
+    models = meta_models(s)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=CogVideoXGenerator.lora_target_modules),
+                            models["transformer"])
+    scheduler = CogVideoXDDIMScheduler.from_pretrained(cog_dirs["5b"], subfolder="scheduler")
+    with fake_mode():
+        transformer = materialise(models["transformer"], torch.bfloat16, trainable="lora_")
+        vae = materialise(models["vae"], torch.bfloat16)
+        gen = CogVideoXGenerator.from_components(transformer, vae, None, None, scheduler, s)
+        for prompt in (PROMPTS[0], NEGATIVE):
+            gen.embeddings[prompt] = torch.zeros(1, 16, 32, dtype=torch.bfloat16)
+        video = gen.decode(gen.sample_latents(PROMPTS[:1], torch.Generator().manual_seed(0), cutoff=2), [0, 9])
+        video.mean().backward()
+        assert video.shape == (1, 3, 2, 16, 16)
+        lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
+        assert lora and all(p.requires_grad and p.grad is not None for p in lora)

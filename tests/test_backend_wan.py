@@ -373,3 +373,24 @@ def test_meta_models_describe_the_checkpoint_without_weights(wan_dir):
 
     with pytest.raises(VaderError, match=r"^transformer='vader-test-absent/wan': its transformer/config.json"):
         meta_models(WanSettings(pretrained="vader-test-absent/wan"))
+
+
+def test_training_step_runs_on_fake_tensors(wan_dir):
+    """`vader plan` runs the step under FakeTensorMode on meta-built models: no value may be read."""
+    from vader.backends.wan import meta_models
+    from vader.memory import fake_mode, materialise
+
+    s = settings(wan_dir, dtype="bf16")
+    models = meta_models(s)
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=WanGenerator.lora_target_modules), models["transformer"])
+    with fake_mode():
+        transformer = materialise(models["transformer"], torch.bfloat16, trainable="lora_")
+        vae = materialise(models["vae"], torch.float32)
+        gen = WanGenerator.from_components(transformer, vae, None, None, s)
+        for prompt in (PROMPTS[0], NEGATIVE):
+            gen.embeddings[prompt] = torch.zeros(1, 16, 32, dtype=torch.bfloat16)
+        video = gen.decode(gen.sample_latents(PROMPTS[:1], torch.Generator().manual_seed(0), cutoff=2), [0, 5])
+        video.mean().backward()
+        assert video.shape == (1, 3, 2, 32, 32)
+        lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
+        assert lora and all(p.requires_grad and p.grad is not None for p in lora)

@@ -2,7 +2,8 @@
 
 CogVideoXTransformer3DModel + AutoencoderKLCogVideoX + T5 (transformers), sampled with the
 v-prediction DDIM step of CogVideoXDDIMScheduler (its config read from the checkpoint's
-`scheduler/`) and classifier-free guidance as CogVideoXPipeline runs it: one transformer pass on the
+`scheduler/`; timesteps and coefficients computed by the scheduler before sampling, its `step`
+written out term by term so that the loop also runs on fake tensors) and classifier-free guidance as CogVideoXPipeline runs it: one transformer pass on the
 batch [negative, prompt], `uncond + g * (cond - uncond)`, optionally the pipeline's dynamic guidance
 (`use_dynamic_cfg`). With fp32 weights the latents equal `CogVideoXPipeline(..., output_type="latent")`
 (our latents are [B, C, T, H, W]; the pipeline's are [B, T, C, H, W]).
@@ -30,6 +31,7 @@ from vader.backends.common import (
     TRANSFORMERS_WEIGHTS,
     Component,
     PromptEncoder,
+    adopt,
     architecture_config,
     check_frames,
     check_weights,
@@ -37,6 +39,7 @@ from vader.backends.common import (
     load_part,
     missing_weights_message,
     parse_dtype,
+    real_tensors,
     require_diffusers,
     save_diffusers_lora,
     set_checkpointing,
@@ -129,6 +132,19 @@ def meta_models(settings: CogVideoXSettings | None = None) -> dict[str, nn.Modul
                 "vae": AutoencoderKLCogVideoX.from_config(vae), "text_encoder": T5EncoderModel(text)}
 
 
+@dataclass(frozen=True)
+class DDIMStep:
+    """One sampling step: timestep, sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t), the step's mixing
+    coefficients a (of x_t) and b (of the predicted x_0), and the guidance scale."""
+
+    t: Tensor
+    sqrt_alpha: Tensor
+    sqrt_beta: Tensor
+    a: Tensor
+    b: Tensor
+    guidance: float
+
+
 @dataclass
 class CogVideoXGenerator:
     denoiser: nn.Module  # CogVideoXTransformer3DModel
@@ -139,6 +155,7 @@ class CogVideoXGenerator:
     device: torch.device
     dtype: torch.dtype
     embeddings: dict[str, Tensor] = field(default_factory=dict)
+    _schedule: tuple | None = field(default=None, repr=False)
 
     lora_target_modules = LORA_TARGETS
 
@@ -194,8 +211,8 @@ class CogVideoXGenerator:
         return gen
 
     def _adopt_models(self) -> None:
-        self.denoiser.to(self.device).eval().requires_grad_(False)
-        self.vae.to(self.device).eval().requires_grad_(False)
+        adopt(self.denoiser, self.device)
+        adopt(self.vae, self.device)
         tcfg = self.denoiser.config
         if tcfg.patch_size_t is not None:
             raise VaderError(f"transformer={self.settings.transformer or self.settings.pretrained!r} is CogVideoX 1.5 "
@@ -266,13 +283,29 @@ class CogVideoXGenerator:
                 self.settings.width // self._spatial)
 
     # ---- sampling ----
-    def scheduler(self):
-        """A fresh CogVideoXDDIMScheduler (the checkpoint's config) set to this run's steps."""
+    def schedule(self) -> list[DDIMStep]:
+        """CogVideoXDDIMScheduler's timesteps (the checkpoint's config, this run's step count) with each
+        step's coefficients taken as its `step` computes them: real tensors, computed once per setting."""
         from diffusers import CogVideoXDDIMScheduler
 
-        sched = CogVideoXDDIMScheduler.from_config(self.scheduler_config)
-        sched.set_timesteps(self.settings.num_steps, device=self.device)
-        return sched
+        key = (self.settings.num_steps, self.settings.guidance_scale, self.settings.use_dynamic_cfg, self.device)
+        if self._schedule is not None and self._schedule[0] == key:
+            return self._schedule[1]
+        with real_tensors():
+            sched = CogVideoXDDIMScheduler.from_config(self.scheduler_config)
+            sched.set_timesteps(self.settings.num_steps, device=self.device)
+            steps = []
+            for t in sched.timesteps:
+                # CogVideoXDDIMScheduler.step with eta = 0, term by term
+                prev = t - sched.config.num_train_timesteps // sched.num_inference_steps
+                alpha = sched.alphas_cumprod[t]
+                alpha_prev = sched.alphas_cumprod[prev] if prev >= 0 else sched.final_alpha_cumprod
+                beta = 1 - alpha
+                a = ((1 - alpha_prev) / (1 - alpha)) ** 0.5
+                steps.append(DDIMStep(t, alpha**0.5, beta**0.5, a, alpha_prev**0.5 - alpha**0.5 * a,
+                                      self._guidance_at(t)))
+        self._schedule = (key, steps)
+        return steps
 
     def initial_noise(self, batch: int, generator: torch.Generator) -> Tensor:
         """Noise [B, T, C, H, W] (the pipeline's layout) drawn as CogVideoXPipeline draws it."""
@@ -296,7 +329,7 @@ class CogVideoXGenerator:
                                        grid_size=(grid_h, grid_w), temporal_size=self.latent_shape[1],
                                        device=self.device)
 
-    def guidance_at(self, t: Tensor) -> float:
+    def _guidance_at(self, t: Tensor) -> float:
         g = self.settings.guidance_scale
         if not self.settings.use_dynamic_cfg:
             return g
@@ -315,22 +348,24 @@ class CogVideoXGenerator:
             negative = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1)
             text = torch.cat([negative, text])
         text = text.to(model_dtype)
-        sched = self.scheduler()
-        rotary = self.rotary_embeddings()
+        steps = self.schedule()
+        with real_tensors():
+            rotary = self.rotary_embeddings()
         set_checkpointing(self.denoiser, grad_checkpoint)
-        z = self.initial_noise(n, generator) * sched.init_noise_sigma
-        steps = range(len(sched.timesteps))
-        for i in progress(steps) if progress else steps:
-            t = sched.timesteps[i]
+        z = self.initial_noise(n, generator)  # DDIM's init_noise_sigma is 1
+        indices = range(len(steps))
+        for i in progress(indices) if progress else indices:
+            step = steps[i]
             with torch.set_grad_enabled(cutoff is not None and i >= cutoff):
-                x = torch.cat([z, z]) if self.uses_guidance else z
-                x = sched.scale_model_input(x, t).to(model_dtype)
-                v = self.denoiser(hidden_states=x, encoder_hidden_states=text, timestep=t.expand(x.shape[0]),
+                # DDIM's scale_model_input is the identity
+                x = (torch.cat([z, z]) if self.uses_guidance else z).to(model_dtype)
+                v = self.denoiser(hidden_states=x, encoder_hidden_states=text, timestep=step.t.expand(x.shape[0]),
                                   image_rotary_emb=rotary, return_dict=False)[0].float()
                 if self.uses_guidance:
                     v_uncond, v_cond = v.chunk(2)
-                    v = v_uncond + self.guidance_at(t) * (v_cond - v_uncond)
-                z = sched.step(v, t, z, return_dict=False)[0]  # v-prediction DDIM, eta = 0
+                    v = v_uncond + step.guidance * (v_cond - v_uncond)
+                x0 = step.sqrt_alpha * z - step.sqrt_beta * v  # v-prediction
+                z = step.a * z + step.b * x0
         return z.permute(0, 2, 1, 3, 4)
 
     # ---- decoding ----

@@ -4,6 +4,7 @@ that `EmbeddingCache` accepts, decoding only the chunks a causal VAE needs, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -309,6 +310,29 @@ def save_diffusers_lora(pipeline_class: type, lora: nn.Module | dict[str, Tensor
 
 
 # ---- sampling ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def real_tensors() -> Iterator[None]:
+    """Suspend an active FakeTensorMode (`vader plan` runs the step on fake tensors) while a schedule
+    is computed: schedulers read values (`.item()`, indexing by a timestep), which fake tensors lack."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        yield
+
+
+def adopt(model: nn.Module, device: torch.device) -> None:
+    """Eval mode, base weights frozen (an injected LoRA keeps its requires_grad), on `device`.
+
+    Moves only what is elsewhere: Module.to() on fake tensors (`vader plan`) would try to swap them."""
+    if any(t.device != device for t in (*model.parameters(), *model.buffers())):
+        model.to(device)
+    model.eval()
+    for name, p in model.named_parameters():
+        if "lora_" not in name:
+            p.requires_grad_(False)
+
 
 def set_checkpointing(model: nn.Module, enabled: bool) -> None:
     """diffusers' per-block activation checkpointing; it acts only in steps that record a graph."""

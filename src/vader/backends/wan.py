@@ -30,6 +30,7 @@ from vader.backends.common import (
     TRANSFORMERS_WEIGHTS,
     Component,
     PromptEncoder,
+    adopt,
     architecture_config,
     check_frames,
     check_weights,
@@ -37,6 +38,7 @@ from vader.backends.common import (
     load_part,
     missing_weights_message,
     parse_dtype,
+    real_tensors,
     require_diffusers,
     save_diffusers_lora,
     set_checkpointing,
@@ -141,6 +143,7 @@ class WanGenerator:
     device: torch.device
     dtype: torch.dtype
     embeddings: dict[str, Tensor] = field(default_factory=dict)
+    _schedule: tuple | None = field(default=None, repr=False)
 
     lora_target_modules = LORA_TARGETS
 
@@ -191,8 +194,8 @@ class WanGenerator:
         return gen
 
     def _adopt_models(self) -> None:
-        self.denoiser.to(self.device).eval().requires_grad_(False)
-        self.vae.to(self.device).eval().requires_grad_(False)
+        adopt(self.denoiser, self.device)
+        adopt(self.vae, self.device)
         patch = self.denoiser.config.patch_size
         multiple = self.vae.config.scale_factor_spatial * patch[1]
         self.settings.validate(spatial_multiple=multiple, temporal=self.vae.config.scale_factor_temporal)
@@ -259,13 +262,18 @@ class WanGenerator:
                 self.settings.width // cfg.scale_factor_spatial)
 
     # ---- sampling ----
-    def scheduler(self):
-        """A fresh flow-matching Euler scheduler with this run's shift and step count."""
+    def schedule(self) -> tuple[Tensor, Tensor]:
+        """(timesteps [N], sigmas [N + 1]) of diffusers' FlowMatchEulerDiscreteScheduler with this run's
+        shift and step count: real tensors on the device, computed once per setting."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.settings.shift)
-        sched.set_timesteps(self.settings.num_steps, device=self.device)
-        return sched
+        key = (self.settings.num_steps, self.settings.shift, self.device)
+        if self._schedule is None or self._schedule[0] != key:
+            with real_tensors():
+                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.settings.shift)
+                sched.set_timesteps(self.settings.num_steps, device=self.device)
+                self._schedule = (key, sched.timesteps, sched.sigmas)
+        return self._schedule[1], self._schedule[2]
 
     def initial_noise(self, batch: int, generator: torch.Generator) -> Tensor:
         """fp32 noise drawn as WanPipeline draws it from the same generator."""
@@ -283,8 +291,7 @@ class WanGenerator:
         uncond = None
         if self.uses_guidance:
             uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(model_dtype)
-        sched = self.scheduler()
-        timesteps, sigmas = sched.timesteps, sched.sigmas
+        timesteps, sigmas = self.schedule()
         set_checkpointing(self.denoiser, grad_checkpoint)
         z = self.initial_noise(n, generator)
         steps = range(len(timesteps))
