@@ -141,6 +141,25 @@ def test_frozen_weight_memory_halves() -> None:
     assert _weight_bytes(xl) <= 0.51 * xl_bf16
 
 
+def test_published_weights_load_into_fp8(tmp_path) -> None:
+    """`model.from_pretrained` folders (the hub layout) load strictly, then every Linear is quantised."""
+    from test_loading import hub_stdit3_config, write_checkpoint
+
+    from vader.models.presets import load_denoiser
+
+    source = tiny(torch.float32, attention="math")
+    folder = write_checkpoint(tmp_path / "stdit", source.state_dict(), hub_stdit3_config(source.config))
+    model = load_denoiser(str(folder), dtype=denoiser_dtype("fp8"))
+    assert model.attention_backend == "sdpa" and model.config == source.config
+    for name, module in source.named_modules():
+        if isinstance(module, nn.Linear):
+            loaded = model.get_submodule(name)
+            assert isinstance(loaded, Fp8Linear)
+            # quantised from the bf16 copy that is read: at most 2^-9 from fp32 and 2^-4 more
+            assert torch.allclose(loaded.weight.float(), module.weight, rtol=2**-4 + 2**-8, atol=1e-6)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
 def test_fp8_output_is_the_bf16_model_with_e4m3_weights() -> None:
     """The fp8 denoiser computes exactly what the bf16 denoiser computes with each Linear weight
     replaced by its per-channel e4m3 rounding: the only difference is the weights' rounding."""
