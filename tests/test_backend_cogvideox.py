@@ -417,3 +417,18 @@ def test_training_step_runs_on_fake_tensors(cog_dirs, dynamic):
         assert video.shape == (1, 3, 2, 16, 16)
         lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
         assert lora and all(p.requires_grad and p.grad is not None for p in lora)
+
+
+def test_checkpointed_decode_equals_plain_decode(cog_dir):
+    gen = CogVideoXGenerator.build(settings(cog_dir), "cpu")
+    latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(0))
+    grads, videos = [], []
+    for flag in (False, True):
+        z = latents.clone().requires_grad_(True)
+        video = gen.decode(z, [3, 12], grad_checkpoint=flag)
+        assert gen.vae.is_gradient_checkpointing is flag
+        video.square().sum().backward()
+        videos.append(video.detach())
+        grads.append(z.grad)
+    torch.testing.assert_close(videos[1], videos[0], atol=0, rtol=0)
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
