@@ -3,6 +3,8 @@ the diffusers layout and loaded back through `from_pretrained`, compared with di
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -209,6 +211,11 @@ def test_lora_saved_in_diffusers_format_loads_into_the_pipeline(wan_dir, tmp_pat
     first, second = (load_file(f / "pytorch_lora_weights.safetensors") for f in (folder, again))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert all(k.startswith("transformer.blocks.") for k in first)
+    inferred = gen.save_lora_diffusers(gen.denoiser, tmp_path / "inferred")  # the config peft recorded
+    from safetensors import safe_open
+
+    with safe_open(str(inferred / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"] == 8
     with pytest.raises(ValueError, match="LoraConfig"):
         gen.save_lora_diffusers(get_peft_model_state_dict(gen.denoiser), tmp_path / "x")
 

@@ -342,12 +342,11 @@ class CogVideoXGenerator:
         through steps >= cutoff (None: no gradients)."""
         self.encode_prompts(prompts)
         n = len(prompts)
-        model_dtype = self.dtype
         text = torch.cat([self.embeddings[p] for p in prompts])
         if self.uses_guidance:
             negative = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1)
             text = torch.cat([negative, text])
-        text = text.to(model_dtype)
+        text = text.to(self.dtype)
         steps = self.schedule()
         with real_tensors():
             rotary = self.rotary_embeddings()
@@ -358,7 +357,7 @@ class CogVideoXGenerator:
             step = steps[i]
             with torch.set_grad_enabled(cutoff is not None and i >= cutoff):
                 # DDIM's scale_model_input is the identity
-                x = (torch.cat([z, z]) if self.uses_guidance else z).to(model_dtype)
+                x = (torch.cat([z, z]) if self.uses_guidance else z).to(self.dtype)
                 v = self.denoiser(hidden_states=x, encoder_hidden_states=text, timestep=step.t.expand(x.shape[0]),
                                   image_rotary_emb=rotary, return_dict=False)[0].float()
                 if self.uses_guidance:

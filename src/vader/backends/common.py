@@ -26,8 +26,6 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "py
                         "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json",)
 SCHEDULER_FILES = ("scheduler_config.json",)
-
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -280,10 +278,9 @@ def peft_state_and_config(lora: nn.Module | dict[str, Tensor], config=None):
     from peft import get_peft_model_state_dict
 
     if isinstance(lora, nn.Module):
-        model = getattr(lora, "base_model", lora) if hasattr(lora, "peft_config") else lora
-        configs = getattr(lora, "peft_config", None) or getattr(model, "peft_config", None) or {}
-        if config is None and configs:
-            config = configs.get("default") or next(iter(configs.values()))
+        if config is None:  # peft records the adapter's config on the model it injects into
+            configs = getattr(lora, "peft_config", None) or {}
+            config = configs.get("default") or next(iter(configs.values()), None)
         state = get_peft_model_state_dict(lora)
     else:
         state = dict(lora)

@@ -57,6 +57,8 @@ WAN_1_3B_TRANSFORMER = {
 }
 UMT5_XXL = {"vocab_size": 256384, "d_model": 4096, "d_kv": 64, "d_ff": 10240, "num_layers": 24, "num_heads": 64,
             "feed_forward_proj": "gated-gelu"}
+
+
 @dataclass
 class WanSettings:
     """Everything a Wan backend needs; each component is a hub id or a folder (the diffusers layout:
@@ -152,7 +154,8 @@ class WanGenerator:
               prompts: list[str] | None = None, cache=None, **overrides) -> WanGenerator:
         """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
         and release the text encoder before the transformer and the VAE load."""
-        require_diffusers("wan", "AutoencoderKLWan", "WanTransformer3DModel", "WanPipeline", "FlowMatchEulerDiscreteScheduler")
+        require_diffusers("wan", "AutoencoderKLWan", "WanTransformer3DModel", "WanPipeline",
+                          "FlowMatchEulerDiscreteScheduler")
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -286,11 +289,10 @@ class WanGenerator:
         through steps >= cutoff (None: no gradients)."""
         self.encode_prompts(prompts)
         n = len(prompts)
-        model_dtype = self.dtype
-        cond = torch.cat([self.embeddings[p] for p in prompts]).to(model_dtype)
+        cond = torch.cat([self.embeddings[p] for p in prompts]).to(self.dtype)
         uncond = None
         if self.uses_guidance:
-            uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(model_dtype)
+            uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(self.dtype)
         timesteps, sigmas = self.schedule()
         set_checkpointing(self.denoiser, grad_checkpoint)
         z = self.initial_noise(n, generator)
