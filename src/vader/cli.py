@@ -5,6 +5,7 @@
     vader run CONFIG [--key value ...]       the original script's behaviour: follows is_vader_training
     vader config CONFIG [--key value ...]    print the resolved, validated config (loads no model)
     vader inspect CONFIG [--part P] [--keys] parameter counts / LoRA targets / key listing, on meta
+    vader plan CONFIG [--budget 24GiB] [--fit] peak GPU memory, what holds it, FLOPs; the knobs that fit
     vader score --reward NAME [--prompt TEXT | --prompts FILE] VIDEO...   score mp4 files, print a table
 
 Overrides use the config's key names (`--lr 1e-4`, `--scheduler.num_sampling_steps 10`) and accept
@@ -28,6 +29,8 @@ COMMANDS = {
               "without loading any model",
     "score": "score existing mp4 files with any reward: vader score --reward NAME --prompt TEXT VIDEO...",
     "inspect": "parameter counts, LoRA targets and (--keys) state-dict keys, from the meta device (no download)",
+    "plan": "peak memory of a training step and an inference batch at full size (fake tensors: no weights, no "
+            "GPU), what holds it, FLOPs and step time; --fit finds the knobs that fit --budget",
 }
 
 
@@ -50,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
         if name == "inspect":
             p.add_argument("--part", choices=["denoiser", "vae", "text_encoder"], help="only this model")
             p.add_argument("--keys", action="store_true", help="print every state-dict key<TAB>shape")
+        if name == "plan":
+            p.add_argument("--budget", help="GPU memory to fit, e.g. 24GiB (GB and a bare number mean GiB)")
+            p.add_argument("--fit", action="store_true", help="find the fastest knob settings within --budget")
+            p.add_argument("--gpu", help="card for the step-time estimate: H200, H100 (default), A100, L40S, "
+                                         "A6000, RTX4090, A10G, V100")
+            p.add_argument("--tflops", type=float, help="the card's dense bf16 TFLOP/s instead of --gpu")
+            p.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation for the estimate")
+            p.add_argument("--all-steps", action="store_true", dest="all_steps",
+                           help="run every sampling step (default: one no-gradient step, FLOPs multiplied)")
     return parser
 
 
@@ -112,6 +124,12 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         load_config_file(args.config)  # the key table is only printed for a config that exists and reads
         for key, default, doc in describe_keys():
             print(f"{key:34s} {default:32s} {doc}")
+        return 0
+    if args.command == "plan":
+        from vader.plan import plan_main
+
+        print(plan_main(args.config, overrides, budget=args.budget, do_fit=args.fit, gpu=args.gpu,
+                        tflops=args.tflops, mfu=args.mfu, all_steps=args.all_steps))
         return 0
     cfg = load_config(args.config, overrides)
     if args.command == "inspect":

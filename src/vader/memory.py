@@ -28,10 +28,13 @@ __all__ = ["LiveBytes", "fake_mode", "materialise"]
 
 
 class LiveBytes(TorchDispatchMode):
-    """Live bytes of every storage created while active, by label; the peak and its breakdown.
+    """Live bytes of every storage created while active, by label; the peak and its breakdown; and
+    the FLOPs of every op by label (torch.utils.flop_counter's formulas).
 
     Labels come from `phase(...)`; `relabel` moves existing storages (e.g. parameter gradients once
-    backward made them) to another label without changing the total.
+    backward made them) to another label without changing the total. FLOPs are counted here rather
+    than by FlopCounterMode because its module tracker keeps references to activations alive (under
+    gradient checkpointing it held every recomputed block to the end of backward: 2x the peak).
     """
 
     def __init__(self) -> None:
@@ -43,6 +46,10 @@ class LiveBytes(TorchDispatchMode):
         self.at_peak: dict[str, int] = {}
         self.peak_label = "other"  # the phase running when the peak was reached
         self._live: dict[int, list[Any]] = {}  # id(storage) -> [bytes, label, weakref]
+        self.flops: dict[str, float] = {}
+        from torch.utils.flop_counter import flop_registry
+
+        self._flop_formulas = flop_registry
 
     @contextlib.contextmanager
     def phase(self, label: str) -> Iterator[None]:
@@ -88,7 +95,11 @@ class LiveBytes(TorchDispatchMode):
             self.by_label[label] = self.by_label.get(label, 0) + entry[0]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self._flop_formulas.get(func._overloadpacket)
+        if formula is not None:
+            self.flops[self.label] = self.flops.get(self.label, 0) + formula(*args, **kwargs, out_val=out)
         for item in tree_flatten(out)[0]:
             if isinstance(item, torch.Tensor):
                 self.add(item)
