@@ -401,3 +401,38 @@ def test_training_step_runs_on_fake_tensors(wan_dir):
         assert video.shape == (1, 3, 2, 32, 32)
         lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
         assert lora and all(p.requires_grad and p.grad is not None for p in lora)
+
+
+def test_short_vader_run_raises_the_reward(wan_dir_wide_vae):
+    """Twenty steps of the training loop's recipe (backprop_mode 'last', decode_frame 'fml', LoRA,
+    AdamW) on the backend surface alone, scored on the same frames of a held-out seed. Measured
+    brightness: 0.446 -> 0.469. (With the base_dim 3 VAE brightness barely depends on the latents.)"""
+    import random
+
+    from vader.checkpoint import add_lora
+    from vader.frames import select_frames
+    from vader.rewards import build_reward
+    from vader.sampling import backprop_cutoff
+
+    s = settings(wan_dir_wide_vae)
+    gen = WanGenerator.build(s, "cpu")
+    params = add_lora(gen.denoiser, LoraConfig(r=4, lora_alpha=4, target_modules=gen.lora_target_modules))
+    reward = build_reward("brightness")
+    optimizer = torch.optim.AdamW(params, lr=3e-2)
+    frames = select_frames("fml", gen.num_frames, random.Random(0))
+
+    @torch.no_grad()
+    def held_out() -> float:
+        video = gen.decode(gen.sample_latents(PROMPTS, torch.Generator().manual_seed(100)), frames)
+        return reward(video, PROMPTS).reward.mean().item()
+
+    before = held_out()
+    for step in range(20):
+        rng = random.Random(step)
+        cutoff = backprop_cutoff("last", s.num_steps, rng)
+        latents = gen.sample_latents(PROMPTS, torch.Generator().manual_seed(step), cutoff=cutoff)
+        out = reward(gen.decode(latents, select_frames("fml", gen.num_frames, rng)), PROMPTS)
+        optimizer.zero_grad()
+        out.loss.mean().backward()
+        optimizer.step()
+    assert held_out() - before > 0.008
