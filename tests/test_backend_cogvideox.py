@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "CogVideoXPipeline"):  # the declared floor (0.30) predates some backends
+    pytest.skip(f"diffusers {diffusers.__version__} has no CogVideoXPipeline", allow_module_level=True)
 
 from diffusers import (  # noqa: E402
     AutoencoderKLCogVideoX,

@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
+diffusers = pytest.importorskip("diffusers")
+if not hasattr(diffusers, "WanPipeline"):  # the declared floor (0.30) predates some backends
+    pytest.skip(f"diffusers {diffusers.__version__} has no WanPipeline", allow_module_level=True)
 
 from diffusers import (  # noqa: E402
     AutoencoderKLWan,
