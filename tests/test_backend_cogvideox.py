@@ -22,7 +22,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import T5Config, T5EncoderModel  # noqa: E402
 
 from vader.backends import VideoBackend, backend_class, settings_class  # noqa: E402
-from vader.backends.cogvideox import CogVideoXGenerator, CogVideoXSettings  # noqa: E402
+from vader.backends.cogvideox import CogVideoXGenerator, CogVideoXSettings, missing_weights  # noqa: E402
 from vader.errors import VaderError  # noqa: E402
 from vader.models.text import EmbeddingCache, tiny_t5_tokenizer  # noqa: E402
 
@@ -225,7 +225,7 @@ def test_lora_saved_in_diffusers_format_loads_into_the_pipeline(cog_dir, tmp_pat
     assert all(k.startswith("transformer.transformer_blocks.") for k in first)
 
 
-def test_missing_weights_offline_name_every_repo_in_one_line():
+def test_missing_weights_offline_name_every_repo_in_one_line(cog_dir):
     s = CogVideoXSettings(pretrained="vader-test-absent/cogvideox-main", text_encoder="vader-test-absent/t5")
     with pytest.raises(VaderError) as info:
         CogVideoXGenerator.build(s, "cpu")
@@ -234,6 +234,8 @@ def test_missing_weights_offline_name_every_repo_in_one_line():
     assert "vader-test-absent/cogvideox-main (tokenizer, transformer, vae, scheduler)" in message
     assert "vader-test-absent/t5 (text_encoder)" in message
     assert "hf download vader-test-absent/cogvideox-main && hf download vader-test-absent/t5" in message
+    assert missing_weights(s) == message
+    assert missing_weights(settings(cog_dir)) is None
 
 
 @pytest.mark.parametrize(("key", "value", "needle"), [

@@ -23,7 +23,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
 
 from vader.backends import VideoBackend, backend_class, settings_class  # noqa: E402
-from vader.backends.wan import WanGenerator, WanSettings  # noqa: E402
+from vader.backends.wan import WanGenerator, WanSettings, missing_weights  # noqa: E402
 from vader.errors import VaderError  # noqa: E402
 from vader.models.text import EmbeddingCache, tiny_t5_tokenizer  # noqa: E402
 
@@ -233,6 +233,11 @@ def test_missing_weights_offline_name_every_repo_in_one_line(tmp_path):
     assert "vader-test-absent/wan-vae (vae)" in message
     assert "hf download vader-test-absent/wan-main && hf download vader-test-absent/wan-vae" in message
     assert f"tokenizer={str(tmp_path / 'no-such-folder')!r}" in message
+    assert missing_weights(s) == message  # the same check, for a preflight before anything loads
+
+
+def test_nothing_missing_for_a_complete_folder(wan_dir):
+    assert missing_weights(settings(wan_dir)) is None
 
 
 def test_folder_lacking_a_part_is_named(wan_dir, tmp_path):
