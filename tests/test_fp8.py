@@ -212,16 +212,10 @@ def test_lora_on_fp8_trains_in_fp32_and_gets_gradients(attention: str) -> None:
 def test_train_step_with_fp8_weights(tiny_cfg, monkeypatch) -> None:
     """A real training step on the tiny preset with dtype='fp8': the denoiser's Linears are fp8, the
     VAE bf16, the LoRA moves with a finite loss and is saved in fp32."""
-    from vader import video
     from vader.run import Run, make_accelerator
     from vader.train import setup
 
     cfg = tiny_cfg("--dtype", "fp8", "--mixed_precision", "bf16", "--run_name", "fp8")
-    # VideoGenerator.build passes torch_dtype(cfg.dtype) (bf16 for 'fp8') to build_denoiser; hand it
-    # denoiser_dtype(cfg.dtype) as the pipeline is to (idempotent once vader.video does it itself).
-    real_build = video.build_denoiser
-    monkeypatch.setattr(video, "build_denoiser", lambda model, channels, length, dtype, device: real_build(
-        model, channels, length, denoiser_dtype(cfg.dtype), device))
     accelerator = make_accelerator(cfg)
     t = setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
     assert any(isinstance(m, Fp8Linear) for m in t.gen.denoiser.modules())
@@ -237,7 +231,6 @@ def test_infer_with_fp8_weights_loads_a_lora_trained_on_bf16(tiny_cfg, monkeypat
     """`vader infer` with dtype='fp8' and a LoRA saved from a bf16 denoiser: the adapter lands on the
     fp8 layers unchanged (fp32) and videos are written."""
     from vader import infer as infer_module
-    from vader import video
     from vader.checkpoint import save_adapter
 
     cfg = tiny_cfg("--dtype", "fp8", "--mixed_precision", "bf16", "--run_name", "fp8-infer", "--num_val_runs", "1",
@@ -250,9 +243,6 @@ def test_infer_with_fp8_weights_loads_a_lora_trained_on_bf16(tiny_cfg, monkeypat
             p.normal_(0.0, 0.1)
     save_adapter(tmp_path / "lora", donor, lora)
     cfg.lora_ckpt_path = str(tmp_path / "lora")
-    real_build = video.build_denoiser  # see test_train_step_with_fp8_weights
-    monkeypatch.setattr(video, "build_denoiser", lambda model, channels, length, dtype, device: real_build(
-        model, channels, length, denoiser_dtype(cfg.dtype), device))
     built = []
     real_generator = infer_module.build_generator
     monkeypatch.setattr(infer_module, "build_generator", lambda *a: built.append(real_generator(*a)) or built[-1])

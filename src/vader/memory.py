@@ -116,21 +116,25 @@ def fake_mode():  # type: ignore[no-untyped-def]
 def materialise(module: nn.Module, dtype: torch.dtype, *, trainable: str | None = None,
                 trainable_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Give a meta-device module real (or, under FakeTensorMode, fake) storage in place: floating
-    parameters and buffers in `dtype`, parameters whose name contains `trainable` in
+    parameters and buffers in `dtype` (fp8 ones stay fp8), parameters whose name contains `trainable` in
     `trainable_dtype` with requires_grad (LoRA trains in fp32), everything else frozen. Values are
     uninitialised: this is for counting memory, never for running a model whose outputs matter.
 
     Parameters are replaced, not converted: Module.to() on fake tensors swaps tensors, which the
     fake mode's own weak references forbid.
     """
+    def cast(t: torch.Tensor, to: torch.dtype) -> torch.dtype:
+        # integers and fp8 storage (dtype='fp8' weights) keep their own dtype
+        return to if t.is_floating_point() and t.dtype.itemsize > 1 else t.dtype
+
     for prefix, sub in module.named_modules():
         for name, p in list(sub._parameters.items()):
             if p is None:
                 continue
             train = trainable is not None and trainable in f"{prefix}.{name}"
-            kind = (trainable_dtype if train else dtype) if p.is_floating_point() else p.dtype
+            kind = cast(p, trainable_dtype if train else dtype)
             sub._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=kind), requires_grad=train)
         for name, b in list(sub._buffers.items()):
             if b is not None:
-                sub._buffers[name] = torch.zeros(b.shape, dtype=dtype if b.is_floating_point() else b.dtype)
+                sub._buffers[name] = torch.zeros(b.shape, dtype=cast(b, dtype))
     return module

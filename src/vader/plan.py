@@ -109,6 +109,10 @@ def _denoiser_on_meta(cfg: VaderConfig, caption_channels: int) -> nn.Module:
     config = denoiser_config(cfg.model, caption_channels, cfg.text_encoder.model_max_length,
                              _published(cfg.model.from_pretrained))
     model = build_on_meta(lambda: STDiT3(config))
+    if cfg.dtype == "fp8":  # as build_denoiser: Linear weights to fp8 before LoRA is added
+        from vader.models.fp8 import quantize_linears
+
+        quantize_linears(model)
     if cfg.is_vader_training:
         from peft import inject_adapter_in_model
 

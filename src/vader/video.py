@@ -14,7 +14,7 @@ from torch import Tensor
 
 from vader.config import VaderConfig
 from vader.errors import VaderError
-from vader.models.presets import build_denoiser, build_text_encoder, build_vae, torch_dtype
+from vader.models.presets import build_denoiser, build_text_encoder, build_vae, denoiser_dtype, torch_dtype
 from vader.models.text import build_prompt, strip_conditioning
 from vader.sampling import TextCondition, conditioning, make_timesteps, sample
 
@@ -45,7 +45,8 @@ class VideoGenerator:
         if prompts is not None:
             gen.encode_prompts(prompts, cache=cache)
             gen.release_text_encoder()
-        gen.denoiser = build_denoiser(cfg.model, caption_channels, cfg.text_encoder.model_max_length, dtype, device)
+        gen.denoiser = build_denoiser(cfg.model, caption_channels, cfg.text_encoder.model_max_length,
+                                      denoiser_dtype(cfg.dtype), device)
         gen.vae = build_vae(cfg.vae, dtype, device)
         return gen
 
