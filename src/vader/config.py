@@ -80,6 +80,8 @@ class TextEncoderConfig:
         default="DeepFloyd/t5-v1_1-xxl", metadata=_doc("hub id or local folder; None = random init")
     )
     model_max_length: int = field(default=300, metadata=_doc("T5 tokens per prompt (padded)", gt=0))
+    offload: bool = field(default=False, metadata=_doc(
+        "encode the prompts with T5 on the CPU (once per prompt; the GPU never holds its fp32 weights)"))
 
 
 @dataclass

@@ -86,7 +86,9 @@ class Plan:
 
     @property
     def peak(self) -> int:
-        return max(p.peak for p in (self.text, self.train, self.infer) if p is not None)
+        """The device's peak: T5 counts only when it runs there."""
+        phases = (self.train, self.infer) if self.cfg.text_encoder.offload else (self.text, self.train, self.infer)
+        return max(p.peak for p in phases if p is not None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +303,9 @@ def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tu
 
     meter = LiveBytes()
     accumulation = cfg.gradient_accumulation_steps
-    prompts, labels = load_prompts(cfg)
+    # The run's prompts when the config names them (ActPred needs an action in them, toy_alignment a
+    # toy caption); else a stand-in: the text only decides the reward's label, never a size.
+    prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
     prompts = (prompts * cfg.train_batch_size)[: cfg.train_batch_size]
     labels = {p: labels[p] for p in prompts if p in labels}
     meta = (_denoiser_on_meta(cfg, caption_channels), _vae_on_meta(cfg))
@@ -426,6 +430,7 @@ def step_seconds(flops: float, tflops: float, mfu: float) -> float:
 # kernels), then cheaper weights and optimizer state, then the ones that change what is trained.
 KNOBS: tuple[tuple[str, str, bool], ...] = (
     ("model.attention", "sdpa", False),
+    ("text_encoder.offload", "True", False),
     ("vae.micro_batch_size", "1", False),
     ("reward_grad_checkpoint", "True", False),
     ("grad_checkpoint", "True", False),
@@ -507,12 +512,15 @@ def _train_flops(plan: Plan) -> float:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """GiB for what a GPU is sized in; small amounts (tiny models) in MiB / KiB so they read."""
+    if n >= 0.1 * GIB or n == 0:
+        return f"{n / GIB:.2f} GiB"
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def _breakdown(phase: PhasePlan) -> Iterator[str]:
     for label, size in sorted(phase.at_peak.items(), key=lambda kv: -kv[1]):
-        if size >= 2**20:
+        if size >= max(1024, phase.peak // 10_000):  # what is visible at the peak's scale
             yield f"    {LABELS.get(label, label):52s} {_gib(size):>11s}"
 
 
@@ -522,7 +530,11 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
     lines = [f"plan: {height}x{width}, {cfg.frames} frames, dtype {cfg.dtype}, mixed_precision "
              f"{cfg.mixed_precision}, attention {getattr(cfg.model, 'attention', 'math')}"]
     t = plan.text
-    lines.append(f"  text encoder (runs first, released before the denoiser loads): peak {_gib(t.peak)}")
+    if cfg.text_encoder.offload:
+        lines.append(f"  text encoder on the CPU (text_encoder.offload): {_gib(t.peak)} of host memory, none on the GPU")
+    else:
+        lines.append(f"  text encoder (runs first, released before the denoiser loads): peak {_gib(t.peak)} "
+                     "(text_encoder.offload=True runs it on the CPU)")
     if plan.train is not None:
         tr = plan.train
         steps = cfg.scheduler.num_sampling_steps

@@ -39,7 +39,10 @@ class VideoGenerator:
         if device.type == "cpu" and dtype == torch.float16:
             raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
         torch.manual_seed(cfg.seed)  # random-init (tiny) weights must be identical on every process
-        text_encoder = build_text_encoder(cfg.text_encoder, device)
+        # offload: T5-XXL's fp32 weights (18 GiB) would be the run's peak on a 24 GiB card; on the CPU
+        # it costs seconds per prompt once, and only the embeddings move to the device
+        text_device = torch.device("cpu") if cfg.text_encoder.offload else device
+        text_encoder = build_text_encoder(cfg.text_encoder, text_device)
         caption_channels = text_encoder.output_dim
         gen = cls(None, None, text_encoder, cfg, device, dtype, {})  # type: ignore[arg-type]
         if prompts is not None:
