@@ -144,3 +144,16 @@ def test_full_size_models_build_on_meta_quickly(opensora) -> None:
         built = build_meta(opensora, part)
         assert time.perf_counter() - start < 10, part  # about 0.1-0.4 s each on a laptop CPU
         assert all(t.is_meta for t in built.model.state_dict().values())
+
+
+def test_fp8_weights_are_described_in_one_byte(opensora) -> None:
+    import re
+
+    def size(text: str) -> float:
+        return float(re.search(r"weights in [^:]+: ([0-9.]+) GiB", text).group(1))
+
+    bf16 = inspect(opensora, "denoiser")
+    opensora.dtype = "fp8"
+    fp8 = inspect(opensora, "denoiser")
+    assert "fp8 (Linear) + bf16" in fp8 and "float8 e4m3" in fp8
+    assert size(fp8) < 0.55 * size(bf16)  # STDiT3-XL/2: 2.25 -> 1.13 GiB

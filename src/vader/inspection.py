@@ -90,7 +90,7 @@ def _source(name: str | None) -> tuple[str, dict]:
 def _run_dtype(cfg: VaderConfig) -> torch.dtype:
     from vader.models.presets import TORCH_DTYPES
 
-    return TORCH_DTYPES.get(cfg.dtype, torch.bfloat16)  # fp8 is refused at build time
+    return TORCH_DTYPES.get(cfg.dtype, torch.bfloat16)  # fp8: bf16 except the denoiser's Linear weights
 
 
 def _denoiser(cfg: VaderConfig) -> MetaModel:
@@ -105,6 +105,11 @@ def _denoiser(cfg: VaderConfig) -> MetaModel:
                 f"in/out channels {config.in_channels}/{config.out_channels}, captions "
                 f"{config.caption_channels} x {config.model_max_length}, qk_norm {config.qk_norm}")
     model = build_on_meta(lambda: STDiT3(config))
+    if cfg.dtype == "fp8":  # as build_denoiser does: Linear weights stored in float8 e4m3
+        from vader.models.fp8 import quantize_linears
+
+        quantize_linears(model)
+        settings += "; Linear weights in float8 e4m3 with per-channel scales (dtype='fp8')"
     return MetaModel("denoiser", cfg.model.type, source, settings, model, _run_dtype(cfg))
 
 
@@ -270,7 +275,9 @@ def _summary(built: MetaModel, cfg: VaderConfig) -> str:
     buffers = list(model.buffers())
     total = count_parameters(model)
     buffer_elems = sum(b.numel() for b in buffers)
-    weight_bytes = (total + buffer_elems) * _BYTES.get(built.dtype, 4)
+    # in the run's dtype, except tensors stored in one byte (fp8 weights) which stay so
+    weight_bytes = sum(t.numel() * (1 if t.element_size() == 1 else _BYTES.get(built.dtype, 4))
+                       for t in (*params, *buffers))
     lines = [
         f"{built.part}: {built.title}",
         f"  from: {built.source}",
@@ -287,7 +294,10 @@ def _summary(built: MetaModel, cfg: VaderConfig) -> str:
     tied = len(state) - len(params) - len(buffers)
     if tied > 0:
         lines[-1] += f" ({tied} key{'s' * (tied > 1)} of tied weights, counted once)"
-    lines.append(f"  weights in {_dtype_name(built.dtype)}: {_size(weight_bytes)}"
+    dtype_name = _dtype_name(built.dtype)
+    if any(t.element_size() == 1 and t.is_floating_point() for t in buffers):
+        dtype_name = f"fp8 (Linear) + {dtype_name}"
+    lines.append(f"  weights in {dtype_name}: {_size(weight_bytes)}"
                  + ("" if built.part != "text_encoder" else " (always fp32; used once per prompt, then dropped)"))
     if built.part == "denoiser":
         lora = lora_summary(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
