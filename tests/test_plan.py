@@ -159,3 +159,33 @@ def test_fit_finds_knobs_that_fit_and_they_do(tmp_path):
     assert again.peak <= budget
     nothing = fit(str(TINY_TRAIN), argv, 2**20, tflops=989, mfu=0.35, knobs=(("grad_checkpoint", "True", False),))
     assert nothing.plan is None and nothing.overrides == [("grad_checkpoint", "True")]  # 1 MiB: nothing fits
+
+
+def _bench(tmp_path, capsys, *extra: str) -> str:
+    from vader.cli import main
+
+    assert main(["bench", str(TINY_TRAIN), *FAST, *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_bench_prints_the_measured_step_beside_the_plan_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    out = _bench(tmp_path, capsys)
+    planned, measured = (float(x) for x in re.findall(r"peak[^:]*:\s+([0-9.]+) MiB", out))
+    assert abs(planned - measured) <= 0.1 * measured
+    assert "step time" in out and "TFLOP/s achieved" in out
+    assert list(tmp_path.iterdir()) == []  # the run went to a temporary folder, removed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cli_bench_on_cuda_reports_the_allocator_peak_and_the_card(tmp_path, capsys, monkeypatch):
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    out = _bench(tmp_path, capsys, "--dtype", "bf16", "--mixed_precision", "bf16")
+    assert torch.cuda.get_device_name() in out
+    allocated = float(re.search(r"max_memory_allocated:\s+([0-9.]+) MiB", out).group(1))
+    measured = float(re.search(r"measured peak of live tensors:\s+([0-9.]+) MiB", out).group(1))
+    assert allocated >= 0.9 * measured  # the allocator holds at least the live tensors

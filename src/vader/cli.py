@@ -6,6 +6,7 @@
     vader config CONFIG [--key value ...]    print the resolved, validated config (loads no model)
     vader inspect CONFIG [--part P] [--keys] parameter counts / LoRA targets / key listing, on meta
     vader plan CONFIG [--budget 24GiB] [--fit] peak GPU memory, what holds it, FLOPs; the knobs that fit
+    vader bench CONFIG                       the real training step beside its plan (memory, time, card)
     vader score --reward NAME [--prompt TEXT | --prompts FILE] VIDEO...   score mp4 files, print a table
 
 Overrides use the config's key names (`--lr 1e-4`, `--scheduler.num_sampling_steps 10`) and accept
@@ -31,6 +32,8 @@ COMMANDS = {
     "inspect": "parameter counts, LoRA targets and (--keys) state-dict keys, from the meta device (no download)",
     "plan": "peak memory of a training step and an inference batch at full size (fake tensors: no weights, no "
             "GPU), what holds it, FLOPs and step time; --fit finds the knobs that fit --budget",
+    "bench": "run two real training steps and print the second's peak memory and time beside the plan "
+             "(torch.cuda.max_memory_allocated and the card on a GPU)",
 }
 
 
@@ -124,6 +127,11 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         load_config_file(args.config)  # the key table is only printed for a config that exists and reads
         for key, default, doc in describe_keys():
             print(f"{key:34s} {default:32s} {doc}")
+        return 0
+    if args.command == "bench":
+        from vader.plan import bench_main
+
+        print(bench_main(args.config, overrides))
         return 0
     if args.command == "plan":
         from vader.plan import plan_main

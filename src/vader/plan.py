@@ -601,10 +601,13 @@ def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bo
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_real_step(cfg: VaderConfig) -> PhasePlan:
+def measure_real_step(cfg: VaderConfig, seconds: list[float] | None = None) -> PhasePlan:
     """The reference a plan is calibrated against: `vader.train`'s own setup and train_step on real
     tensors of this machine, the peak of live tensor bytes over the second optimizer step (the first
-    creates AdamW's state, which every later step carries). Builds a run folder under project_dir."""
+    creates AdamW's state, which every later step carries). Builds a run folder under project_dir.
+    `seconds` receives the wall time of a third step, run without the meter."""
+    import time
+
     from vader.run import Run, make_accelerator
     from vader.train import setup
 
@@ -615,5 +618,49 @@ def measure_real_step(cfg: VaderConfig) -> PhasePlan:
         trainer = setup(cfg, accelerator, run)
         trainer.step(0)
         meter.reset_peak()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         trainer.step(1)
+    if seconds is not None:  # timed without the meter, whose per-op Python bookkeeping costs time
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        trainer.step(2)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - start)
     return PhasePlan("measured", meter.peak, meter.at_peak, meter.peak_label, {})
+
+
+def bench_main(path: str, overrides: list[str]) -> str:
+    """`vader bench`: the real training step beside its plan. On a GPU: torch.cuda.max_memory_allocated
+    and the card's name; everywhere: the peak of live tensor bytes and the step's seconds. The run
+    folder goes to a temporary directory and is removed."""
+    import shutil
+    import tempfile
+
+    from vader.config import load_config
+    from vader.preflight import preflight
+
+    scratch = tempfile.mkdtemp(prefix="vader-bench-")
+    try:
+        cfg = load_config(path, [*overrides, "--project_dir", scratch, "--logger_type", "none",
+                                 "--is_sample_preview", "False", "--verbose", "0"])
+        preflight(cfg, "train")
+        planned = make_plan(cfg, training=True)
+        seconds: list[float] = []
+        measured = measure_real_step(cfg, seconds)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
+    lines = [f"bench on {device}: training step 2 (step 1 creates AdamW's state; step 3 is timed)",
+             f"  planned peak (fake tensors):      {_gib(planned.train.peak)}",
+             f"  measured peak of live tensors:    {_gib(measured.peak)} "
+             f"({100 * (planned.train.peak - measured.peak) / max(1, measured.peak):+.1f}% planned vs measured)"]
+    if torch.cuda.is_available():
+        lines.append(f"  torch.cuda.max_memory_allocated: {_gib(torch.cuda.max_memory_allocated())}")
+    flops = planned.train.total_flops
+    lines.append(f"  step time (a third step, unmetered): {seconds[0]:.2f} s; planned compute {flops / 1e9:,.1f} GFLOP "
+                 f"-> {flops / seconds[0] / 1e12:.4f} TFLOP/s achieved")
+    return "\n".join(lines)
