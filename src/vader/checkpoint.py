@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "state.json"
 
 
-def lora_config(rank: int, alpha: float = 8.0, dropout: float = 0.01) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(LORA_TARGETS))
+def lora_config(rank: int, alpha: float = 8.0, dropout: float = 0.01,
+                targets: Sequence[str] = tuple(LORA_TARGETS)) -> LoraConfig:
+    """`targets`: the module names to adapt (a generator's `lora_target_modules`; Open-Sora's by default)."""
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
 
 
 def add_lora(model: nn.Module, config: LoraConfig) -> list[nn.Parameter]:

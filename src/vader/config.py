@@ -31,13 +31,18 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
 LOGGER_TYPES = ("wandb", "tensorboard", "none")
 HPS_VERSIONS = ("v2.1", "v2.0")
 DECODE_STRATEGIES = ("exact", "latent")
-MODEL_TYPES = ("STDiT3-XL/2", "STDiT3-tiny")
+OPENSORA_MODEL_TYPES = ("STDiT3-XL/2", "STDiT3-tiny")
+# diffusers backends (vader.backends): model.type -> the published checkpoint model.from_pretrained defaults to
+BACKEND_REPOS = {"wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "cogvideox": "THUDM/CogVideoX-2b"}
+MODEL_TYPES = (*OPENSORA_MODEL_TYPES, *BACKEND_REPOS)
 VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
 VIDEO_QUALITIES = ("standard", "high", "lossless")
 ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
+BACKEND_DTYPES = ("fp32", "bf16", "fp16")  # vader.backends.common.DTYPES: no fp8 path for diffusers models
+BACKEND_EXAMPLE_SIZES = {"wan": (480, 832), "cogvideox": (480, 720)}
 ATTENTION_BACKENDS = ("sdpa", "math")  # the same names as vader.models.stdit3.ATTENTION_BACKENDS
 
 
@@ -49,10 +54,13 @@ def _doc(text: str, **kw: Any) -> Any:
 class ModelConfig:
     """The denoiser. Keys beyond these are STDiT3 architecture overrides (hidden_size, depth, ...)."""
 
-    type: str = field(default="STDiT3-XL/2", metadata=_doc("denoiser architecture", choices=MODEL_TYPES))
-    from_pretrained: str | None = field(
-        default="hpcai-tech/OpenSora-STDiT-v3", metadata=_doc("hub id or local folder; None = random init")
-    )
+    type: str = field(default="STDiT3-XL/2", metadata=_doc(
+        "denoiser architecture: Open-Sora v1.2's STDiT3, or a diffusers backend ('wan': Wan2.1 T2V, 'cogvideox': "
+        "CogVideoX 1.0), which needs an explicit image_size", choices=MODEL_TYPES))
+    from_pretrained: str | None = field(default="hpcai-tech/OpenSora-STDiT-v3", metadata=_doc(
+        "hub id or local folder; None = random init (Open-Sora types only). For 'wan'/'cogvideox': the diffusers "
+        "pipeline (repo id or folder in its layout); left at the Open-Sora default it becomes "
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers / THUDM/CogVideoX-2b"))
     qk_norm: bool = field(default=True, metadata=_doc("RMS-norm q and k per head (Open-Sora v1.2: True)"))
     attention: str = field(default="sdpa", metadata=_doc(
         "attention kernels: 'sdpa' (torch's fused scaled_dot_product_attention; on GPUs no attention matrix is kept "
@@ -65,21 +73,27 @@ class ModelConfig:
 
 @dataclass
 class VAEConfig:
-    type: str = field(default="OpenSoraVAE_V1_2", metadata=_doc("VAE architecture", choices=VAE_TYPES))
-    from_pretrained: str | None = field(
-        default="hpcai-tech/OpenSora-VAE-v1.2", metadata=_doc("hub id or local folder; None = random init")
-    )
+    type: str = field(default="OpenSoraVAE_V1_2", metadata=_doc(
+        "VAE architecture (Open-Sora; backends use their checkpoint's VAE and need the default here)",
+        choices=VAE_TYPES))
+    from_pretrained: str | None = field(default="hpcai-tech/OpenSora-VAE-v1.2", metadata=_doc(
+        "hub id or local folder; None = random init. Backends: another VAE (repo id or folder, its vae/ part or "
+        "the part alone); None or the Open-Sora default = the pipeline's own"))
     micro_frame_size: int = field(default=17, metadata=_doc("frames per temporal VAE chunk", gt=0))
     micro_batch_size: int = field(default=4, metadata=_doc("frames per spatial VAE micro-batch", gt=0))
 
 
 @dataclass
 class TextEncoderConfig:
-    type: str = field(default="t5", metadata=_doc("text encoder", choices=TEXT_ENCODER_TYPES))
-    from_pretrained: str | None = field(
-        default="DeepFloyd/t5-v1_1-xxl", metadata=_doc("hub id or local folder; None = random init")
-    )
-    model_max_length: int = field(default=300, metadata=_doc("T5 tokens per prompt (padded)", gt=0))
+    type: str = field(default="t5", metadata=_doc(
+        "text encoder (Open-Sora; backends use their checkpoint's encoder and need the default here)",
+        choices=TEXT_ENCODER_TYPES))
+    from_pretrained: str | None = field(default="DeepFloyd/t5-v1_1-xxl", metadata=_doc(
+        "hub id or local folder; None = random init. Backends: other encoder weights (the tokenizer stays the "
+        "pipeline's); None or the Open-Sora default = the pipeline's own"))
+    model_max_length: int = field(default=300, metadata=_doc(
+        "T5 tokens per prompt (padded); backends: left at 300 it becomes the pipeline's own (wan 512, cogvideox "
+        "226, which must equal the transformer's max_text_seq_length)", gt=0))
     offload: bool = field(default=False, metadata=_doc(
         "encode the prompts with T5 on the CPU (once per prompt; the GPU never holds its fp32 weights)"))
 
@@ -93,6 +107,11 @@ class SchedulerConfig:
     num_timesteps: int = field(default=1000, metadata=_doc("timestep range of the denoiser", gt=0))
     use_discrete_timesteps: bool = field(default=False, metadata=_doc("round timesteps to integers"))
     transform_scale: float = field(default=1.0, metadata=_doc("extra factor in the timestep transform", gt=0))
+    shift: float | None = field(default=None, metadata=_doc(
+        "model.type='wan' only: flow shift of its Euler sampler; None = 3.0 (Wan's value for 480p; 5.0 for 720p)",
+        gt=0))
+    use_dynamic_cfg: bool = field(default=False, metadata=_doc(
+        "model.type='cogvideox' only: CogVideoXPipeline's cosine ramp of cfg_scale over the steps"))
 
 
 NESTED = {"model": ModelConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig, "scheduler": SchedulerConfig}
@@ -117,6 +136,9 @@ class VaderConfig:
     vae: VAEConfig = field(default_factory=VAEConfig, metadata=_doc("video VAE (dict)"))
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, metadata=_doc("text encoder (dict)"))
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig, metadata=_doc("sampler (dict)"))
+    negative_prompt: str | None = field(default=None, metadata=_doc(
+        "backends (wan, cogvideox): the prompt classifier-free guidance steers away from; None = the pipeline's "
+        "default ''. Open-Sora guides against its learned null embedding: must stay None"))
     aes: float | None = field(default=6.5, metadata=_doc("aesthetic score appended to every prompt"))
     flow: float | None = field(default=None, metadata=_doc("motion score appended to every prompt"))
     camera_motion: str | None = field(default=None, metadata=_doc("camera motion appended to every prompt"))
@@ -226,6 +248,11 @@ class VaderConfig:
         from vader.sizes import parse_num_frames
 
         return parse_num_frames(self.num_frames)
+
+    @property
+    def backend(self) -> str | None:
+        """The diffusers backend that model.type names ('wan', 'cogvideox'), or None for Open-Sora."""
+        return self.model.type if self.model.type in BACKEND_REPOS else None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -517,6 +544,67 @@ def _check_attention(cfg: VaderConfig) -> None:
                          "set model.enable_flash_attn=False to get the reference's math attention")
 
 
+def _check_backend(cfg: VaderConfig) -> None:
+    """Model types and the keys only some of them read: a backend's size rules come from its own
+    settings' validate(), before anything loads; Open-Sora-only settings that a backend cannot
+    honour, and backend-only settings given to Open-Sora, are refused rather than ignored."""
+    name = cfg.backend
+    if name is None:
+        for key, value, unset in (("negative_prompt", cfg.negative_prompt, None),
+                                  ("scheduler.shift", cfg.scheduler.shift, None),
+                                  ("scheduler.use_dynamic_cfg", cfg.scheduler.use_dynamic_cfg, False)):
+            if value != unset:
+                raise VaderError(f"{key}={value!r} is for the diffusers backends; model.type={cfg.model.type!r} "
+                                 f"(Open-Sora) needs {key}={unset!r}")
+        return
+    if cfg.model.from_pretrained == ModelConfig.from_pretrained:
+        cfg.model.from_pretrained = BACKEND_REPOS[name]  # the Open-Sora default names no Wan/CogVideoX weights
+    if cfg.model.from_pretrained is None:
+        raise VaderError(f"model.from_pretrained=None: model.type={name!r} loads a diffusers pipeline (a hub id or "
+                         f"a folder in its layout, default {BACKEND_REPOS[name]!r}); random init is for the "
+                         "Open-Sora tiny types")
+    if cfg.model.overrides:
+        raise VaderError(f"model.{next(iter(cfg.model.overrides))}: STDiT3 architecture keys do not apply to "
+                         f"model.type={name!r} (its architecture is the checkpoint's config)")
+    for key, value, default in (("vae.type", cfg.vae.type, VAEConfig.type), ("text_encoder.type",
+                                cfg.text_encoder.type, TextEncoderConfig.type)):
+        if value != default:
+            part = key.split(".")[0]
+            raise VaderError(f"{key}={value!r} is an Open-Sora part; model.type={name!r} uses the pipeline's own "
+                             f"{part}: leave {key}={default!r} (and set {part}.from_pretrained to load another one)")
+    # the Open-Sora defaults of the part sources mean "the pipeline's own part"
+    if cfg.vae.from_pretrained == VAEConfig.from_pretrained:
+        cfg.vae.from_pretrained = None
+    if cfg.text_encoder.from_pretrained == TextEncoderConfig.from_pretrained:
+        cfg.text_encoder.from_pretrained = None
+    if cfg.text_encoder.offload:
+        raise VaderError(f"text_encoder.offload=True is for Open-Sora's T5; model.type={name!r} encodes the "
+                         "prompts on the run's device once and releases the encoder: set it to False")
+    if cfg.image_size is None:
+        raise VaderError(f"model.type={name!r} needs image_size=(height, width) in pixels, e.g. "
+                         f"{BACKEND_EXAMPLE_SIZES[name]} (resolution/aspect_ratio are Open-Sora's size tables)")
+    if cfg.decode_strategy != "exact":
+        raise VaderError(f"decode_strategy={cfg.decode_strategy!r} is Open-Sora's latent-frame shortcut; "
+                         f"model.type={name!r} decodes only the chunks the chosen frames need: use 'exact'")
+    if cfg.dtype not in BACKEND_DTYPES:
+        raise VaderError(f"dtype={cfg.dtype!r} is not available for model.type={name!r}; choose one of: "
+                         f"{', '.join(map(repr, BACKEND_DTYPES))}")
+    if name != "wan" and cfg.scheduler.shift is not None:
+        raise VaderError(f"scheduler.shift={cfg.scheduler.shift!r} is Wan's flow shift; model.type={name!r} needs "
+                         "scheduler.shift=None")
+    if name != "cogvideox" and cfg.scheduler.use_dynamic_cfg:
+        raise VaderError(f"scheduler.use_dynamic_cfg=True is CogVideoX's; model.type={name!r} needs False")
+    from vader.backends import settings_from_config
+
+    settings = settings_from_config(cfg)  # normalises model_max_length: the pipeline's own when left at 300
+    try:
+        settings.validate()
+    except VaderError as exc:
+        raise VaderError(f"model.type={name!r} with image_size={tuple(cfg.height_width)}, num_frames="
+                         f"{cfg.num_frames!r}: {exc}") from None
+    cfg.text_encoder.model_max_length = settings.max_sequence_length
+
+
 def _check_rewards(cfg: VaderConfig) -> None:
     _validate_reward(cfg.reward_fn)
     _validate_reward_inputs(cfg)
@@ -534,7 +622,7 @@ CUSTOM_CHECKS: dict[str, Callable[[VaderConfig], None]] = {
 # run after the table, in this order: rules that relate several keys or look beyond the config
 # (files, the reward registry); decode_frame needs num_frames, actpred needs the decode_frame
 AFTER_TABLE: tuple[Callable[[VaderConfig], None], ...] = (
-    _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_rewards, _check_attention,
+    _check_backend, _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_rewards, _check_attention,
 )
 
 

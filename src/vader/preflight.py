@@ -214,16 +214,25 @@ def check_runtime(cfg: VaderConfig, command: str) -> list[str]:
 def check_weights(cfg: VaderConfig, command: str) -> list[str]:
     """Every model and reward weight the run needs, in one line: local paths that do not exist always;
     hub weights that are not cached when offline, or when the hub does not answer a short probe."""
+    from vader.backends import backend_module, settings_from_config
     from vader.models.presets import missing_model_weights
     from vader.rewards import hub
 
-    found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
+    problems: list[str] = []
+    if cfg.backend is not None:
+        # the backend's own lookup: the message its build would raise, every part of the pipeline at once
+        backend = backend_module(cfg.backend)
+        message = backend.missing_weights(settings_from_config(cfg))
+        problems += [message] if message else []
+        found = []
+    else:
+        found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
     if command == "train":
         from vader.rewards import reward_sources
 
         found += hub.missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
-    problems = [m.problem if m.problem and m.problem.startswith(m.key) else f"{m.key}={m.name!r}: {m.problem}"
-                for m in found if m.fetch is None]
+    problems += [m.problem if m.problem and m.problem.startswith(m.key) else f"{m.key}={m.name!r}: {m.problem}"
+                 for m in found if m.fetch is None]
     fetchable = [m for m in found if m.fetch is not None]
     if not fetchable:
         return problems

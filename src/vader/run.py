@@ -89,11 +89,17 @@ def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
 
 
 def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
-    """The pipeline with every prompt encoded once (cached on disk under project_dir) and T5 released."""
+    """The pipeline model.type names (Open-Sora's VideoGenerator or a diffusers backend) with every
+    prompt encoded once (cached on disk under project_dir) and the text encoder released."""
     from vader.models.text import EmbeddingCache
-    from vader.video import VideoGenerator
 
     cache = EmbeddingCache(Path(cfg.project_dir) / ".cache" / "text")
+    if cfg.backend is not None:
+        from vader.backends import backend_class, settings_from_config
+
+        return backend_class(cfg.backend).build(settings_from_config(cfg), device, prompts=run.prompts, cache=cache)
+    from vader.video import VideoGenerator
+
     return VideoGenerator.build(cfg, device, prompts=run.prompts, cache=cache)
 
 

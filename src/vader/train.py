@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from vader.backends import VideoBackend
 from vader.checkpoint import (
     add_lora,
     clean_partial_writes,
@@ -35,11 +36,13 @@ from vader.checkpoint import (
 )
 from vader.config import VaderConfig
 from vader.errors import VaderError
-from vader.frames import decode_selected, select_frames
+from vader.frames import select_frames
 from vader.preflight import preflight
 from vader.run import Run, build_generator, make_accelerator, make_generator, make_reward, set_step_seed
 from vader.sampling import backprop_cutoff
 from vader.video import VideoGenerator
+
+DIFFUSERS_LORA = Path("lora") / "diffusers"  # in the run folder: the final LoRA in diffusers' format (backends)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def pick_prompts(prompts: list[str], cfg: VaderConfig, step: int, micro: int, ra
     return out
 
 
-def micro_step(gen: VideoGenerator, reward, cfg: VaderConfig, accelerator: Accelerator, prompts: list[str],
+def micro_step(gen: VideoGenerator | VideoBackend, reward, cfg: VaderConfig, accelerator: Accelerator, prompts: list[str],
                step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """One micro-step: sample, decode the chosen frames, score, backpropagate loss / accumulation
     steps (gradients add up in .grad). Returns the detached per-sample loss and reward and the cutoff."""
@@ -94,16 +97,19 @@ def micro_step(gen: VideoGenerator, reward, cfg: VaderConfig, accelerator: Accel
     rng = set_step_seed(cfg.seed, step, micro, rank)
     batch = pick_prompts(prompts, cfg, step, micro, rank, world)
     cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
-    frames = select_frames(cfg.decode_frame, gen.num_frames, rng, cfg.decode_strategy, gen.vae)
+    # gen.num_frames: the frames the model produces (a backend's own count); only Open-Sora's
+    # 'latent' strategy reads its VAE's geometry
+    vae = gen.vae if cfg.decode_strategy == "latent" else None
+    frames = select_frames(cfg.decode_frame, gen.num_frames, rng, cfg.decode_strategy, vae)
     with accelerator.autocast():
         latents = gen.sample_latents(batch, make_generator(rng), cutoff=cutoff, grad_checkpoint=cfg.grad_checkpoint)
-        video = decode_selected(gen.vae, latents.to(gen.dtype), gen.num_frames, frames, cfg.decode_strategy)
+        video = gen.decode(latents, frames, grad_checkpoint=cfg.grad_checkpoint)
         out = reward(video, gen.reward_prompts(batch))
     accelerator.backward(out.loss.mean() / cfg.gradient_accumulation_steps)
     return out.loss.detach(), out.reward.detach(), cutoff
 
 
-def train_step(gen: VideoGenerator, reward, optimizer, params, cfg: VaderConfig, accelerator: Accelerator,
+def train_step(gen: VideoGenerator | VideoBackend, reward, optimizer, params, cfg: VaderConfig, accelerator: Accelerator,
                prompts: list[str], step: int) -> StepResult:
     """One optimizer step over gradient_accumulation_steps micro-steps. A non-finite loss, reward or
     gradient on any process skips the update on every process (grads dropped, no optimizer step)."""
@@ -182,7 +188,7 @@ class Trainer:
     cfg: VaderConfig
     accelerator: Accelerator
     run: Run
-    gen: VideoGenerator
+    gen: VideoGenerator | VideoBackend
     reward: object
     lora: object
     params: list[torch.nn.Parameter]
@@ -197,15 +203,17 @@ def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
     gen = build_generator(cfg, run, accelerator.device)
     reward = make_reward(cfg, gen, run, accelerator.device)
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process, whatever ran before
-    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, gen.lora_target_modules)
     params = add_lora(gen.denoiser, lora)
     # The denoiser stays in eval mode as in the original (no caption dropout); train_step switches the
     # LoRA dropout on, as peft left it in the original.
     gen.denoiser.eval()
-    # grad_checkpoint: each denoiser call with gradients (sampling.py) and, inside it, each block;
-    # the VAE decode that the reward backpropagates through recomputes chunk by chunk
-    gen.denoiser.gradient_checkpointing = cfg.grad_checkpoint
-    gen.vae.enable_gradient_checkpointing(cfg.grad_checkpoint)
+    if cfg.backend is None:
+        # grad_checkpoint: each denoiser call with gradients (sampling.py) and, inside it, each block;
+        # the VAE decode that the reward backpropagates through recomputes chunk by chunk. A backend
+        # gets the flag per call instead (sample_latents, decode), as diffusers' own switches.
+        gen.denoiser.gradient_checkpointing = cfg.grad_checkpoint
+        gen.vae.enable_gradient_checkpointing(cfg.grad_checkpoint)
     if cfg.lora_ckpt_path:
         load_lora(gen.denoiser, cfg.lora_ckpt_path)
     optimizer = accelerator.prepare(make_optimizer(params, cfg))
@@ -262,6 +270,8 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
     _save_checkpoint(t, final, {"nonfinite_steps": nonfinite_total, "nonfinite_in_a_row": in_a_row})
     if accelerator.is_main_process:
         save_adapter(run.dir / "lora", t.gen.denoiser, t.lora, extra={"step": final, "config": cfg.to_dict()})
+        if cfg.backend is not None:  # also for diffusers: `pipe.load_lora_weights(run / "lora" / "diffusers")`
+            t.gen.save_lora_diffusers(t.gen.denoiser, run.dir / DIFFUSERS_LORA, config=t.lora)
     if cfg.is_sample_preview:
         after: list = []
         run.validate(t.gen, t.reward, final, previews=after)

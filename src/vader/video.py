@@ -12,8 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vader.checkpoint import LORA_TARGETS
 from vader.config import VaderConfig
 from vader.errors import VaderError
+from vader.frames import decode_selected
 from vader.models.presets import build_denoiser, build_text_encoder, build_vae, denoiser_dtype, torch_dtype
 from vader.models.text import build_prompt, strip_conditioning
 from vader.sampling import TextCondition, conditioning, make_timesteps, sample
@@ -28,6 +30,8 @@ class VideoGenerator:
     device: torch.device
     dtype: torch.dtype
     embeddings: dict[str, tuple[Tensor, Tensor]]
+
+    lora_target_modules = LORA_TARGETS  # the same attribute as the diffusers backends'
 
     @classmethod
     def build(cls, cfg: VaderConfig, device: torch.device, prompts: list[str] | None = None,
@@ -119,8 +123,21 @@ class VideoGenerator:
                       num_timesteps=sched.num_timesteps, cutoff=cutoff, grad_checkpoint=grad_checkpoint,
                       progress=progress)
 
+    # ---- decoding ----
+    def decode(self, latents: Tensor, frames: list[int] | None = None, *,
+               grad_checkpoint: bool | None = None) -> Tensor:
+        """The backends' `decode`: frames None gives the whole video [B, 3, F, H, W] in [-1, 1] (fp32);
+        else the chosen `frames` (indices as the config's decode_strategy means them) through
+        `vader.frames.decode_selected`, in the VAE's dtype and unclamped (the rewards clamp), with
+        gradients to `latents`. `grad_checkpoint` None leaves the VAE's checkpointing as it is set."""
+        if grad_checkpoint is not None:
+            self.vae.enable_gradient_checkpointing(grad_checkpoint)
+        z = latents.to(self.dtype)
+        if frames is None:
+            return self.vae.decode(z, num_frames=self.num_frames).float().clamp(-1, 1)
+        return decode_selected(self.vae, z, self.num_frames, frames, self.cfg.decode_strategy)
+
     @torch.no_grad()
     def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
         """Whole videos [B, 3, F, H, W] in [-1, 1], no autograd anywhere."""
-        latents = self.sample_latents(prompts, generator, cutoff=None, progress=progress)
-        return self.vae.decode(latents.to(self.dtype), num_frames=self.num_frames).float().clamp(-1, 1)
+        return self.decode(self.sample_latents(prompts, generator, cutoff=None, progress=progress))

@@ -55,8 +55,9 @@ class VideoBackend(Protocol):
         """Latents [B, C, T, H, W]; gradients only through sampling steps >= cutoff (None: none)."""
         ...
 
-    def decode(self, latents: Tensor, frames: list[int] | None = None) -> Tensor:
-        """Video [B, 3, F, H, W] in [-1, 1]: all output frames, or only `frames`, decoding only what they need."""
+    def decode(self, latents: Tensor, frames: list[int] | None = None, *, grad_checkpoint: bool = False) -> Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1]: all output frames, or only `frames`, decoding only what they
+        need; `grad_checkpoint`: the VAE's own activation checkpointing where it has one."""
         ...
 
     def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
@@ -66,10 +67,51 @@ class VideoBackend(Protocol):
         ...
 
 
+# text_encoder.model_max_length's default, Open-Sora's T5 length: for a backend it means "the pipeline's own"
+OPENSORA_TEXT_LENGTH = 300
+
+
+def settings_from_config(cfg) -> object:
+    """The backend settings (WanSettings / CogVideoXSettings) a `VaderConfig` with a backend
+    model.type describes; the one place config keys map to backend fields:
+
+    model.from_pretrained -> pretrained; vae/text_encoder.from_pretrained -> vae/text_encoder (None: the
+    pipeline's own); image_size -> height, width; num_frames; scheduler.num_sampling_steps -> num_steps;
+    scheduler.cfg_scale -> guidance_scale; negative_prompt (None: the settings' default);
+    text_encoder.model_max_length -> max_sequence_length (300: the settings' default); dtype -> dtype
+    (and the VAE's dtype for CogVideoX; Wan's VAE stays fp32 as diffusers' Wan examples load it);
+    scheduler.shift -> shift (wan); scheduler.use_dynamic_cfg (cogvideox). Not validated here: call
+    `.validate()` (config validation does)."""
+    name = cfg.model.type
+    cls = settings_class(name)
+    height, width = cfg.height_width
+    values: dict[str, object] = dict(
+        pretrained=cfg.model.from_pretrained, vae=cfg.vae.from_pretrained, text_encoder=cfg.text_encoder.from_pretrained,
+        dtype=cfg.dtype, height=height, width=width, num_frames=cfg.frames,
+        num_steps=cfg.scheduler.num_sampling_steps, guidance_scale=float(cfg.scheduler.cfg_scale),
+    )
+    if cfg.text_encoder.model_max_length != OPENSORA_TEXT_LENGTH:
+        values["max_sequence_length"] = cfg.text_encoder.model_max_length
+    if cfg.negative_prompt is not None:
+        values["negative_prompt"] = cfg.negative_prompt
+    if name == "wan":
+        if cfg.scheduler.shift is not None:
+            values["shift"] = float(cfg.scheduler.shift)
+    else:
+        values["vae_dtype"] = cfg.dtype
+        values["use_dynamic_cfg"] = bool(cfg.scheduler.use_dynamic_cfg)
+    return cls(**values)
+
+
 def _entry(name: str) -> tuple[str, str, str]:
     if name not in BACKENDS:
         raise VaderError(f"model.type={name!r} is not a diffusers backend; expected one of {', '.join(BACKENDS)}")
     return BACKENDS[name]
+
+
+def backend_module(name: str):
+    """The module of backend `name` (its `missing_weights`, `meta_models`, ...)."""
+    return importlib.import_module(_entry(name)[0])
 
 
 def backend_class(name: str) -> type:
@@ -84,4 +126,4 @@ def settings_class(name: str) -> type:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["BACKENDS", "VideoBackend", "backend_class", "settings_class"]
+__all__ = ["BACKENDS", "VideoBackend", "backend_class", "backend_module", "settings_class", "settings_from_config"]

@@ -314,11 +314,12 @@ class WanGenerator:
         return v_uncond + self.settings.guidance_scale * (v - v_uncond)
 
     # ---- decoding ----
-    def decode(self, latents: Tensor, frames: list[int] | None = None) -> Tensor:
+    def decode(self, latents: Tensor, frames: list[int] | None = None, *, grad_checkpoint: bool = False) -> Tensor:
         """Video [B, 3, F, H, W] in [-1, 1] (fp32): all frames, or only `frames` (output frame
         indices). The causal VAE decodes the first latent frame alone (one output frame), then one
         latent frame (4 output frames) at a time with its feature cache; decoding stops after the
-        last latent frame a chosen frame needs. Gradients flow back to `latents`."""
+        last latent frame a chosen frame needs. Gradients flow back to `latents`. `grad_checkpoint` is
+        accepted for the common interface: AutoencoderKLWan has no activation checkpointing."""
         check_frames(frames, self.num_frames)
         return decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
 
