@@ -141,6 +141,8 @@ def test_infer_with_the_lora_writes_videos(trained):
     ("wan", ["--vae.type", "OpenSoraVAE_V1_2-tiny"], "vae.type='OpenSoraVAE_V1_2-tiny' is an Open-Sora part"),
     ("cogvideox", ["--scheduler.shift", "5.0"], "scheduler.shift=5.0 is Wan's"),
     ("wan", ["--dtype", "fp8"], "dtype='fp8' is not available"),
+    ("wan", ["--model.depth", "2"], "model.depth=2: STDiT3 architecture keys do not apply"),
+    ("cogvideox", ["--text_encoder.offload", "True"], "text_encoder.offload=True is for Open-Sora's T5"),
 ])
 def test_config_errors_are_one_line_exit_2(tmp_path, capsys, backend_name, argv, needle):
     path = write_config(tmp_path, backend_name, tmp_path / "no-weights-needed")

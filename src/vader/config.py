@@ -564,8 +564,9 @@ def _check_backend(cfg: VaderConfig) -> None:
                          f"a folder in its layout, default {BACKEND_REPOS[name]!r}); random init is for the "
                          "Open-Sora tiny types")
     if cfg.model.overrides:
-        raise VaderError(f"model.{next(iter(cfg.model.overrides))}: STDiT3 architecture keys do not apply to "
-                         f"model.type={name!r} (its architecture is the checkpoint's config)")
+        key, value = next(iter(cfg.model.overrides.items()))
+        raise VaderError(f"model.{key}={value!r}: STDiT3 architecture keys do not apply to model.type={name!r} "
+                         "(its architecture is the checkpoint's config)")
     for key, value, default in (("vae.type", cfg.vae.type, VAEConfig.type), ("text_encoder.type",
                                 cfg.text_encoder.type, TextEncoderConfig.type)):
         if value != default:
