@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import vader.train
+import vader.video
 from vader.checkpoint import set_lora_dropout
 from vader.errors import VaderError
 from vader.frames import select_frames
@@ -176,7 +177,7 @@ def test_reward_scores_each_sample_against_its_own_prompt(trainer, monkeypatch):
     frames = select_frames(t.cfg.decode_frame, t.gen.num_frames, rng, t.cfg.decode_strategy, t.gen.vae)
     with torch.no_grad():
         latents = t.gen.sample_latents([raw[p] for p in scored], make_generator(rng))
-        again = vader.train.decode_selected(t.gen.vae, latents, t.gen.num_frames, frames, t.cfg.decode_strategy)
+        again = vader.video.decode_selected(t.gen.vae, latents, t.gen.num_frames, frames, t.cfg.decode_strategy)
     torch.testing.assert_close(again, video, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(video[0], video[1], atol=1e-3)
 
@@ -186,13 +187,13 @@ def test_reward_scores_each_sample_against_its_own_prompt(trainer, monkeypatch):
 def test_training_decodes_the_frames_select_frames_chose(trainer, monkeypatch, decode_frame, strategy):
     t = trainer("--decode_frame", decode_frame, "--decode_strategy", strategy)
     decoded = []
-    real = vader.train.decode_selected
+    real = vader.video.decode_selected
 
     def spy(vae, z, num_frames, frames, strategy="exact"):
         decoded.append(list(frames))
         return real(vae, z, num_frames, frames, strategy)
 
-    monkeypatch.setattr(vader.train, "decode_selected", spy)
+    monkeypatch.setattr(vader.video, "decode_selected", spy)  # what gen.decode calls
     expected = []
     for step in range(3):
         t.step(step)
