@@ -11,20 +11,20 @@ diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "CogVideoXPipeline"):  # the declared floor (0.30) predates some backends
     pytest.skip(f"diffusers {diffusers.__version__} has no CogVideoXPipeline", allow_module_level=True)
 
+from backend_tiny import save_tiny_cogvideox  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKLCogVideoX,
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import T5Config, T5EncoderModel  # noqa: E402
+from transformers import T5EncoderModel  # noqa: E402
 
 from vader.backends import VideoBackend, backend_class, settings_class  # noqa: E402
 from vader.backends.cogvideox import CogVideoXGenerator, CogVideoXSettings, missing_weights  # noqa: E402
 from vader.errors import VaderError  # noqa: E402
-from vader.models.text import EmbeddingCache, tiny_t5_tokenizer  # noqa: E402
+from vader.models.text import EmbeddingCache  # noqa: E402
 
 PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
 NEGATIVE = "blurry, low quality"
@@ -34,42 +34,13 @@ FRAMES = 17  # 5 latent frames: the VAE decodes latents 0-2 (frames 0-8), then l
 TOL = 1e-6
 
 
-def tiny_pipeline(rotary: bool) -> CogVideoXPipeline:
-    tokenizer = tiny_t5_tokenizer(64)
-    torch.manual_seed(0)
-    # rotary (CogVideoX-5B style) splits the head dim 1/4 time, 3/8 + 3/8 space: it needs 16, not 8
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2 if rotary else 4, attention_head_dim=16 if rotary else 8, in_channels=4,
-        out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2,
-        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=16,
-        use_rotary_positional_embeddings=rotary,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
-    )
-    text_config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                           feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    text_encoder = T5EncoderModel(text_config)
-    # CogVideoX-2b's published scheduler config
-    scheduler = CogVideoXDDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=3.0,
-        timestep_spacing="trailing",
-    )
-    return CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                             scheduler=scheduler)
-
-
 @pytest.fixture(scope="module")
 def cog_dirs(tmp_path_factory):
     """Two tiny pipelines in the published layout: 2B style, and 5B style (rotary embeddings)."""
     out = {}
     for name, rotary in (("2b", False), ("5b", True)):
         folder = tmp_path_factory.mktemp("cogvideox") / f"tiny-{name}"
-        tiny_pipeline(rotary).save_pretrained(folder)
+        save_tiny_cogvideox(folder, rotary=rotary)
         out[name] = folder
     return out
 

@@ -23,8 +23,8 @@ BACKENDS = [pytest.param(name, marks=pytest.mark.skipif(not hasattr(diffusers, c
                                                         reason=f"diffusers {diffusers.__version__} lacks {cls}"))
             for name, cls in PIPELINES.items()]
 # validation reward of the trained LoRA minus the base model's, same prompts and seeds (brightness, 8
-# steps). Measured: wan 0.4275 -> 0.4373, cogvideox 0.5419 -> 0.7726; the bounds are about half the gains.
-MIN_GAIN = {"wan": 0.005, "cogvideox": 0.1}
+# steps). Measured: wan 0.4299 -> 0.4388, cogvideox 0.5419 -> 0.7726; the bounds are about half the gains.
+MIN_GAIN = {"wan": 0.004, "cogvideox": 0.1}
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

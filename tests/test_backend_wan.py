@@ -12,20 +12,19 @@ diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "WanPipeline"):  # the declared floor (0.30) predates some backends
     pytest.skip(f"diffusers {diffusers.__version__} has no WanPipeline", allow_module_level=True)
 
+from backend_tiny import save_tiny_wan  # noqa: E402
 from diffusers import (  # noqa: E402
-    AutoencoderKLWan,
-    FlowMatchEulerDiscreteScheduler,
     WanPipeline,
     WanTransformer3DModel,
 )
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import UMT5Config, UMT5EncoderModel  # noqa: E402
+from transformers import UMT5EncoderModel  # noqa: E402
 
 from vader.backends import VideoBackend, backend_class, settings_class  # noqa: E402
 from vader.backends.wan import WanGenerator, WanSettings, missing_weights  # noqa: E402
 from vader.errors import VaderError  # noqa: E402
-from vader.models.text import EmbeddingCache, tiny_t5_tokenizer  # noqa: E402
+from vader.models.text import EmbeddingCache  # noqa: E402
 
 PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
 NEGATIVE = "blurry, low quality"
@@ -35,31 +34,11 @@ SHIFT = 3.0
 TOL = 1e-6
 
 
-def save_tiny_wan(folder, vae_base_dim: int = 3) -> None:
-    """A tiny Wan pipeline saved in the published layout (transformer/, vae/, text_encoder/, ...)."""
-    tokenizer = tiny_t5_tokenizer(64)
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    text_config = UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
-                             feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
-                             decoder_start_token_id=0)
-    text_encoder = UMT5EncoderModel(text_config)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
-    pipe.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def wan_dir(tmp_path_factory):
     """diffusers' own test sizes (VAE base_dim 3)."""
     folder = tmp_path_factory.mktemp("wan") / "tiny-wan"
-    save_tiny_wan(folder)
+    save_tiny_wan(folder, vae_base_dim=3, shift=SHIFT)
     return folder
 
 
@@ -68,7 +47,7 @@ def wan_dir_wide_vae(tmp_path_factory):
     """VAE base_dim 16: the base_dim 3 decoder barely depends on its latents (d mean / d latents is
     about 1e-4), too little for a finite difference in fp32."""
     folder = tmp_path_factory.mktemp("wan") / "tiny-wan-wide-vae"
-    save_tiny_wan(folder, vae_base_dim=16)
+    save_tiny_wan(folder, vae_base_dim=16, shift=SHIFT)
     return folder
 
 
