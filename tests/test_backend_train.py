@@ -172,6 +172,21 @@ def test_missing_weights_offline_named_in_one_line_before_any_folder(tmp_path, n
     assert not project.exists()
 
 
+def test_missing_backend_and_reward_weights_share_one_line_exit_2(tmp_path, capsys):
+    """The shipped Wan config offline: the pipeline's parts and HPS in the one line of `vader train`."""
+    from conftest import REPO
+
+    project = tmp_path / "runs"
+    argv = ["train", str(REPO / "configs" / "wan2.1-t2v-1.3b" / "vader_train.py"), "--prompt", "['a cat']",
+            "--logger_type", "none", "--project_dir", str(project)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vader: error: ") and err.count("\n") == 1, err
+    assert "Wan-AI/Wan2.1-T2V-1.3B-Diffusers (tokenizer, text_encoder, transformer, vae)" in err
+    assert "hf download Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in err and "HPS_v2.1_compressed.pt" in err
+    assert not project.exists()
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob(
     "[wc]*/vader_*.py")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_shipped_backend_configs_validate_offline(path, capsys):
