@@ -89,8 +89,8 @@ def pick_prompts(prompts: list[str], cfg: VaderConfig, step: int, micro: int, ra
     return out
 
 
-def micro_step(gen: VideoGenerator | VideoBackend, reward, cfg: VaderConfig, accelerator: Accelerator, prompts: list[str],
-               step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+def micro_step(gen: VideoGenerator | VideoBackend, reward, cfg: VaderConfig, accelerator: Accelerator,
+               prompts: list[str], step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
     """One micro-step: sample, decode the chosen frames, score, backpropagate loss / accumulation
     steps (gradients add up in .grad). Returns the detached per-sample loss and reward and the cutoff."""
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -109,8 +109,8 @@ def micro_step(gen: VideoGenerator | VideoBackend, reward, cfg: VaderConfig, acc
     return out.loss.detach(), out.reward.detach(), cutoff
 
 
-def train_step(gen: VideoGenerator | VideoBackend, reward, optimizer, params, cfg: VaderConfig, accelerator: Accelerator,
-               prompts: list[str], step: int) -> StepResult:
+def train_step(gen: VideoGenerator | VideoBackend, reward, optimizer, params, cfg: VaderConfig,
+               accelerator: Accelerator, prompts: list[str], step: int) -> StepResult:
     """One optimizer step over gradient_accumulation_steps micro-steps. A non-finite loss, reward or
     gradient on any process skips the update on every process (grads dropped, no optimizer step)."""
     optimizer.zero_grad(set_to_none=True)

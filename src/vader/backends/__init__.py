@@ -86,7 +86,8 @@ def settings_from_config(cfg) -> object:
     cls = settings_class(name)
     height, width = cfg.height_width
     values: dict[str, object] = dict(
-        pretrained=cfg.model.from_pretrained, vae=cfg.vae.from_pretrained, text_encoder=cfg.text_encoder.from_pretrained,
+        pretrained=cfg.model.from_pretrained, vae=cfg.vae.from_pretrained,
+        text_encoder=cfg.text_encoder.from_pretrained,
         dtype=cfg.dtype, height=height, width=width, num_frames=cfg.frames,
         num_steps=cfg.scheduler.num_sampling_steps, guidance_scale=float(cfg.scheduler.cfg_scale),
     )
