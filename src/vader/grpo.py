@@ -1,0 +1,467 @@
+"""GRPO on Open-Sora's rectified flow (Flow-GRPO), beside VADER's reward backpropagation.
+
+VADER needs a differentiable reward; GRPO only needs scores, so it also trains on rewards without
+gradients (a VLM judge, an OCR check, a lookup) given as `module:function` (`load_callable_reward`).
+
+Conventions (vader's, see `vader.sampling.sample`): sigma = t / 1000, z_t = (1 - sigma) x0 + sigma eps,
+the model velocity v ~ x0 - eps, and the ODE (Euler) step from t to t_next < t is
+z_next = z + v * dt with dt = (t - t_next) / 1000 > 0. Flow-GRPO (SD3's convention) writes u = eps - x0 = -v
+and a negative step; substituting u = -v and its step = -dt into its SDE gives, per sampling step,
+
+    s_t   = noise_level * sqrt(sigma / (1 - sigma))          (sigma in the denominator replaced by
+                                                               sigma_next on the first step, sigma = 1:
+                                                               Flow-GRPO's sigma_max = sigmas[1])
+    mean  = z * (1 - s_t^2 dt / (2 sigma)) + v * (1 + s_t^2 (1 - sigma) / (2 sigma)) * dt
+    std   = s_t * sqrt(dt)
+    z_next ~ N(mean, std^2)
+
+With noise_level = 0 this is exactly the ODE step; the extra drift keeps the SDE's marginals those of
+the ODE. The log-probability of a transition is averaged (not summed) over the latent dimensions, as
+Flow-GRPO does: its clip_range default (1e-4) is calibrated for that scale.
+
+A step (`grpo_step`): for each prompt, `group_size` SDE trajectories without gradients, recording every
+latent and log-probability; rewards on the decoded videos under no_grad; advantages normalised within
+each prompt's group and clipped to +-adv_clip_max; then `inner_epochs` optimizer updates of the
+PPO-clipped objective over the recorded transitions (all steps, or a random `train_steps_fraction` of
+them), re-evaluating the LoRA denoiser on the SAME recorded latents. Every step of the trajectory is
+stochastic (no SDE/ODE mixing): simple, and every transition has a log-probability to train on.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, is_dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from vader.checkpoint import lora_disabled, set_lora_dropout
+from vader.errors import VaderError
+from vader.frames import select_frames
+from vader.rewards.base import Reward, RewardOutput
+from vader.run import make_generator, set_step_seed
+from vader.sampling import TextCondition, _guided_velocity, conditioning, make_timesteps
+from vader.train import StepResult, _clip, any_process, average_gradients, pick_prompts
+
+# t within this of num_timesteps counts as sigma = 1: the timestep shift maps 1000 to 1000 only up to rounding
+_SIGMA_ONE_TOL = 1e-4
+
+
+@dataclass
+class GRPOSettings:
+    """GRPO's keys; defaults are Flow-GRPO's (config/base.py: noise_level 0.7, clip_range 1e-4, beta 0,
+    timestep_fraction 1.0, num_inner_epochs 1, adv_clip_max 5). group_size 4 keeps the tiny preset fast."""
+
+    group_size: int = 4  # samples per prompt; advantages are normalised within each prompt's group
+    noise_level: float = 0.7  # the SDE's exploration noise (0 would be the deterministic ODE)
+    clip_range: float = 1e-4  # PPO: the ratio is clipped to [1 - clip_range, 1 + clip_range]
+    kl_beta: float = 0.0  # weight of the KL to the base model (LoRA disabled); 0 skips the extra forward
+    train_steps_fraction: float = 1.0  # share of the sampling steps trained on, drawn per optimizer step
+    inner_epochs: int = 1  # optimizer updates on each batch of samples (the ratio departs from 1 after the first)
+    adv_clip_max: float = 5.0  # advantages clipped to [-adv_clip_max, adv_clip_max]
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value, valid: str) -> VaderError:
+            return VaderError(f"grpo.{key}={value!r} is invalid: {valid}")
+
+        if not _is_int(self.group_size) or self.group_size < 2:
+            raise bad("group_size", self.group_size, "an integer >= 2 (advantages compare samples of one prompt)")
+        if not _is_int(self.inner_epochs) or self.inner_epochs < 1:
+            raise bad("inner_epochs", self.inner_epochs, "an integer >= 1")
+        for key in ("noise_level", "clip_range", "adv_clip_max"):
+            value = getattr(self, key)
+            if not _is_number(value) or not value > 0:
+                raise bad(key, value, "a finite number > 0")
+        if not _is_number(self.kl_beta) or self.kl_beta < 0:
+            raise bad("kl_beta", self.kl_beta, "a finite number >= 0")
+        if not _is_number(self.train_steps_fraction) or not 0 < self.train_steps_fraction <= 1:
+            raise bad("train_steps_fraction", self.train_steps_fraction, "a number in (0, 1]")
+
+    @classmethod
+    def from_config(cls, cfg) -> GRPOSettings:
+        """From `cfg.grpo` (a dict or dataclass of the keys above; absent or None: the defaults)."""
+        value = getattr(cfg, "grpo", None)
+        if value is None:
+            return cls()
+        if isinstance(value, GRPOSettings):
+            return value
+        if is_dataclass(value):
+            value = asdict(value)
+        if not isinstance(value, dict):
+            raise VaderError(f"grpo={value!r} must be a dict of GRPO keys ({', '.join(f.name for f in fields(cls))})")
+        unknown = [k for k in value if k not in {f.name for f in fields(cls)}]
+        if unknown:
+            raise VaderError(f"grpo: unknown key {unknown[0]!r}; valid keys: {', '.join(f.name for f in fields(cls))}")
+        return cls(**value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- the SDE step
+
+
+def sde_step(v: Tensor, z: Tensor, t: Tensor, t_next: Tensor, noise_level: float,
+             generator: torch.Generator | None = None, prev: Tensor | None = None,
+             num_timesteps: int = 1000) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One stochastic step from t to t_next (< t) (formulas in the module docstring).
+
+    v: the guided velocity at (z, t) in vader's convention (x0 - eps). t, t_next: [B] timesteps.
+    prev: the next latent whose log-probability to compute (the ratio's); None draws one with `generator`.
+    Returns (z_next, log_prob [B] averaged over the latent dims, mean, std [B, 1, ...]), all fp32.
+    """
+    v, z = v.float(), z.float()
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    sigma = (t.float() / num_timesteps).view(shape)
+    sigma_next = (t_next.float() / num_timesteps).view(shape)
+    dt = sigma - sigma_next
+    # at sigma = 1 the variance sigma / (1 - sigma) is infinite: Flow-GRPO uses its second sigma there
+    sigma_den = torch.where(sigma >= 1 - _SIGMA_ONE_TOL, sigma_next, sigma)
+    std_t = noise_level * torch.sqrt(sigma / (1 - sigma_den))
+    mean = z * (1 - std_t**2 * dt / (2 * sigma)) + v * (1 + std_t**2 * (1 - sigma) / (2 * sigma)) * dt
+    std = std_t * torch.sqrt(dt)
+    if prev is None:
+        device = generator.device if generator is not None else z.device
+        noise = torch.randn(z.shape, generator=generator, dtype=torch.float32, device=device).to(z.device)
+        prev = mean + std * noise
+    prev = prev.detach().float()
+    log_prob = -((prev - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return prev, log_prob.mean(dim=tuple(range(1, log_prob.ndim))), mean, std
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass
+class Trajectory:
+    """One batch of SDE samples: everything the clipped objective re-evaluates."""
+
+    latents: list[Tensor]  # z_0 (noise, t = 1000) ... z_N (final), each [B, C, T, H, W] fp32
+    timesteps: list[Tensor]  # t_0 .. t_{N-1}, each [B]; the last step goes to t = 0
+    log_probs: Tensor  # [B, N]: log p(z_{i+1} | z_i) under the policy that sampled
+    text: TextCondition
+    cond: dict[str, Tensor]
+    cfg_scale: float
+    num_timesteps: int
+
+    @property
+    def final(self) -> Tensor:
+        return self.latents[-1]
+
+    def next_t(self, i: int) -> Tensor:
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else torch.zeros_like(self.timesteps[i])
+
+
+def sample_with_logprobs(gen, prompts: list[str], generator: torch.Generator, noise_level: float) -> Trajectory:
+    """The whole SDE trajectory for `prompts` (Open-Sora's VideoGenerator), without gradients.
+
+    Same schedule, conditioning, CFG and initial noise draw as `VideoGenerator.sample_latents`; the
+    per-step noise comes from the same `generator`, so a step seed reproduces the trajectory exactly."""
+    n = len(prompts)
+    height, width = gen.cfg.height_width
+    sched = gen.cfg.scheduler
+    cond = conditioning(n, height, width, gen.num_frames, gen.cfg.fps, gen.dtype, gen.device)
+    timesteps = make_timesteps(
+        sched.num_sampling_steps, n, num_timesteps=sched.num_timesteps,
+        use_timestep_transform=sched.use_timestep_transform, use_discrete_timesteps=sched.use_discrete_timesteps,
+        transform_scale=sched.transform_scale, cond=cond, num_frames=gen.num_frames,
+    )
+    z = torch.randn((n, *gen.latent_shape), generator=generator, dtype=torch.float32).to(gen.device)
+    traj = Trajectory([z], timesteps, torch.empty(0), gen.text_condition(prompts), cond, sched.cfg_scale,
+                      sched.num_timesteps)
+    log_probs = []
+    with torch.no_grad():
+        for i in range(len(timesteps)):
+            v = _velocity(gen, traj, i)
+            z, log_prob, _, _ = sde_step(v, z, timesteps[i], traj.next_t(i), noise_level, generator,
+                                         num_timesteps=sched.num_timesteps)
+            traj.latents.append(z)
+            log_probs.append(log_prob)
+    traj.log_probs = torch.stack(log_probs, 1)
+    return traj
+
+
+def _velocity(gen, traj: Trajectory, i: int) -> Tensor:
+    y = torch.cat([traj.text.y, traj.text.y_null], 0)
+    return _guided_velocity(gen.denoiser, traj.latents[i], traj.timesteps[i], y, traj.text.mask, traj.cond,
+                            traj.cfg_scale, False)
+
+
+# ---------------------------------------------------------------- advantages and the objective
+
+
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """(r - mean) / (std + eps) within consecutive groups of `group_size` (one prompt's samples);
+    std is the population std, as Flow-GRPO's per-prompt stat tracker (numpy's default). A group of
+    equal rewards gets exactly zero advantages."""
+    rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    groups = rewards.view(-1, group_size)
+    mean = groups.mean(1, keepdim=True)
+    std = groups.std(1, unbiased=False, keepdim=True)
+    advantages = (groups - mean) / (std + eps)
+    # equal rewards carry no signal; the mean's rounding would otherwise leave ~1e-4 advantages
+    tied = (groups.max(1, keepdim=True).values == groups.min(1, keepdim=True).values)
+    return torch.where(tied, torch.zeros_like(advantages), advantages).reshape(-1)
+
+
+def clipped_objective(log_prob: Tensor, log_prob_old: Tensor, advantages: Tensor,
+                      clip_range: float) -> tuple[Tensor, Tensor]:
+    """PPO's pessimistic loss mean(max(-A r, -A clip(r, 1 - c, 1 + c))), r = exp(logp - logp_old);
+    returns (loss, ratio)."""
+    ratio = torch.exp(log_prob - log_prob_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean(), ratio
+
+
+@dataclass
+class LossParts:
+    loss: Tensor  # what is backpropagated: policy + kl_beta * kl
+    policy: Tensor
+    kl: Tensor
+    ratio: Tensor  # [B], detached
+
+
+def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOSettings) -> LossParts:
+    """The clipped objective on recorded transition i (z_i -> z_{i+1}), with gradients to the LoRA.
+
+    The KL term is that of the two transition Gaussians (same std, the base model's mean with the LoRA
+    disabled), averaged over the latent dims: ||mean - mean_ref||^2 / (2 std^2), std the transition's
+    std. Flow-GRPO divides by its s_t^2 instead (without dt); per-dim Gaussian KL is the honest reading.
+    """
+    t, t_next = traj.timesteps[i], traj.next_t(i)
+    z, prev = traj.latents[i], traj.latents[i + 1]
+    v = _velocity(gen, traj, i)
+    _, log_prob, mean, std = sde_step(v, z, t, t_next, settings.noise_level, prev=prev,
+                                      num_timesteps=traj.num_timesteps)
+    policy, ratio = clipped_objective(log_prob, traj.log_probs[:, i], advantages.to(log_prob.device),
+                                      settings.clip_range)
+    kl = torch.zeros((), device=policy.device)
+    if settings.kl_beta > 0:
+        with torch.no_grad(), lora_disabled(gen.denoiser):
+            v_ref = _velocity(gen, traj, i)
+        _, _, mean_ref, _ = sde_step(v_ref, z, t, t_next, settings.noise_level, prev=prev,
+                                     num_timesteps=traj.num_timesteps)
+        kl = ((mean - mean_ref) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim))).mean()
+    return LossParts(policy + settings.kl_beta * kl, policy, kl, ratio.detach())
+
+
+# ---------------------------------------------------------------- rewards without gradients
+
+
+class CallableReward(Reward):
+    """A Python callable as a reward: fn(videos, prompts) -> scores.
+
+    videos: a [B, 3, F, H, W] float32 tensor in [-1, 1] (the frames decode_frame selects; no
+    gradient is needed or kept); prompts: a list of B strings (the cleaned prompts rewards see).
+    It returns B finite floats, higher is better: a list, tuple, numpy array or 1-D tensor.
+    Usable with GRPO only (no gradient reaches the video); loss = -reward.
+    """
+
+    differentiable = False
+
+    def __init__(self, fn: Callable, spec: str, key: str = "reward_fn"):
+        super().__init__()
+        self.fn, self.spec, self.key = fn, spec, key
+        self.name = spec
+
+    def forward(self, frames: Tensor, prompts: list[str]) -> RewardOutput:
+        b = frames.shape[0]
+        with torch.no_grad():
+            out = self.fn(frames.detach().float().clamp(-1, 1), list(prompts))
+        where = f"{self.key}={self.spec!r}"
+        try:
+            scores = (out.detach().cpu() if isinstance(out, Tensor) else torch.as_tensor(out)).double()
+        except (TypeError, ValueError, RuntimeError):
+            raise VaderError(f"{where} returned {type(out).__name__}; it must return {b} floats (one per video), "
+                             "e.g. a list or a 1-D tensor") from None
+        if scores.ndim != 1 or scores.numel() != b:
+            raise VaderError(f"{where} returned {tuple(scores.shape)} scores for {b} videos; it must return "
+                             f"{b} floats (one per video)")
+        bad = [j for j in range(b) if not math.isfinite(scores[j].item())]
+        if bad:
+            raise VaderError(f"{where} returned a non-finite score ({scores[bad[0]].item()}) for prompt "
+                             f"{prompts[bad[0]]!r}; scores must be finite floats")
+        reward = scores.float().to(frames.device)
+        return RewardOutput(reward=reward, loss=-reward)
+
+
+def is_callable_spec(reward_fn) -> bool:
+    """True for a `module:function` reward (no registered reward name has a colon)."""
+    return isinstance(reward_fn, str) and ":" in reward_fn
+
+
+def load_callable_reward(spec: str, key: str = "reward_fn") -> CallableReward:
+    """Import `module:function` (the function may be a dotted attribute path) as a CallableReward."""
+    module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not module_name or not attr or ":" in attr:
+        raise VaderError(f"{key}={spec!r} is not 'module:function' (e.g. 'my_rewards:score', the module on "
+                         "PYTHONPATH)")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise VaderError(f"{key}={spec!r}: module {module_name!r} not found (is it installed or on "
+                             "PYTHONPATH?)") from None
+        raise VaderError(f"{key}={spec!r}: importing {module_name!r} failed: {exc}") from None
+    except Exception as exc:  # the user's module raised while importing
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise VaderError(f"{key}={spec!r}: importing {module_name!r} failed: {type(exc).__name__}: {first}") from None
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise VaderError(f"{key}={spec!r}: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise VaderError(f"{key}={spec!r}: {attr!r} is a {type(fn).__name__}, not a callable "
+                         "fn(videos, prompts) -> scores")
+    return CallableReward(fn, spec, key)
+
+
+def _scores(reward, video: Tensor, prompts: list[str]) -> Tensor:
+    with torch.no_grad():
+        out = reward(video, prompts)
+    value = out.reward if isinstance(out, RewardOutput) else out
+    return torch.as_tensor(value).detach().float().reshape(-1)
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+@dataclass
+class GRPOStepResult(StepResult):
+    reward_queries: int = 0  # videos scored by this step on this process
+    clip_fraction: float = 0.0  # share of ratios outside [1 - clip_range, 1 + clip_range] (last inner epoch)
+    ratio_max_dev: float = 0.0  # max |ratio - 1| over the last inner epoch
+    kl: float = 0.0  # mean KL to the base model (0 when kl_beta is 0)
+
+
+@dataclass
+class _Batch:
+    traj: Trajectory
+    advantages: Tensor
+    train_steps: list[int]
+
+
+def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, prompts: list[str], step: int,
+              settings: GRPOSettings | None = None) -> GRPOStepResult:
+    """One GRPO step: sample group_size videos per prompt of each micro-step (prompts and seeds as
+    `train.micro_step` picks them), score them, then `inner_epochs` clipped-objective updates.
+
+    LoRA dropout stays off while sampling and training: the ratio compares one deterministic policy
+    (with dropout, logp_old would come from another sub-network and the first ratio would not be 1).
+    A non-finite reward, loss or gradient skips the update as `train.train_step` does; so does a batch
+    whose advantages are all zero with kl_beta 0 (no gradient: only AdamW's weight decay would move).
+    """
+    settings = settings or GRPOSettings.from_config(cfg)
+    if getattr(cfg, "backend", None) is not None:
+        raise VaderError(f"backend={cfg.backend!r}: GRPO runs on the Open-Sora pipeline only; set backend=None "
+                         "or method='vader'")
+    optimizer.zero_grad(set_to_none=True)
+    set_lora_dropout(gen.denoiser, False)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    g = settings.group_size
+    num_steps = cfg.scheduler.num_sampling_steps
+    batches: list[_Batch] = []
+    rewards: list[Tensor] = []
+    for micro in range(cfg.gradient_accumulation_steps):
+        rng = set_step_seed(cfg.seed, step, micro, rank)
+        picked = pick_prompts(prompts, cfg, step, micro, rank, world)
+        group = [p for p in picked for _ in range(g)]
+        vae = gen.vae if cfg.decode_strategy == "latent" else None
+        frames = select_frames(cfg.decode_frame, gen.num_frames, rng, cfg.decode_strategy, vae)
+        generator = make_generator(rng)
+        with accelerator.autocast(), torch.no_grad():
+            traj = sample_with_logprobs(gen, group, generator, settings.noise_level)
+            video = gen.decode(traj.final, frames)
+            scores = _scores(reward, video, gen.reward_prompts(group))
+        train_steps = _train_steps(num_steps, settings.train_steps_fraction, rng)
+        advantages = group_advantages(scores, g).clamp(-settings.adv_clip_max, settings.adv_clip_max)
+        batches.append(_Batch(traj, advantages.to(gen.device), train_steps))
+        rewards.append(scores)
+    local = torch.cat(rewards)
+    reward_all = accelerator.gather(local.to(accelerator.device))
+    queries = local.numel()
+    stats = dict(reward=reward_all.mean().item(), reward_std=reward_all.std(unbiased=False).item(),
+                 cutoff=None, reward_queries=queries)
+    if any_process(not bool(torch.isfinite(reward_all).all()), accelerator):
+        return GRPOStepResult(loss=math.nan, grad_norm=math.nan, skipped=True, nonfinite=True, **stats)
+    no_signal = all(bool((b.advantages == 0).all()) for b in batches) and settings.kl_beta == 0
+    if not any_process(not no_signal, accelerator):
+        return GRPOStepResult(loss=0.0, grad_norm=0.0, skipped=True, **stats)
+
+    skipped = nonfinite = False
+    loss_mean = grad_norm = math.nan
+    for _ in range(settings.inner_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        losses, kls, ratios = [], [], []
+        for b in batches:
+            scale = 1.0 / (len(b.train_steps) * cfg.gradient_accumulation_steps)
+            for i in b.train_steps:
+                with accelerator.autocast():
+                    parts = grpo_loss(gen, b.traj, b.advantages, i, settings)
+                accelerator.backward(parts.loss * scale)
+                losses.append(parts.loss.detach().float())
+                kls.append(parts.kl.detach().float())
+                ratios.append(parts.ratio)
+        average_gradients(params, accelerator)
+        grad_norm = _clip(params, cfg.max_grad_norm, accelerator)
+        loss_all = accelerator.gather(torch.stack(losses).mean().reshape(1).to(accelerator.device))
+        loss_mean = loss_all.mean().item()
+        skipped, nonfinite = _apply_update(optimizer, params, cfg, accelerator, step,
+                                           bool(torch.isfinite(loss_all).all()), grad_norm)
+        ratio = torch.cat(ratios)
+        if nonfinite or skipped:
+            break
+    optimizer.zero_grad(set_to_none=True)
+    return GRPOStepResult(loss=loss_mean, grad_norm=grad_norm, skipped=skipped, nonfinite=nonfinite,
+                          clip_fraction=((ratio - 1).abs() > settings.clip_range).float().mean().item(),
+                          ratio_max_dev=(ratio - 1).abs().max().item(), kl=torch.stack(kls).mean().item(),
+                          **stats)
+
+
+def _train_steps(num_steps: int, fraction: float, rng: random.Random) -> list[int]:
+    """The sampling steps trained on: all, or a random subset (at least one) from the step's RNG."""
+    count = max(1, round(fraction * num_steps))
+    if count >= num_steps:
+        return list(range(num_steps))
+    return sorted(rng.sample(range(num_steps), count))
+
+
+def _apply_update(optimizer, params, cfg, accelerator: Accelerator, step: int, values_finite: bool,
+                  grad_norm: float) -> tuple[bool, bool]:
+    """`train.train_step`'s update decision; returns (skipped, nonfinite)."""
+    nonfinite = any_process(not (values_finite and math.isfinite(grad_norm)), accelerator)
+    scaler = getattr(accelerator, "scaler", None)
+    skipped = nonfinite
+    if nonfinite and scaler is not None and values_finite:
+        optimizer.step()  # fp16: the GradScaler's own skip on a loss-scale overflow, which lowers the scale
+        nonfinite = False
+    elif nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:  # its unscale_ ran in _clip: without update() the next unscale_ raises
+            scaler.update()
+    else:
+        optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
+        if bad is not None:
+            raise VaderError(f"lr={cfg.lr}: the optimizer update at step {step + 1} made the LoRA non-finite "
+                             f"(parameter {bad}); nothing was saved from it: lower lr")
+    return skipped, nonfinite
+
+
+__all__ = ["GRPOSettings", "GRPOStepResult", "CallableReward", "Trajectory", "sde_step", "sample_with_logprobs",
+           "group_advantages", "clipped_objective", "grpo_loss", "grpo_step", "load_callable_reward",
+           "is_callable_spec"]
