@@ -191,6 +191,61 @@ def test_constant_reward_leaves_the_lora_unchanged(trainer):
     assert not all(torch.equal(a, p) for a, p in zip(before, t.params))
 
 
+def test_grpo_step_depends_only_on_seed_step_and_lora(trainer):
+    """What makes a resume exact: the same step on the same LoRA samples and updates identically,
+    whatever ran before in the process; another step index draws other prompts and noise."""
+    settings = GRPOSettings(train_steps_fraction=0.5)
+    results, loras = [], []
+    for step in (3, 3, 4):
+        t = trainer("--gradient_accumulation_steps", "2")
+        torch.manual_seed(step * 7)  # global RNG state left by earlier work must not matter
+        results.append(grpo_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, t.run.prompts, step,
+                                 settings))
+        loras.append([p.detach().clone() for p in t.params])
+    assert results[0] == results[1] and all(torch.equal(a, b) for a, b in zip(loras[0], loras[1]))
+    assert results[0].reward != results[2].reward
+    assert results[0].reward_queries == 2 * t.cfg.train_batch_size * settings.group_size
+
+
+def test_inner_epochs_move_the_ratio_and_clip_it(trainer):
+    t = trainer()
+    result = grpo_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, t.run.prompts, 0,
+                       GRPOSettings(inner_epochs=2))
+    # the second pass sees the first update: ratios leave 1, and far beyond clip_range 1e-4
+    assert result.ratio_max_dev > 1e-3 and result.clip_fraction > 0.5 and not result.skipped
+
+
+def test_kl_to_the_base_model_is_zero_at_the_base_and_grows_with_the_lora(trainer):
+    t = trainer()
+    settings = GRPOSettings(kl_beta=0.5)
+    prompts = _prompts(t, settings.group_size)
+    with torch.no_grad():
+        traj = sample_with_logprobs(t.gen, prompts, torch.Generator().manual_seed(0), settings.noise_level)
+    adv = torch.zeros(len(prompts))
+    assert grpo_loss(t.gen, traj, adv, 1, settings).kl.item() == 0.0  # LoRA B starts at zero: the base model
+    with torch.no_grad():
+        for p in t.params:
+            p.add_(0.05 * torch.randn_like(p))
+    parts = grpo_loss(t.gen, traj, adv, 1, settings)
+    assert parts.kl.item() > 0 and parts.loss.item() == pytest.approx(0.5 * parts.kl.item())
+    parts.loss.backward()
+    assert any(p.grad is not None and p.grad.any() for p in t.params)  # the KL alone pulls the LoRA back
+
+
+def test_non_finite_reward_skips_the_update(trainer):
+    t = trainer()
+
+    def broken(video, prompts):
+        reward = torch.ones(video.shape[0])
+        reward[1] = float("nan")
+        return RewardOutput(reward=reward, loss=-reward)
+
+    before = [p.detach().clone() for p in t.params]
+    result = grpo_step(t.gen, broken, t.optimizer, t.params, t.cfg, t.accelerator, t.run.prompts, 0)
+    assert result.skipped and result.nonfinite and math.isnan(result.loss)
+    assert all(torch.equal(a, p) for a, p in zip(before, t.params))
+
+
 def _sde_reward(t, settings: GRPOSettings) -> float:
     """Mean reward of the SDE policy on fixed seeds: every prompt twice."""
     prompts = t.run.prompts * 2
