@@ -144,8 +144,9 @@ def _prompts(t, group: int) -> list[str]:
     return [p for p in t.run.prompts[:2] for _ in range(group)]
 
 
-def test_first_inner_update_has_ratio_exactly_one(trainer):
-    t = trainer()
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_first_inner_update_has_ratio_exactly_one(trainer, grad_checkpoint):
+    t = trainer("--grad_checkpoint", str(grad_checkpoint))
     settings = GRPOSettings()
     prompts = _prompts(t, settings.group_size)
     with torch.no_grad():
@@ -155,7 +156,7 @@ def test_first_inner_update_has_ratio_exactly_one(trainer):
     adv = group_advantages(torch.arange(len(prompts), dtype=torch.float32), settings.group_size)
     t.optimizer.zero_grad()
     for i in range(len(traj.timesteps)):
-        parts = grpo_loss(t.gen, traj, adv, i, settings)
+        parts = grpo_loss(t.gen, traj, adv, i, settings, grad_checkpoint)
         assert torch.equal(parts.ratio, torch.ones(len(prompts))), i  # bitwise: same LoRA, same latents
         parts.loss.backward()
     t.optimizer.step()

@@ -190,10 +190,10 @@ def sample_with_logprobs(gen, prompts: list[str], generator: torch.Generator, no
     return traj
 
 
-def _velocity(gen, traj: Trajectory, i: int) -> Tensor:
+def _velocity(gen, traj: Trajectory, i: int, grad_checkpoint: bool = False) -> Tensor:
     y = torch.cat([traj.text.y, traj.text.y_null], 0)
     return _guided_velocity(gen.denoiser, traj.latents[i], traj.timesteps[i], y, traj.text.mask, traj.cond,
-                            traj.cfg_scale, False)
+                            traj.cfg_scale, grad_checkpoint)
 
 
 # ---------------------------------------------------------------- advantages and the objective
@@ -233,8 +233,10 @@ class LossParts:
     ratio: Tensor  # [B], detached
 
 
-def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOSettings) -> LossParts:
-    """The clipped objective on recorded transition i (z_i -> z_{i+1}), with gradients to the LoRA.
+def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOSettings,
+              grad_checkpoint: bool = False) -> LossParts:
+    """The clipped objective on recorded transition i (z_i -> z_{i+1}), with gradients to the LoRA
+    (`grad_checkpoint`: recompute the denoiser call in the backward, as VADER's sampler does).
 
     The KL term is that of the two transition Gaussians (same std, the base model's mean with the LoRA
     disabled), averaged over the latent dims: ||mean - mean_ref||^2 / (2 std^2), std the transition's
@@ -242,7 +244,7 @@ def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOS
     """
     t, t_next = traj.timesteps[i], traj.next_t(i)
     z, prev = traj.latents[i], traj.latents[i + 1]
-    v = _velocity(gen, traj, i)
+    v = _velocity(gen, traj, i, grad_checkpoint)
     _, log_prob, mean, std = sde_step(v, z, t, t_next, settings.noise_level, prev=prev,
                                       num_timesteps=traj.num_timesteps)
     policy, ratio = clipped_objective(log_prob, traj.log_probs[:, i], advantages.to(log_prob.device),
@@ -410,7 +412,7 @@ def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, pro
             scale = 1.0 / (len(b.train_steps) * cfg.gradient_accumulation_steps)
             for i in b.train_steps:
                 with accelerator.autocast():
-                    parts = grpo_loss(gen, b.traj, b.advantages, i, settings)
+                    parts = grpo_loss(gen, b.traj, b.advantages, i, settings, cfg.grad_checkpoint)
                 accelerator.backward(parts.loss * scale)
                 losses.append(parts.loss.detach().float())
                 kls.append(parts.kl.detach().float())
