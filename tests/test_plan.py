@@ -189,3 +189,22 @@ def test_cli_bench_on_cuda_reports_the_allocator_peak_and_the_card(tmp_path, cap
     allocated = float(re.search(r"max_memory_allocated:\s+([0-9.]+) MiB", out).group(1))
     measured = float(re.search(r"measured peak of live tensors:\s+([0-9.]+) MiB", out).group(1))
     assert allocated >= 0.9 * measured  # the allocator holds at least the live tensors
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_backend_plan_is_within_10_percent_of_the_real_step(tmp_path, name):
+    """The diffusers backends planned through their own surface (meta_models + from_components on fake
+    tensors) against vader.train's step on the tiny pipelines the backend tests use."""
+    pytest.importorskip("diffusers")
+    from backend_tiny import SAVERS, tiny_config_text
+
+    from vader.config import load_config
+    from vader.plan import make_plan, measure_real_step
+
+    weights = SAVERS[name](tmp_path / f"tiny-{name}")
+    path = tmp_path / f"{name}.py"
+    path.write_text(tiny_config_text(name, weights, project_dir=str(tmp_path / "runs")))
+    cfg = load_config(path)
+    planned = make_plan(cfg).train
+    real = measure_real_step(cfg)
+    assert abs(planned.peak - real.peak) <= 0.10 * real.peak, (planned.peak, real.peak)

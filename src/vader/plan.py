@@ -223,7 +223,7 @@ def worst_cutoff(cfg: VaderConfig) -> int:
     return {"last": steps - 1, "rand": 0, "specific": SPECIFIC_CUTOFF}[mode]
 
 
-def planned_frames(cfg: VaderConfig, vae: nn.Module) -> list[int]:
+def planned_frames(cfg: VaderConfig, vae: nn.Module | None) -> list[int]:
     """decode_frame's frames; '-1' (one random frame) is planned at the frame that costs the most:
     the last, whose temporal chunk is decoded whole."""
     from vader.frames import decode_choices, select_frames
@@ -297,7 +297,6 @@ def _text_phase(cfg: VaderConfig) -> tuple[PhasePlan, int]:
 
 
 def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tuple[PhasePlan, int, list[int]]:
-    from vader.frames import decode_selected
     from vader.models.presets import torch_dtype
     from vader.run import load_prompts
 
@@ -330,7 +329,7 @@ def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tu
         with autocast:
             latents, scale = _sample(stack, meter, n, cutoff, all_steps, cfg.grad_checkpoint)
             with meter.phase("decode"):
-                video = decode_selected(gen.vae, latents.to(stack.dtype), gen.num_frames, frames, cfg.decode_strategy)
+                video = gen.decode(latents, frames, grad_checkpoint=cfg.grad_checkpoint)  # as micro_step
             with meter.phase("reward"):
                 out = reward(video, gen.reward_prompts(prompts))
         with meter.phase("backward"):
@@ -388,13 +387,167 @@ def _infer_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> Ph
         with torch.no_grad():
             latents, scale = _sample(stack, meter, cfg.val_batch_size, None, all_steps, False)
             with meter.phase("infer_decode"):
-                stack.gen.vae.decode(latents.to(stack.dtype), num_frames=stack.gen.num_frames)
+                stack.gen.decode(latents)
     return PhasePlan("infer", meter.peak, meter.at_peak, meter.peak_label, _flops_of(meter, scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# the diffusers backends (Wan2.1, CogVideoX): the same phases through the backend's own surface
+# ---------------------------------------------------------------------------------------------
+
+
+def _backend_meta(cfg: VaderConfig, training: bool):  # type: ignore[no-untyped-def]
+    from vader.backends import backend_class, backend_module, settings_from_config
+
+    settings = settings_from_config(cfg)
+    models = backend_module(cfg.backend).meta_models(settings)
+    cls = backend_class(cfg.backend)
+    if training:
+        from peft import inject_adapter_in_model
+
+        from vader.checkpoint import lora_config
+
+        inject_adapter_in_model(lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
+                                            targets=cls.lora_target_modules), models["transformer"],
+                                low_cpu_mem_usage=True)
+    return settings, models, cls
+
+
+def _backend_text_phase(cfg: VaderConfig) -> PhasePlan:
+    """The backend's text encoder (UMT5-XXL / T5-XXL) in the run's dtype, one batch of prompts."""
+    from vader.models.presets import torch_dtype
+
+    settings, models, _ = _backend_meta(cfg, training=False)
+    model = models["text_encoder"]
+    meter = LiveBytes()
+    batch = max(cfg.train_batch_size, cfg.val_batch_size)
+    with fake_mode(), meter:
+        with meter.phase("text_encoder"):
+            materialise(model, torch_dtype(cfg.dtype))
+        with meter.phase("encode"), torch.no_grad():
+            ids = torch.zeros(batch, settings.max_sequence_length, dtype=torch.long)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return PhasePlan("text", meter.peak, meter.at_peak, meter.peak_label, _flops_of(meter, 1.0))
+
+
+def _backend_generator(cfg: VaderConfig, meter: LiveBytes, training: bool, prompts: list[str],
+                       meta: tuple) -> object:
+    """The backend generator on fake tensors: transformer and VAE (from `_backend_meta`, built before
+    the fake mode is entered) materialised as `build` loads them, every prompt (and the negative
+    prompt) given an embedding of the encoder's output shape."""
+    from vader.models.presets import torch_dtype
+
+    settings, models, cls = meta
+    dtype = torch_dtype(cfg.dtype)
+    vae_dtype = torch_dtype(getattr(settings, "vae_dtype", cfg.dtype))
+    with meter.phase("denoiser"):
+        transformer = materialise(models["transformer"], dtype, trainable="lora_" if training else None)
+    meter.relabel([p for n, p in transformer.named_parameters() if "lora_" in n], "lora")
+    with meter.phase("vae"):
+        vae = materialise(models["vae"], vae_dtype)
+    if cfg.backend == "cogvideox":  # its sampler takes the checkpoint's scheduler
+        gen = cls.from_components(transformer, vae, None, None, _cogvideox_scheduler(settings), settings)
+    else:
+        gen = cls.from_components(transformer, vae, None, None, settings)
+    if training:
+        from vader.checkpoint import set_lora_dropout
+
+        set_lora_dropout(transformer, True)
+    width = models["text_encoder"].config.d_model
+    with meter.phase("prompts"):
+        for prompt in dict.fromkeys([*prompts, settings.negative_prompt]):
+            gen.embeddings[prompt] = torch.zeros(1, settings.max_sequence_length, width, dtype=dtype)
+    return gen
+
+
+def _cogvideox_scheduler(settings):  # type: ignore[no-untyped-def]
+    """The checkpoint's CogVideoXDDIMScheduler when its files are on this machine, else the published
+    CogVideoX-2b one (v-prediction, trailing spacing, zero-SNR betas); its values never change memory."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    try:
+        return CogVideoXDDIMScheduler.from_pretrained(settings.pretrained, subfolder="scheduler",
+                                                      local_files_only=True)
+    except Exception:  # not on this machine: the plan needs no download
+        return CogVideoXDDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                      set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+
+
+def _backend_train_phase(cfg: VaderConfig) -> tuple[PhasePlan, int, list[int]]:
+    """micro_step on the backend: every sampling step runs (the backend's loop has no shortcut)."""
+    from vader.run import load_prompts, make_generator
+
+    meter = LiveBytes()
+    prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
+    prompts = (prompts * cfg.train_batch_size)[: cfg.train_batch_size]
+    labels = {p: labels[p] for p in prompts if p in labels}
+    frames = planned_frames(cfg, None)
+    reward = _reward_on_meta(cfg, _dtype(cfg), len(frames))
+    cutoff = worst_cutoff(cfg)
+    meta = _backend_meta(cfg, training=True)
+    with fake_mode(), meter:
+        gen = _backend_generator(cfg, meter, True, prompts, meta)
+        params = [p for n, p in gen.denoiser.named_parameters() if "lora_" in n]
+        with meter.phase("reward_model"):
+            materialise(reward, _dtype(cfg))
+        with meter.phase("reward_prepare"), torch.no_grad():
+            reward.prepare(list(dict.fromkeys(gen.reward_prompts(prompts))),
+                           {gen.reward_prompts([p])[0]: label for p, label in labels.items()})
+        with meter.phase("optimizer"):
+            state = _optimizer_state(params, cfg.use_AdamW8bit)
+        meter.reset_peak()
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
+                    else torch.autocast("cpu", enabled=False))
+        with autocast:
+            with meter.phase("sampling"):
+                latents = gen.sample_latents(prompts, make_generator(random.Random(0)), cutoff=cutoff,
+                                             grad_checkpoint=cfg.grad_checkpoint)
+            with meter.phase("decode"):
+                video = gen.decode(latents, frames, grad_checkpoint=cfg.grad_checkpoint)
+            with meter.phase("reward"):
+                out = reward(video, gen.reward_prompts(prompts))
+        with meter.phase("backward"):
+            (out.loss.mean() / cfg.gradient_accumulation_steps).backward()
+        del latents, video, out
+        meter.relabel([p.grad for p in params], "grads")
+        with meter.phase("step"), torch.no_grad():
+            _optimizer_step(params, state, cfg.use_AdamW8bit)
+    flops = _flops_of(meter, 1.0, times=cfg.gradient_accumulation_steps)
+    return PhasePlan("train", meter.peak, meter.at_peak, meter.peak_label, flops), cutoff, frames
+
+
+def _backend_infer_phase(cfg: VaderConfig) -> PhasePlan:
+    from vader.run import make_generator
+
+    meter = LiveBytes()
+    prompts = ["a video"] * cfg.val_batch_size
+    meta = _backend_meta(cfg, training=False)
+    with fake_mode(), meter:
+        gen = _backend_generator(cfg, meter, False, prompts, meta)
+        meter.reset_peak()
+        with torch.no_grad():
+            with meter.phase("sampling_nograd"):
+                latents = gen.sample_latents(prompts, make_generator(random.Random(0)))
+            with meter.phase("infer_decode"):
+                gen.decode(latents)
+    return PhasePlan("infer", meter.peak, meter.at_peak, meter.peak_label, _flops_of(meter, 1.0))
+
+
+def _dtype(cfg: VaderConfig) -> torch.dtype:
+    from vader.models.presets import torch_dtype
+
+    return torch_dtype(cfg.dtype)
 
 
 def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | None = None) -> Plan:
     """Plan the config's text encoding, training step (when it trains) and inference batch."""
     training = cfg.is_vader_training if training is None else training
+    if cfg.backend is not None:
+        text = _backend_text_phase(cfg)
+        train, cutoff, frames = _backend_train_phase(cfg) if training else (None, None, [])
+        notes = ["every sampling step is run (the backend's sampler has no one-step shortcut)"]
+        return Plan(cfg, text, train, _backend_infer_phase(cfg), cutoff, frames, notes)
     text, caption_channels = _text_phase(cfg)
     train, cutoff, frames = (None, None, [])
     if training:
@@ -490,8 +643,15 @@ def fit(path: str, overrides: list[str], budget: int, *, tflops: float, mfu: flo
     return FitResult([(k, v) for k, v, _ in chosen], plan, tried, [k for k, _, alg in chosen if alg])
 
 
+# What the diffusers backends honour (they run diffusers' own attention, no fp8 path, no latent
+# decode shortcut, and their build encodes on the device).
+BACKEND_KNOBS = ("reward_grad_checkpoint", "grad_checkpoint", "use_AdamW8bit", "decode_frame", "backprop_mode")
+
+
 def _knob_applies(cfg: VaderConfig, knob: tuple[str, str, bool]) -> bool:
     key, value, _ = knob
+    if cfg.backend is not None and key not in BACKEND_KNOBS:
+        return False
     if key == "model.attention" and not hasattr(cfg.model, "attention"):
         return False
     if key == "dtype" and value == "fp8":
@@ -530,7 +690,9 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
     lines = [f"plan: {height}x{width}, {cfg.frames} frames, dtype {cfg.dtype}, mixed_precision "
              f"{cfg.mixed_precision}, attention {getattr(cfg.model, 'attention', 'math')}"]
     t = plan.text
-    if cfg.text_encoder.offload:
+    if cfg.backend is not None:
+        lines.append(f"  text encoder (runs first, released before the transformer loads): peak {_gib(t.peak)}")
+    elif cfg.text_encoder.offload:
         lines.append(f"  text encoder on the CPU (text_encoder.offload): {_gib(t.peak)} of host memory, none on the GPU")
     else:
         lines.append(f"  text encoder (runs first, released before the denoiser loads): peak {_gib(t.peak)} "
