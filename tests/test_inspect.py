@@ -157,3 +157,28 @@ def test_fp8_weights_are_described_in_one_byte(opensora) -> None:
     fp8 = inspect(opensora, "denoiser")
     assert "fp8 (Linear) + bf16" in fp8 and "float8 e4m3" in fp8
     assert size(fp8) < 0.55 * size(bf16)  # STDiT3-XL/2: 2.25 -> 1.13 GiB
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_backend_inspect_keys_equal_the_saved_checkpoint_and_config_gives_its_latent_shape(tmp_path, name):
+    """`vader inspect --keys` of a diffusers backend lists, from the meta device, exactly the keys and
+    shapes the pipeline's own save_pretrained wrote; `vader config` gives the generator's latent shape."""
+    pytest.importorskip("diffusers")
+    from backend_tiny import SAVERS, tiny_config_text
+    from safetensors import safe_open
+
+    from vader.backends import backend_class, settings_from_config
+    from vader.inspection import resolved_values
+
+    folder = SAVERS[name](tmp_path / f"tiny-{name}")
+    path = tmp_path / f"{name}.py"
+    path.write_text(tiny_config_text(name, folder, project_dir=str(tmp_path / "runs")))
+    cfg = load_config(path)
+    for part, sub in (("denoiser", "transformer"), ("vae", "vae")):
+        listing = dict(line.split("\t") for line in inspect(cfg, part, keys=True).splitlines())
+        with safe_open(str(next((folder / sub).glob("*.safetensors"))), "pt") as f:
+            saved = {k: ",".join(str(d) for d in f.get_slice(k).get_shape()) for k in f.keys()}
+        assert listing == saved, part
+    gen = backend_class(name).build(settings_from_config(cfg), "cpu")
+    assert resolved_values(cfg)["latent_shape_CTHW"] == list(gen.latent_shape)
+    assert "to_out.0" in inspect(cfg, "denoiser")  # the backend's own LoRA targets

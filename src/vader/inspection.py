@@ -76,7 +76,43 @@ def _parts(part: str | None) -> tuple[str, ...]:
 
 def build_meta(cfg: VaderConfig, part: str) -> MetaModel:
     """Build one part of `cfg`'s stack on the meta device (no memory, no download)."""
+    if cfg.backend is not None:
+        return _backend_part(cfg, _parts(part)[0])
     return _BUILDERS[_parts(part)[0]](cfg)
+
+
+def _backend_models(cfg: VaderConfig) -> tuple[Any, dict[str, nn.Module], type]:
+    from vader.backends import backend_class, backend_module, settings_from_config
+
+    settings = settings_from_config(cfg)
+    return settings, backend_module(cfg.backend).meta_models(settings), backend_class(cfg.backend)
+
+
+_BACKEND_PARTS = {"denoiser": "transformer", "vae": "vae", "text_encoder": "text_encoder"}
+
+
+def _backend_part(cfg: VaderConfig, part: str) -> MetaModel:
+    """A diffusers backend's part, as its `meta_models` builds it: the checkpoint's own config when it
+    is on this machine, else the published architecture."""
+    from vader.models.presets import torch_dtype
+
+    settings, models, _ = _backend_models(cfg)
+    model = models[_BACKEND_PARTS[part]]
+    source = getattr(settings, part if part != "denoiser" else "transformer", None) or settings.pretrained
+    raw = getattr(model, "config", None)
+    config = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
+    shown = {k: v for k, v in config.items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
+    line = f"{type(model).__name__}: " + ", ".join(f"{k} {v}" for k, v in list(shown.items())[:12])
+    dtype = torch_dtype(getattr(settings, "vae_dtype", cfg.dtype) if part == "vae" else cfg.dtype)
+    return MetaModel(part, f"{cfg.model.type} ({type(model).__name__})", str(source), line, model, dtype)
+
+
+def backend_latent_shape(cfg: VaderConfig) -> tuple[int, int, int, int]:
+    """(C, T, H, W) as the backend generator computes it, from the meta-built transformer and VAE."""
+    settings, models, cls = _backend_models(cfg)
+    shell = object.__new__(cls)  # only the geometry properties are used: no weights, nothing moved
+    shell.denoiser, shell.vae, shell.settings = models["transformer"], models["vae"], settings
+    return tuple(shell.latent_shape)  # type: ignore[return-value]
 
 
 def _source(name: str | None) -> tuple[str, dict]:
@@ -138,6 +174,18 @@ def resolved_values(cfg: VaderConfig, num_processes: int | None = None) -> dict[
     from vader.train import total_train_steps
 
     processes = num_processes or max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if cfg.backend is not None:
+        try:
+            prompts_n: int | None = len(load_prompts(cfg)[0])
+        except VaderError:
+            prompts_n = None
+        height, width = cfg.height_width
+        steps_n = (total_train_steps(cfg, prompts_n or 0, processes)
+                   if prompts_n is not None or cfg.max_train_steps else None)
+        return {"frames": cfg.frames, "height_width": [height, width],
+                "latent_shape_CTHW": list(backend_latent_shape(cfg)), "prompts": prompts_n, "processes": processes,
+                "total_optimizer_steps": steps_n,
+                "videos_per_validation": cfg.num_val_runs * cfg.val_batch_size * processes}
     vae = vae_config(cfg.vae, _source(cfg.vae.from_pretrained)[1])  # the VAE config owns the latent geometry
     frames = cfg.frames
     height, width = cfg.height_width
@@ -235,21 +283,25 @@ class LoraSummary:
     trainable: int
 
 
-def lora_summary(model: nn.Module, rank: int, alpha: float = 8.0, dropout: float = 0.01) -> LoraSummary:
-    """Inject the run's LoRA into `model` (meta is fine) with peft and count what it adds."""
+def lora_summary(model: nn.Module, rank: int, alpha: float = 8.0, dropout: float = 0.01,
+                 targets: list[str] | None = None) -> LoraSummary:
+    """Inject the run's LoRA into `model` (meta is fine) with peft and count what it adds; `targets`:
+    the module names (Open-Sora's checkpoint.LORA_TARGETS by default, a backend's own otherwise)."""
     from peft import inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
     from vader.checkpoint import LORA_TARGETS, lora_config
 
-    inject_adapter_in_model(lora_config(rank, alpha, dropout), model, low_cpu_mem_usage=True)
+    targets = list(targets or LORA_TARGETS)
+    inject_adapter_in_model(lora_config(rank, alpha, dropout, targets=targets), model, low_cpu_mem_usage=True)
     modules: Counter = Counter()
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            modules[(name.rsplit(".", 1)[-1], base.in_features, base.out_features)] += 1
+            short = next((t for t in targets if name.endswith(t)), name.rsplit(".", 1)[-1])  # "to_out.0"
+            modules[(short, base.in_features, base.out_features)] += 1
     params = [p for n, p in model.named_parameters() if "lora_" in n]
-    return LoraSummary(rank, alpha, dropout, list(LORA_TARGETS), modules, len(params),
+    return LoraSummary(rank, alpha, dropout, targets, modules, len(params),
                        sum(p.numel() for p in params))
 
 
@@ -300,7 +352,12 @@ def _summary(built: MetaModel, cfg: VaderConfig) -> str:
     lines.append(f"  weights in {dtype_name}: {_size(weight_bytes)}"
                  + ("" if built.part != "text_encoder" else " (always fp32; used once per prompt, then dropped)"))
     if built.part == "denoiser":
-        lora = lora_summary(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        targets = None
+        if cfg.backend is not None:
+            from vader.backends import backend_class
+
+            targets = list(backend_class(cfg.backend).lora_target_modules)
+        lora = lora_summary(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
         per_target = ", ".join(f"{n} {name} {i}->{o}" for (name, i, o), n in sorted(
             lora.modules.items(), key=lambda kv: lora.targets.index(kv[0][0]) if kv[0][0] in lora.targets else 99))
         lines.append(f"  LoRA r={lora.rank} (alpha {lora.alpha:g}, scale {lora.alpha / lora.rank:g}, dropout "

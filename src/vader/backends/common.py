@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from vader.errors import VaderError
+
+# diffusers' load_config still passes this argument to hf_hub_download, whose warning would end up on
+# every `vader` command that reads a backend's config: it is diffusers' business, not the user's.
+warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
 
 # diffusers models, transformers models: single file first, then a sharded index
 DIFFUSERS_WEIGHTS = (
