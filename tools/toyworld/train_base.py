@@ -51,18 +51,13 @@ AES = None  # no "aesthetic score" suffix: the toy captions are all the model ev
 
 def vae_architecture() -> VideoVAEConfig:
     cfg = tiny_vae_config()
-    # 4x spatial (three levels where the SDXL VAE has four): at 8x a 64x64 frame is an 8x8 latent and a
-    # small object covers 2x2 latent pixels, which came back as a blob whatever the shape
-    cfg.spatial.update(block_out_channels=[32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 3,
-                       up_block_types=["UpDecoderBlock2D"] * 3, layers_per_block=1, norm_num_groups=8)
+    cfg.spatial.update(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
     cfg.temporal = dataclasses.replace(cfg.temporal, filters=16, num_res_blocks=1, num_groups=8)
     return cfg
 
 
 def denoiser_architecture() -> STDiT3Config:
-    # patch (1, 4, 4) on the 16x16 latents keeps 4x4 tokens per latent frame, as (1, 2, 2) on 8x8 did
     return STDiT3Config(hidden_size=128, depth=4, num_heads=4, mlp_ratio=3.0, caption_channels=T5_DIM,
-                        patch_size=(1, 4, 4),
                         model_max_length=MODEL_MAX_LENGTH, class_dropout_prob=0.1)
 
 
@@ -506,12 +501,12 @@ def main() -> None:
     parser.add_argument("--out", default=WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vae-spatial-steps", type=int, default=1500)
-    parser.add_argument("--vae-temporal-steps", type=int, default=1000)
+    parser.add_argument("--vae-spatial-steps", type=int, default=600)
+    parser.add_argument("--vae-temporal-steps", type=int, default=600)
     parser.add_argument("--vae-steps", type=int, default=0, help="end-to-end video steps after the two stages")
     parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--seeds-per-caption", type=int, default=4)
-    parser.add_argument("--dit-steps", type=int, default=4000)
+    parser.add_argument("--dit-steps", type=int, default=3000)
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--pilot", action="store_true", help="a tiny run to time the stages")
     parser.add_argument("--card-only", action="store_true", help="only sample and score the shipped weights")
