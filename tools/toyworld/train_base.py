@@ -545,6 +545,9 @@ def main() -> None:
         set_latent_stats(vae, attrs[:: max(1, len(attrs) // 192)], seeds[:: max(1, len(attrs) // 192)], log)
         vae_eval(vae, log)
         log["vae"]["bytes"] = save_weights(vae, out / "vae", vae.config.to_dict())
+        # written now, not only at the end: a run stopped in the (long) denoiser stage can go on with
+        # --reuse-vae, which reads the VAE's entry from here
+        (out / "train_log.json").write_text(json.dumps(log) + "\n")
 
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
