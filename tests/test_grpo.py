@@ -318,3 +318,45 @@ def test_bad_callable_scores_are_one_line_errors(name, message):
     with pytest.raises(VaderError) as info:
         reward(torch.zeros(2, 3, 1, 4, 4), ["a", "b"])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- the tool: --method grpo
+
+
+def test_vader_train_with_method_grpo_and_a_python_reward(tiny_cfg):
+    """`vader train --method grpo --reward_fn module:function`: the same run folder (LoRA, metrics with
+    the GRPO columns, checkpoints) as a VADER run, from a reward with no gradient."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from vader.train import train
+
+    run = train(tiny_cfg("--method", "grpo", "--grpo", "{'group_size': 2}", "--reward_fn", "grpo_rewards:mean_red",
+                         "--max_train_steps", "2", "--run_name", "grpo"))
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all(r["reward_queries"] == 2 * 2 and "clip_fraction" in r for r in steps)  # batch 2 x group 2
+    lora = load_file(str(Path(run) / "lora" / "adapter_model.safetensors"))
+    assert lora and all(torch.isfinite(t).all() for t in lora.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--reward_fn", "grpo_rewards:mean_red"], "is a Python function with no gradient"),
+    (["--grpo", "{'group_size': 2}"], "is set but method='vader'"),
+    (["--method", "grpo", "--grpo", "{'group_size': 1}"], "grpo.group_size=1 is invalid"),
+    (["--method", "grpo", "--grpo", "{'groupsize': 2}"], "grpo: unknown key 'groupsize'"),
+    (["--method", "grpo", "--reward_fn", "no_such_module:f"], "no_such_module"),
+    (["--method", "dpo"], "method='dpo' is not valid"),
+])
+def test_method_and_callable_reward_config_errors_are_one_line(tmp_path, capsys, argv, message):
+    from conftest import FAST, TINY_TRAIN
+
+    from vader.cli import main
+
+    assert main(["train", str(TINY_TRAIN), *FAST, "--project_dir", str(tmp_path / "runs"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "runs").exists()

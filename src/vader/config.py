@@ -39,6 +39,7 @@ VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
 VIDEO_QUALITIES = ("standard", "high", "lossless")
+METHODS = ("vader", "grpo")
 ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
 BACKEND_DTYPES = ("fp32", "bf16", "fp16")  # vader.backends.common.DTYPES: no fp8 path for diffusers models
@@ -223,6 +224,13 @@ class VaderConfig:
         default=False, metadata=_doc("resume even where keys that change results differ from the checkpoint's run "
                                      "(the differences are logged in the run folder)")
     )
+    method: str = field(default="vader", metadata=_doc(
+        "'vader' backpropagates the reward through the sampler; 'grpo' trains the same LoRA by Flow-GRPO policy "
+        "gradient (the reward needs no gradient: any registered reward or reward_fn='module:function')",
+        choices=METHODS))
+    grpo: dict[str, Any] | None = field(default=None, metadata=_doc(
+        "method='grpo' settings: group_size 4, noise_level 0.7, clip_range 1e-4, kl_beta 0.0, "
+        "train_steps_fraction 1.0, inner_epochs 1, adv_clip_max 5.0 (Flow-GRPO's defaults but group_size)"))
     video_quality: str = field(
         default="standard", metadata=_doc("saved mp4s: 'standard' (H.264 yuv420p crf 18, small, plays everywhere), "
                                           "'high' (yuv444p crf 10) or 'lossless' (H.264 RGB crf 0: `vader score` "
@@ -607,8 +615,29 @@ def _check_backend(cfg: VaderConfig) -> None:
 
 
 def _check_rewards(cfg: VaderConfig) -> None:
+    if isinstance(cfg.reward_fn, str) and ":" in cfg.reward_fn:  # a Python callable: GRPO's business
+        if cfg.method != "grpo":
+            raise VaderError(f"reward_fn={cfg.reward_fn!r} is a Python function with no gradient; VADER "
+                             "backpropagates through the reward: use --method grpo, or a registered reward")
+        from vader.grpo import load_callable_reward
+
+        load_callable_reward(cfg.reward_fn)  # imports it now: a typo fails before anything loads
+        return
     _validate_reward(cfg.reward_fn)
     _validate_reward_inputs(cfg)
+
+
+def _check_method(cfg: VaderConfig) -> None:
+    if cfg.method != "grpo":
+        if cfg.grpo is not None:
+            raise VaderError(f"grpo={cfg.grpo!r} is set but method={cfg.method!r}; add --method grpo or drop grpo")
+        return
+    if cfg.backend is not None:
+        raise VaderError(f"method='grpo' runs on Open-Sora's pipeline only, not model.type={cfg.model.type!r}; "
+                         "use method='vader' with this model")
+    from vader.grpo import GRPOSettings
+
+    GRPOSettings.from_config(cfg)  # one line naming the bad grpo.* key
 
 
 # keys whose annotation is not one plain type: the table skips them and these checks own them
@@ -619,11 +648,13 @@ CUSTOM_CHECKS: dict[str, Callable[[VaderConfig], None]] = {
     "backprop_mode": _check_modes,
     "reward_fn": _check_rewards,
     "reward_sources": _check_rewards,
+    "grpo": _check_method,
 }
 # run after the table, in this order: rules that relate several keys or look beyond the config
 # (files, the reward registry); decode_frame needs num_frames, actpred needs the decode_frame
 AFTER_TABLE: tuple[Callable[[VaderConfig], None], ...] = (
-    _check_backend, _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_rewards, _check_attention,
+    _check_backend, _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_method, _check_rewards,
+    _check_attention,
 )
 
 

@@ -227,7 +227,7 @@ def check_weights(cfg: VaderConfig, command: str) -> list[str]:
         found = []
     else:
         found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
-    if command == "train":
+    if command == "train" and not (isinstance(cfg.reward_fn, str) and ":" in cfg.reward_fn):  # a callable has none
         from vader.rewards import reward_sources
 
         found += hub.missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))

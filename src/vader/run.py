@@ -108,9 +108,14 @@ def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device):
     from vader.models.presets import torch_dtype
     from vader.rewards import build_reward
 
-    reward = build_reward(cfg.reward_fn, device=device, dtype=torch_dtype(cfg.dtype), hps_version=cfg.hps_version,
-                          grad_checkpoint=cfg.reward_grad_checkpoint, sources=cfg.reward_sources,
-                          resize=cfg.reward_resize)
+    if isinstance(cfg.reward_fn, str) and ":" in cfg.reward_fn:  # module:function, for method='grpo'
+        from vader.grpo import load_callable_reward
+
+        reward = load_callable_reward(cfg.reward_fn)
+    else:
+        reward = build_reward(cfg.reward_fn, device=device, dtype=torch_dtype(cfg.dtype),
+                              hps_version=cfg.hps_version, grad_checkpoint=cfg.reward_grad_checkpoint,
+                              sources=cfg.reward_sources, resize=cfg.reward_resize)
     labels = {gen.reward_prompts([p])[0]: label for p, label in run.labels.items()}
     reward.prepare(list(dict.fromkeys(gen.reward_prompts(run.prompts))), labels)
     targets = getattr(reward, "targets", None)

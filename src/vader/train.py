@@ -45,6 +45,9 @@ from vader.video import VideoGenerator
 DIFFUSERS_LORA = Path("lora") / "diffusers"  # in the run folder: the final LoRA in diffusers' format (backends)
 
 
+GRPO_METRICS = ("reward_queries", "clip_fraction", "ratio_max_dev", "kl")  # logged when the step has them
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -195,6 +198,11 @@ class Trainer:
     optimizer: torch.optim.Optimizer
 
     def step(self, step: int) -> StepResult:
+        if self.cfg.method == "grpo":  # same run, LoRA, optimizer and logging; the update is policy gradient
+            from vader.grpo import grpo_step  # lazily: vader.grpo imports this module
+
+            return grpo_step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
+                             self.run.prompts, step)
         return train_step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
                           self.run.prompts, step)
 
@@ -247,7 +255,8 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
         run.log_step(done, {"loss": result.loss, "reward": result.reward, "reward_std": result.reward_std,
                             "grad_norm": result.grad_norm, "lr": cfg.lr, "backprop_cutoff": result.cutoff,
                             "step_seconds": time.perf_counter() - t0, "skipped": result.skipped,
-                            "nonfinite_steps": nonfinite_total})
+                            "nonfinite_steps": nonfinite_total,
+                            **{k: getattr(result, k) for k in GRPO_METRICS if hasattr(result, k)}})
         if result.nonfinite:
             run.note(f"step {done}: non-finite loss/reward/gradient (loss {result.loss}, reward {result.reward}, "
                      f"grad norm {result.grad_norm}); update skipped ({in_a_row} in a row)")
