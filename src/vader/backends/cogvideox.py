@@ -31,6 +31,7 @@ from vader.backends.common import (
     TRANSFORMERS_WEIGHTS,
     Component,
     PromptEncoder,
+    PromptsAndVideos,
     adopt,
     architecture_config,
     check_frames,
@@ -146,7 +147,7 @@ class DDIMStep:
 
 
 @dataclass
-class CogVideoXGenerator:
+class CogVideoXGenerator(PromptsAndVideos):
     denoiser: nn.Module  # CogVideoXTransformer3DModel
     vae: nn.Module  # AutoencoderKLCogVideoX
     text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (T5-XXL is 4.7B parameters)
@@ -238,38 +239,6 @@ class CogVideoXGenerator:
 
         return PromptEncoder(encode, name=f"cogvideox:{name}", dtype=model.dtype, model_max_length=length,
                              output_dim=int(model.config.d_model))
-
-    def reward_prompts(self, prompts: list[str]) -> list[str]:
-        return list(prompts)
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.settings.guidance_scale > 1.0
-
-    def encode_prompts(self, prompts: list[str], cache=None) -> None:
-        """Encode every new prompt (and the negative prompt when guidance is on) once."""
-        wanted = list(prompts) + ([self.settings.negative_prompt] if self.uses_guidance else [])
-        todo = [p for p in dict.fromkeys(wanted) if p not in self.embeddings]
-        if not todo:
-            return
-        if self.text_encoder is None:
-            raise RuntimeError("text encoder already released; encode all prompts before releasing it")
-        if cache is not None:
-            y, _ = cache.get_or_encode(self.text_encoder, todo)
-        else:
-            y, _ = self.text_encoder.encode(todo)
-        for i, p in enumerate(todo):
-            self.embeddings[p] = y[i].to(self.device)  # [1, L, C]
-
-    def release_text_encoder(self) -> None:
-        self.text_encoder = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    # ---- sizes ----
-    @property
-    def num_frames(self) -> int:
-        return self.settings.num_frames
 
     @property
     def _spatial(self) -> int:
@@ -396,11 +365,6 @@ class CogVideoXGenerator:
                 chunk = vae.post_quant_conv(chunk)
             chunk, conv_cache = vae.decoder(chunk, conv_cache=conv_cache)
             yield chunk.clamp(-1.0, 1.0)
-
-    @torch.no_grad()
-    def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
-        """Whole videos [B, 3, F, H, W] in [-1, 1], no autograd anywhere."""
-        return self.decode(self.sample_latents(prompts, generator, cutoff=None, progress=progress))
 
     # ---- LoRA ----
     def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:

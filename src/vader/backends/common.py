@@ -344,3 +344,47 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.enable_gradient_checkpointing()
     elif not enabled and model.is_gradient_checkpointing:
         model.disable_gradient_checkpointing()
+
+
+class PromptsAndVideos:
+    """What the diffusers generators share, once: cached prompt embeddings (the negative prompt too
+    when guidance is on), releasing the encoder, and `generate`. A generator dataclass provides
+    `settings` (guidance_scale, negative_prompt, num_frames), `embeddings`, `text_encoder`, `device`,
+    `sample_latents` and `decode`."""
+
+    def reward_prompts(self, prompts: list[str]) -> list[str]:
+        return list(prompts)
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.settings.guidance_scale > 1.0  # type: ignore[attr-defined]
+
+    @property
+    def num_frames(self) -> int:
+        return self.settings.num_frames  # type: ignore[attr-defined]
+
+    def encode_prompts(self, prompts: list[str], cache=None) -> None:  # type: ignore[no-untyped-def]
+        """Encode every new prompt (and the negative prompt when guidance is on) once."""
+        wanted = list(prompts) + ([self.settings.negative_prompt] if self.uses_guidance else [])  # type: ignore[attr-defined]
+        todo = [p for p in dict.fromkeys(wanted) if p not in self.embeddings]  # type: ignore[attr-defined]
+        if not todo:
+            return
+        if self.text_encoder is None:  # type: ignore[attr-defined]
+            raise RuntimeError("text encoder already released; encode all prompts before releasing it")
+        if cache is not None:
+            y, _ = cache.get_or_encode(self.text_encoder, todo)  # type: ignore[attr-defined]
+        else:
+            y, _ = self.text_encoder.encode(todo)  # type: ignore[attr-defined]
+        for i, p in enumerate(todo):
+            self.embeddings[p] = y[i].to(self.device)  # type: ignore[attr-defined]  # [1, L, C]
+
+    def release_text_encoder(self) -> None:
+        self.text_encoder = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
+        """Whole videos [B, 3, F, H, W] in [-1, 1], no autograd anywhere."""
+        return self.decode(self.sample_latents(prompts, generator, cutoff=None,  # type: ignore[attr-defined]
+                                               progress=progress))
