@@ -1,0 +1,169 @@
+"""`vader eval`: bootstrap intervals, win rate, the guards, and base vs LoRA end to end on the tiny preset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vader.evaluate import (
+    bootstrap_ci,
+    diversity,
+    eval_main,
+    guards,
+    motion,
+    paired_win_rate,
+    temporal_consistency,
+)
+from vader.media import read_video
+
+
+def test_bootstrap_ci_of_constant_values_has_zero_width():
+    assert bootstrap_ci([0.7] * 20) == pytest.approx((0.7, 0.7, 0.7))
+
+
+def test_bootstrap_ci_covers_the_known_mean_and_is_deterministic():
+    x = np.random.default_rng(1).normal(loc=2.0, scale=1.0, size=400)
+    mean, low, high = bootstrap_ci(x)
+    assert low < 2.0 < high
+    assert low < mean < high
+    assert 0.1 < high - low < 0.3  # ~ 2 · 1.96 · 1/sqrt(400) = 0.196
+    assert bootstrap_ci(x) == (mean, low, high)
+    assert bootstrap_ci(x, seed=5) != (mean, low, high)
+
+
+def test_paired_win_rate_counts_ties_half():
+    assert paired_win_rate([1, 2, 3], [0, 2, 4]) == 0.5
+    assert paired_win_rate([0, 0], [1, 1]) == 1.0
+    assert paired_win_rate([1, 1, 1, 1], [0, 0, 0, 2]) == 0.25
+    with pytest.raises(ValueError):
+        paired_win_rate([1, 2], [1])
+
+
+def _moving(n: int, frames: int = 6, seed: int = 0) -> torch.Tensor:
+    """Videos of a bright square sliding right on noise: real motion, consecutive frames similar."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(n, 3, frames, 16, 16, generator=g) * 0.2 - 0.9
+    for t in range(frames):
+        v[:, :, t, 4:10, t:t + 6] = 0.9
+    return v
+
+
+def test_frozen_motion_drops_the_motion_guard_and_raises_consistency():
+    moving = _moving(4)
+    frozen = moving[:, :, :1].expand_as(moving).clone()  # the "reward-hacked" run: the first frame held
+    assert motion(moving) > 0.1
+    assert motion(frozen) == 0.0
+    assert temporal_consistency(frozen) == pytest.approx(1.0, abs=1e-6)
+    assert temporal_consistency(moving) < temporal_consistency(frozen) - 0.01
+    before, after = guards([moving[:2], moving[2:]]), guards([frozen[:2], frozen[2:]])
+    assert after["motion"] < 0.1 * before["motion"]
+
+
+def test_diversity_is_zero_for_identical_seeds_and_positive_otherwise():
+    one = _moving(1)
+    same = [one.expand(3, -1, -1, -1, -1), (one * 0.5).expand(3, -1, -1, -1, -1)]
+    assert diversity(same) == 0.0
+    varied = [torch.rand(3, 3, 4, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
+    assert diversity(varied) > 0.0
+    assert "diversity" not in guards([one, one])  # one seed per prompt: no spread to measure
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    """A 2-step tiny training run (random weights, colorfulness): its lora/ folder is what eval loads."""
+    from conftest import FAST, TINY_TRAIN
+
+    from vader.config import load_config
+    from vader.train import train
+
+    root = tmp_path_factory.mktemp("evaltrain")
+    cfg = load_config(TINY_TRAIN, [*FAST, "--project_dir", str(root), "--run_name", "run", "--max_train_steps", "2",
+                                   "--validation_steps", "0"])
+    return train(cfg)
+
+
+def _eval_args(tmp: Path, lora: Path, *extra: str) -> list[str]:
+    from conftest import FAST, TINY_TRAIN
+
+    return [str(TINY_TRAIN), "--lora", str(lora), "--seeds", "2", *FAST, "--project_dir", str(tmp),
+            "--val_batch_size", "4", *extra]
+
+
+def test_eval_end_to_end_compares_base_and_lora_on_the_same_seeds(lora_run, tmp_path, capsys, monkeypatch):
+    import vader.media
+
+    frames: dict[Path, torch.Tensor] = {}  # what each mp4 was made from (H.264 may round differently)
+    write = vader.media.write_video
+
+    def recording_write(path, video, **kwargs):
+        frames[Path(path)] = video.clone()
+        return write(path, video, **kwargs)
+
+    monkeypatch.setattr(vader.media, "write_video", recording_write)
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("a red ball\na blue cube on grass\na dog running\n")
+    args = _eval_args(tmp_path, lora_run / "lora", "--prompts", str(prompts), "--rewards", "colorfulness,brightness")
+    assert eval_main([*args, "--run_name", "first"]) == 0
+    table = capsys.readouterr().out
+    assert "colorfulness" in table and "guard: motion" in table and "win rate" in table
+    assert eval_main([*args, "--run_name", "second"]) == 0
+
+    first, second = tmp_path / "eval" / "first", tmp_path / "eval" / "second"
+    data = json.loads((first / "eval.json").read_text())
+    assert data["seeds"] == 2 and data["prompts"] == ["a red ball", "a blue cube on grass", "a dog running"]
+    for name in ("colorfulness", "brightness"):
+        r = data["rewards"][name]
+        assert r["n"] == 6
+        for side in ("base", "lora", "delta"):
+            low, high = r[side]["ci95"]
+            assert low <= r[side]["mean"] <= high
+        assert 0.0 <= r["win_rate"] <= 1.0
+        base, lora = np.array(data["scores"][name]["base"]), np.array(data["scores"][name]["lora"])
+        assert base.shape == lora.shape == (3, 2)
+        assert r["base"]["mean"] == pytest.approx(base.mean()) and r["lora"]["mean"] == pytest.approx(lora.mean())
+        assert r["win_rate"] == paired_win_rate(base, lora)
+    # the LoRA changed the videos (2 steps at lr 0.05 on a random model), so the scores differ
+    assert data["scores"]["colorfulness"]["base"] != data["scores"]["colorfulness"]["lora"]
+    assert [row["prompt"] for row in data["per_prompt"]] == data["prompts"]
+    assert set(data["per_prompt"][0]["colorfulness"]) == {"base", "lora", "win_rate"}
+    for side in ("base", "lora"):
+        assert set(data["guards"][side]) == {"motion", "temporal_consistency", "diversity"}
+        assert sorted(p.name for p in (first / side).iterdir()) == [f"p{i:04d}-s{s}.mp4" for i in range(3)
+                                                                    for s in range(2)]
+    assert read_video(first / "lora" / "p0001-s1.mp4").shape == (3, 17, 32, 32)
+    # same seeds: a second eval's base videos (and scores) are the first one's, frame for frame
+    assert len(frames) == 24
+    for video in sorted((first / "base").iterdir()):
+        assert torch.equal(frames[video], frames[second / "base" / video.name])
+        assert not torch.equal(frames[video], frames[first / "lora" / video.name])
+    assert json.loads((second / "eval.json").read_text())["scores"]["colorfulness"]["base"] == \
+        data["scores"]["colorfulness"]["base"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seeds", "0"], "--seeds='0' must be a whole number >= 1"),
+    (["--seeds", "two"], "--seeds='two'"),
+    (["--rewards", "colorfulness,nope"], "'nope' is not a reward"),
+    (["--prompts", "missing.txt"], "--prompts='missing.txt': no such file"),
+])
+def test_eval_user_errors_are_one_line_and_create_nothing(lora_run, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in _eval_args(tmp_path / "proj", lora_run / "lora") if a not in ("--seeds", "2")]
+    assert eval_main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vader: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "proj").exists()
+
+
+def test_eval_bad_lora_path_is_a_one_line_error(tmp_path, capsys):
+    from conftest import FAST, TINY_TRAIN
+
+    code = eval_main([str(TINY_TRAIN), "--lora", str(tmp_path / "nolora"), *FAST, "--project_dir", str(tmp_path / "p")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lora=" in err and "no such file" in err and "\n" not in err
+    assert not (tmp_path / "p").exists()
