@@ -167,3 +167,16 @@ def test_eval_bad_lora_path_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--lora=" in err and "no such file" in err and "\n" not in err
     assert not (tmp_path / "p").exists()
+
+
+def test_eval_of_a_corrupt_lora_fails_in_one_line_and_removes_its_folder(tmp_path, capsys):
+    from conftest import FAST, TINY_TRAIN
+
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_model.safetensors").write_bytes(b"")  # passes the path check, fails on loading
+    code = eval_main([str(TINY_TRAIN), "--lora", str(lora), *FAST, "--project_dir", str(tmp_path / "p")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--lora=" in err and "cannot read the LoRA file" in err and "\n" not in err
+    assert not (tmp_path / "p" / "eval").exists()

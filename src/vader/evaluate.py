@@ -210,6 +210,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
     device = accelerator.device
     root = Path(cfg.project_dir) / "eval"
     folder = root / _fresh_name(root, cfg.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    made_root = not root.exists()
     folder.mkdir(parents=True)
     try:
         gen = build_generator(cfg, SimpleNamespace(prompts=prompts), device)  # type: ignore[arg-type]
@@ -255,7 +256,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
         result = _summarise(folder, prompts, seeds, scores, videos)
         (folder / "eval.json").write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)  # a failed eval leaves no half folder behind
+        shutil.rmtree(folder if not made_root else root, ignore_errors=True)  # a failed eval leaves no half folder
         raise
     finally:
         accelerator.end_training()
