@@ -159,3 +159,14 @@ def test_a_multi_line_user_error_is_printed_on_one_line(monkeypatch, capsys):
     monkeypatch.setattr(config, "load_config", fail)
     assert main(["config", str(TINY_TRAIN)]) == 2
     assert capsys.readouterr().err == "vader: error: reward weights are missing: - hps: a - aesthetic: b\n"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    """argparse formats help strings with %: a literal percent in a command's help once crashed --help."""
+    from vader.cli import COMMANDS, main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)

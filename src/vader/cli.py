@@ -8,6 +8,7 @@
     vader plan CONFIG [--budget 24GiB] [--fit] peak GPU memory, what holds it, FLOPs; the knobs that fit
     vader bench CONFIG                       the real training step beside its plan (memory, time, card)
     vader score --reward NAME [--prompt TEXT | --prompts FILE] VIDEO...   score mp4 files, print a table
+    vader eval CONFIG --lora PATH [--prompts F] [--rewards a,b] [--seeds N]   base vs LoRA, same prompts/seeds
 
 Overrides use the config's key names (`--lr 1e-4`, `--scheduler.num_sampling_steps 10`) and accept
 Open-Sora's hyphenated flags (`--num-frames 2s --resolution 240p --aspect-ratio 3:4 --prompt-path F`).
@@ -29,6 +30,8 @@ COMMANDS = {
     "config": "print the validated config as JSON, with a 'resolved' block (frames, sizes, latent shape, steps), "
               "without loading any model",
     "score": "score existing mp4 files with any reward: vader score --reward NAME --prompt TEXT VIDEO...",
+    "eval": "base vs LoRA on the same prompts and seeds, with 95%% intervals, win rate and reward-hacking guards: "
+            "vader eval CONFIG --lora PATH [--seeds N]",
     "inspect": "parameter counts, LoRA targets and (--keys) state-dict keys, from the meta device (no download)",
     "plan": "peak memory of a training step and an inference batch at full size (fake tensors: no weights, no "
             "GPU), what holds it, FLOPs and step time; --fit finds the knobs that fit --budget",
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in COMMANDS.items():
-        if name == "score":
+        if name in ("score", "eval"):  # their own arguments (videos; --lora/--seeds), parsed by their modules
             sub.add_parser(name, help=help_text, add_help=False)
             continue
         p = sub.add_parser(name, help=help_text, description=help_text + ".\n\n" + _OVERRIDE_HELP,
@@ -82,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             from vader.score import score_main
 
             return score_main(argv[1:])
+        if argv and argv[0] == "eval":  # its own arguments: --lora, --prompts, --rewards, --seeds, then overrides
+            from vader.evaluate import eval_main
+
+            return eval_main(argv[1:])
         parser = _parser()
         known, overrides = parser.parse_known_args(argv)
         if "-h" in overrides or "--help" in overrides:
