@@ -180,3 +180,37 @@ def test_eval_of_a_corrupt_lora_fails_in_one_line_and_removes_its_folder(tmp_pat
     err = capsys.readouterr().err.strip()
     assert "--lora=" in err and "cannot read the LoRA file" in err and "\n" not in err
     assert not (tmp_path / "p" / "eval").exists()
+
+
+def _moving(n: int, frames: int = 5, still: bool = False, seed: int = 0) -> list:
+    """(prompt, video [3, F, H, W], score) rows: a bright square that moves one pixel per frame (or not)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        video = torch.full((3, frames, 16, 16), -1.0)
+        x0 = int(torch.randint(0, 6, (1,), generator=gen))
+        for f in range(frames):
+            x = x0 if still else x0 + f
+            video[:, f, 4:8, x:x + 4] = 1.0
+        rows.append((f"prompt {i % 2}", video, 0.0))
+    return rows
+
+
+@pytest.mark.parametrize("lora_reward, warns", [(0.9, True), (0.1, False)])
+def test_training_warns_when_the_reward_rises_while_motion_freezes(tiny_cfg, capsys, lora_reward, warns):
+    """The end-of-run guard: LoRA videos frozen (motion 0) against moving base videos, same prompts:
+    one warning line and guard_* columns in metrics.jsonl when the reward rose; no warning when it fell."""
+    import json
+
+    from vader.run import Run, make_accelerator
+
+    cfg = tiny_cfg("--run_name", f"guard-{warns}")
+    run = Run.create(cfg, make_accelerator(cfg), kind="train")
+    run.check_guards(3, 0.5, lora_reward, _moving(4), _moving(4, still=True))
+    rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["guard_motion"] == 0.0 and rows[-1]["guard_motion_base"] > 0
+    assert rows[-1]["guard_temporal_consistency"] >= rows[-1]["guard_temporal_consistency_base"]
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert ("guard_warning" in rows[-1]) == warns and len(err) == int(warns)
+    if warns:
+        assert "motion" in err[0] and "guard_drop=0.5" in err[0]

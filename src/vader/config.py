@@ -224,6 +224,10 @@ class VaderConfig:
         default=False, metadata=_doc("resume even where keys that change results differ from the checkpoint's run "
                                      "(the differences are logged in the run folder)")
     )
+    guard_drop: float = field(default=0.5, metadata=_doc(
+        "at the end of training, warn in one line when the validation reward rose over the base model's while "
+        "motion, temporal consistency or diversity (same prompts and seeds) fell by more than this fraction",
+        gt=0, max=1))
     method: str = field(default="vader", metadata=_doc(
         "'vader' backpropagates the reward through the sampler; 'grpo' trains the same LoRA by Flow-GRPO policy "
         "gradient (the reward needs no gradient: any registered reward or reward_fn='module:function')",

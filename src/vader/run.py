@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -329,6 +330,35 @@ class Run:
             if base_reward is not None and lora:
                 self.note(f"validation reward: base {base_reward:.4f} -> LoRA {sum(lora) / len(lora):.4f} "
                           f"(same prompts and seeds; grid in {self.dir / 'before_after.png'})")
+                self.check_guards(step, base_reward, sum(lora) / len(lora), before, after)
+
+    def check_guards(self, step: int, base_reward: float, lora_reward: float, before: list, after: list) -> None:
+        """Reward-hacking guards on the end-of-run videos (same prompts and seeds for base and LoRA):
+        logged beside base_val_reward, and one warning line when the reward rose while a guard fell by
+        more than guard_drop (frozen motion, flicker, every seed the same video)."""
+        from vader.evaluate import guards
+
+        def by_prompt(rows: list) -> list[torch.Tensor]:
+            groups: dict[str, list[torch.Tensor]] = {}
+            for prompt, video, _ in rows:
+                groups.setdefault(prompt, []).append(video)
+            return [torch.stack(v) for v in groups.values()]
+
+        if min(v.shape[1] for _, v, _ in after) < 2:
+            return  # single-frame videos: no motion to guard
+        base, lora = guards(by_prompt(before)), guards(by_prompt(after))
+        row = {"step": step, **{f"guard_{k}_base": v for k, v in base.items()},
+               **{f"guard_{k}": v for k, v in lora.items()}}
+        fallen = [f"{k} {base[k]:.4g} -> {lora[k]:.4g}" for k in lora
+                  if base[k] > 0 and lora[k] < (1 - self.cfg.guard_drop) * base[k]]
+        if fallen and lora_reward > base_reward:
+            message = (f"warning: the reward rose (base {base_reward:.4g} -> LoRA {lora_reward:.4g}) while "
+                       f"{'; '.join(fallen)} fell by more than guard_drop={self.cfg.guard_drop:g}: possible reward "
+                       f"hacking, look at {self.dir / 'before_after.png'}")
+            row["guard_warning"] = message
+            tqdm.write(f"[vader] {message}", file=sys.stderr)
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(_json_line(row))
 
     def finish(self) -> None:
         acc = self.accelerator
