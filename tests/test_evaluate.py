@@ -182,7 +182,7 @@ def test_eval_of_a_corrupt_lora_fails_in_one_line_and_removes_its_folder(tmp_pat
     assert not (tmp_path / "p" / "eval").exists()
 
 
-def _moving(n: int, frames: int = 5, still: bool = False, seed: int = 0) -> list:
+def _preview_rows(n: int, frames: int = 5, still: bool = False, seed: int = 0) -> list:
     """(prompt, video [3, F, H, W], score) rows: a bright square that moves one pixel per frame (or not)."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -206,7 +206,7 @@ def test_training_warns_when_the_reward_rises_while_motion_freezes(tiny_cfg, cap
 
     cfg = tiny_cfg("--run_name", f"guard-{warns}")
     run = Run.create(cfg, make_accelerator(cfg), kind="train")
-    run.check_guards(3, 0.5, lora_reward, _moving(4), _moving(4, still=True))
+    run.check_guards(3, 0.5, lora_reward, _preview_rows(4), _preview_rows(4, still=True))
     rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["guard_motion"] == 0.0 and rows[-1]["guard_motion_base"] > 0
     assert rows[-1]["guard_temporal_consistency"] >= rows[-1]["guard_temporal_consistency_base"]
