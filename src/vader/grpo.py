@@ -45,7 +45,7 @@ from vader.frames import select_frames
 from vader.rewards.base import Reward, RewardOutput
 from vader.run import make_generator, set_step_seed
 from vader.sampling import TextCondition, _guided_velocity, conditioning, make_timesteps
-from vader.train import StepResult, _clip, any_process, average_gradients, pick_prompts
+from vader.train import StepResult, _clip, any_process, apply_update, average_gradients, pick_prompts
 
 # t within this of num_timesteps counts as sigma = 1: the timestep shift maps 1000 to 1000 only up to rounding
 _SIGMA_ONE_TOL = 1e-4
@@ -421,7 +421,7 @@ def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, pro
         grad_norm = _clip(params, cfg.max_grad_norm, accelerator)
         loss_all = accelerator.gather(torch.stack(losses).mean().reshape(1).to(accelerator.device))
         loss_mean = loss_all.mean().item()
-        skipped, nonfinite = _apply_update(optimizer, params, cfg, accelerator, step,
+        skipped, nonfinite = apply_update(optimizer, params, cfg, accelerator, step,
                                            bool(torch.isfinite(loss_all).all()), grad_norm)
         ratio = torch.cat(ratios)
         if nonfinite or skipped:
@@ -439,29 +439,6 @@ def _train_steps(num_steps: int, fraction: float, rng: random.Random) -> list[in
     if count >= num_steps:
         return list(range(num_steps))
     return sorted(rng.sample(range(num_steps), count))
-
-
-def _apply_update(optimizer, params, cfg, accelerator: Accelerator, step: int, values_finite: bool,
-                  grad_norm: float) -> tuple[bool, bool]:
-    """`train.train_step`'s update decision; returns (skipped, nonfinite)."""
-    nonfinite = any_process(not (values_finite and math.isfinite(grad_norm)), accelerator)
-    scaler = getattr(accelerator, "scaler", None)
-    skipped = nonfinite
-    if nonfinite and scaler is not None and values_finite:
-        optimizer.step()  # fp16: the GradScaler's own skip on a loss-scale overflow, which lowers the scale
-        nonfinite = False
-    elif nonfinite:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # its unscale_ ran in _clip: without update() the next unscale_ raises
-            scaler.update()
-    else:
-        optimizer.step()
-        skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
-            raise VaderError(f"lr={cfg.lr}: the optimizer update at step {step + 1} made the LoRA non-finite "
-                             f"(parameter {bad}); nothing was saved from it: lower lr")
-    return skipped, nonfinite
 
 
 __all__ = ["GRPOSettings", "GRPOStepResult", "CallableReward", "Trajectory", "sde_step", "sample_with_logprobs",

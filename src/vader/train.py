@@ -129,6 +129,17 @@ def train_step(gen: VideoGenerator | VideoBackend, reward, optimizer, params, cf
     reward_all = accelerator.gather(torch.cat(rewards).float())
     loss_all = accelerator.gather(torch.cat(losses).float())
     values_finite = bool(torch.isfinite(loss_all).all() and torch.isfinite(reward_all).all())
+    skipped, nonfinite = apply_update(optimizer, params, cfg, accelerator, step, values_finite, grad_norm)
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_all.mean().item(), reward=reward_all.mean().item(),
+                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff,
+                      skipped=skipped, nonfinite=nonfinite)
+
+
+def apply_update(optimizer, params: list[torch.nn.Parameter], cfg: VaderConfig, accelerator: Accelerator,
+                 step: int, values_finite: bool, grad_norm: float) -> tuple[bool, bool]:
+    """The optimizer step, or not: a non-finite loss, reward or gradient on any process skips it on
+    every process (gradients dropped). Returns (skipped, nonfinite). Shared by VADER and GRPO steps."""
     nonfinite = any_process(not (values_finite and math.isfinite(grad_norm)), accelerator)
     scaler = getattr(accelerator, "scaler", None)
     skipped = nonfinite
@@ -148,10 +159,7 @@ def train_step(gen: VideoGenerator | VideoBackend, reward, optimizer, params, cf
         if bad is not None:
             raise VaderError(f"lr={cfg.lr}: the optimizer update at step {step + 1} made the LoRA non-finite "
                              f"(parameter {bad}); nothing was saved from it: lower lr")
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_all.mean().item(), reward=reward_all.mean().item(),
-                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff,
-                      skipped=skipped, nonfinite=nonfinite)
+    return skipped, nonfinite
 
 
 def any_process(flag: bool, accelerator: Accelerator) -> bool:
