@@ -135,6 +135,9 @@ def test_eval_end_to_end_compares_base_and_lora_on_the_same_seeds(lora_run, tmp_
         assert sorted(p.name for p in (first / side).iterdir()) == [f"p{i:04d}-s{s}.mp4" for i in range(3)
                                                                     for s in range(2)]
     assert read_video(first / "lora" / "p0001-s1.mp4").shape == (3, 17, 32, 32)
+    page = (first / "report.html").read_text()
+    assert page.count('data-kind="video"') == 12 and page.count('data-kind="plot"') == 2  # 3 prompts x 2 seeds x 2
+    assert "a blue cube on grass" in page and 'href="lora/p0002-s1.mp4"' in page
     # same seeds: a second eval's base videos (and scores) are the first one's, frame for frame
     assert len(frames) == 24
     for video in sorted((first / "base").iterdir()):

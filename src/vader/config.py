@@ -225,9 +225,14 @@ class VaderConfig:
                                      "(the differences are logged in the run folder)")
     )
     guard_drop: float = field(default=0.5, metadata=_doc(
-        "at the end of training, warn in one line when the validation reward rose over the base model's while "
-        "motion, temporal consistency or diversity (same prompts and seeds) fell by more than this fraction",
+        "warn in one line when the validation reward rose (over the run's first validation, and at the end over the "
+        "base model's on the same seeds) while motion, temporal consistency or diversity fell by more than this "
+        "fraction",
         gt=0, max=1))
+    gold_reward: str | dict[str, float] | None = field(default=None, metadata=_doc(
+        "a held-out reward that is never trained on, scored on the same validation videos and logged as "
+        "val_gold_reward beside val_reward (reward name, {name: weight} or 'module:function'): a training reward "
+        "that rises while the gold one falls is being hacked"))
     method: str = field(default="vader", metadata=_doc(
         "'vader' backpropagates the reward through the sampler; 'grpo' trains the same LoRA by Flow-GRPO policy "
         "gradient (the reward needs no gradient: any registered reward or reward_fn='module:function')",
@@ -631,6 +636,30 @@ def _check_rewards(cfg: VaderConfig) -> None:
     _validate_reward_inputs(cfg)
 
 
+def _check_gold(cfg: VaderConfig) -> None:
+    gold = cfg.gold_reward
+    if gold is None:
+        return
+    if isinstance(gold, str) and ":" in gold:  # a Python callable needs no gradient: any method
+        from vader.grpo import load_callable_reward
+
+        load_callable_reward(gold, key="gold_reward")
+        return
+    try:
+        _validate_reward(gold)
+    except VaderError as exc:
+        raise VaderError(str(exc).replace("reward_fn", "gold_reward")) from None
+    if gold == cfg.reward_fn:
+        raise VaderError(f"gold_reward={gold!r} is the training reward; the gold reward is one the LoRA is not "
+                         "trained on (another registered reward or 'module:function'), or None")
+    from vader.rewards import check_decode_frame
+
+    try:
+        check_decode_frame(gold, cfg.decode_frame)
+    except VaderError as exc:
+        raise VaderError(str(exc).replace("reward_fn", "gold_reward")) from None
+
+
 def _check_method(cfg: VaderConfig) -> None:
     if cfg.method != "grpo":
         if cfg.grpo is not None:
@@ -653,11 +682,13 @@ CUSTOM_CHECKS: dict[str, Callable[[VaderConfig], None]] = {
     "reward_fn": _check_rewards,
     "reward_sources": _check_rewards,
     "grpo": _check_method,
+    "gold_reward": _check_gold,
 }
 # run after the table, in this order: rules that relate several keys or look beyond the config
 # (files, the reward registry); decode_frame needs num_frames, actpred needs the decode_frame
 AFTER_TABLE: tuple[Callable[[VaderConfig], None], ...] = (
     _check_backend, _check_sizes, _check_prompts, _check_paths, _check_steps, _check_modes, _check_method, _check_rewards,
+    _check_gold,
     _check_attention,
 )
 

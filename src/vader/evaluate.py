@@ -11,7 +11,8 @@ LoRA's video beats the base video of the same prompt and seed). Guards catch a r
 wrong reasons: diversity across seeds, motion, temporal consistency, for base and LoRA.
 
 Output: project_dir/eval/<run_name or eval-<time>>/ with base/ and lora/ (mp4s with matching names,
-p<prompt>-s<seed>.mp4) and eval.json; a table is printed.
+p<prompt>-s<seed>.mp4), eval.json and report.html (one self-contained page: tables, plots, and the
+base and LoRA videos of each seed side by side); a table is printed.
 """
 
 from __future__ import annotations
@@ -255,6 +256,9 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
                                         quality=cfg.video_quality)
         result = _summarise(folder, prompts, seeds, scores, videos)
         (folder / "eval.json").write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
+        from vader.report import eval_report
+
+        eval_report(result, videos, fps=cfg.save_fps, guard_drop=cfg.guard_drop)
     except BaseException:
         shutil.rmtree(folder if not made_root else root, ignore_errors=True)  # a failed eval leaves no half folder
         raise
@@ -303,11 +307,16 @@ def _f(x: float) -> str:
     return f"{x:.3e}" if x != 0 and abs(x) < 1e-3 else f"{x:.4f}"
 
 
+def format_ci(entry: dict[str, Any]) -> str:
+    """{'mean': m, 'ci95': [lo, hi]} -> 'm [lo, hi]'."""
+    return f"{_f(entry['mean'])} [{_f(entry['ci95'][0])}, {_f(entry['ci95'][1])}]"
+
+
 def format_result(result: EvalResult) -> str:
     header = ["reward", "base [95% CI]", "lora [95% CI]", "lora-base [95% CI]", "win rate"]
     rows = []
     for name, r in result.rewards.items():
-        cells = [f"{_f(r[k]['mean'])} [{_f(r[k]['ci95'][0])}, {_f(r[k]['ci95'][1])}]" for k in ("base", "lora", "delta")]
+        cells = [format_ci(r[k]) for k in ("base", "lora", "delta")]
         rows.append([name, *cells, f"{r['win_rate']:.3f}"])
     for g in result.guards["base"]:
         rows.append([f"guard: {g}", _f(result.guards["base"][g]), _f(result.guards["lora"][g]), "", ""])
@@ -319,7 +328,7 @@ def format_result(result: EvalResult) -> str:
     n = len(result.prompts)
     return "\n".join([f"{n} prompt(s) x {result.seeds} seed(s), same seeds for base and LoRA",
                       line(header), "  ".join("-" * w for w in widths), *map(line, rows),
-                      f"videos and eval.json in {result.folder}"])
+                      f"videos, eval.json and report.html in {result.folder}"])
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -381,5 +390,5 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["EvalResult", "bootstrap_ci", "diversity", "eval_main", "evaluate", "format_result", "guards", "motion",
+__all__ = ["EvalResult", "bootstrap_ci", "diversity", "eval_main", "evaluate", "format_ci", "format_result", "guards", "motion",
            "paired_win_rate", "run_eval", "temporal_consistency"]

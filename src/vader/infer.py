@@ -28,7 +28,7 @@ def infer(cfg: VaderConfig) -> list[Path]:
                                                          gen.lora_target_modules))
             load_lora(gen.denoiser, cfg.lora_ckpt_path)
             run.note(f"loaded LoRA {cfg.lora_ckpt_path}")
-        paths, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")
+        paths, _, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")
         run.note(f"{len(paths)} video(s) per process in {run.dir / 'samples'}")
     accelerator.end_training()
     return paths

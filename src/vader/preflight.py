@@ -231,6 +231,12 @@ def check_weights(cfg: VaderConfig, command: str) -> list[str]:
         from vader.rewards import reward_sources
 
         found += hub.missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
+    gold = cfg.gold_reward
+    if command == "train" and gold is not None and not (isinstance(gold, str) and ":" in gold):
+        from vader.rewards import reward_sources
+
+        seen = {m.name for m in found}
+        found += [m for m in hub.missing(reward_sources(gold, cfg.hps_version, cfg.reward_sources)) if m.name not in seen]
     problems += [m.problem if m.problem and m.problem.startswith(m.key) else f"{m.key}={m.name!r}: {m.problem}"
                  for m in found if m.fetch is None]
     fetchable = [m for m in found if m.fetch is not None]

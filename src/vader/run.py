@@ -4,6 +4,7 @@
       config.json         the resolved, validated config
       metrics.jsonl       one JSON line per optimizer step (and per validation)
       reward_curve.png    reward per step
+      report.html         one self-contained page: curves, guards, base-vs-LoRA videos
       checkpoints/        checkpoint-<step>/ (peft adapter + resume state)
       lora/               the final adapter
       samples/            step-<n>/<prompt-index>-<seed>.mp4
@@ -104,17 +105,19 @@ def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
     return VideoGenerator.build(cfg, device, prompts=run.prompts, cache=cache)
 
 
-def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device):
-    """The frozen reward, with every prompt's text side (and ActPred's target action) prepared once."""
+def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn=None, key: str = "reward_fn"):
+    """The frozen reward (cfg.reward_fn, or `reward_fn` such as the gold reward), with every prompt's
+    text side (and ActPred's target action) prepared once."""
     from vader.models.presets import torch_dtype
     from vader.rewards import build_reward
 
-    if isinstance(cfg.reward_fn, str) and ":" in cfg.reward_fn:  # module:function, for method='grpo'
+    reward_fn = cfg.reward_fn if reward_fn is None else reward_fn
+    if isinstance(reward_fn, str) and ":" in reward_fn:  # module:function: GRPO's reward, or a gold reward
         from vader.grpo import load_callable_reward
 
-        reward = load_callable_reward(cfg.reward_fn)
+        reward = load_callable_reward(reward_fn, key=key)
     else:
-        reward = build_reward(cfg.reward_fn, device=device, dtype=torch_dtype(cfg.dtype),
+        reward = build_reward(reward_fn, device=device, dtype=torch_dtype(cfg.dtype),
                               hps_version=cfg.hps_version, grad_checkpoint=cfg.reward_grad_checkpoint,
                               sources=cfg.reward_sources, resize=cfg.reward_resize)
     labels = {gen.reward_prompts([p])[0]: label for p, label in run.labels.items()}
@@ -138,6 +141,9 @@ class Run:
     bar: tqdm | None = None
     started: float = field(default_factory=time.perf_counter)
     created: bool = False  # this invocation made the folder (so a failed start may remove it)
+    gold: object | None = None  # cfg.gold_reward built: scored at each validation, never trained on
+    reference: dict | None = None  # the run's first validation (step, reward, guards): what later ones compare with
+    previews: tuple[list, list] | None = None  # end-of-run (base, LoRA) rows for report.html
 
     @classmethod
     def create(cls, cfg: VaderConfig, accelerator: Accelerator, kind: str) -> Run:
@@ -238,6 +244,12 @@ class Run:
         rows = [r for r in rows if r.get("step", 0) <= step]
         path.write_text("".join(_json_line(r) for r in rows))
         self.history = [r for r in rows if finite_number(r.get("reward"))]
+        for r in rows:  # the first validation with guards stays the reference after a resume
+            found = {g: r[f"guard_{g}"] for g in ("motion", "temporal_consistency", "diversity")
+                     if finite_number(r.get(f"guard_{g}"))}
+            if finite_number(r.get("val_reward")) and found:
+                self.reference = {"step": r["step"], "reward": r["val_reward"], "guards": found}
+                break
         if torn:
             self.note(f"dropped {torn} unreadable line(s) of {path} (a write interrupted by a kill)")
 
@@ -268,15 +280,17 @@ class Run:
 
     # ---- validation / inference videos ----
     def sample_videos(self, gen, reward, folder: Path, tag: str = "val",
-                      previews: list | None = None) -> tuple[list[Path], float | None]:
+                      previews: list | None = None) -> tuple[list[Path], float | None, float | None]:
         """num_val_runs × val_batch_size videos per process from fixed seeds, saved as mp4 (and scored).
+        Returns (paths, mean reward or None, mean gold reward or None).
 
         Run r, process p, slot j uses prompt (r·P + p)·B + j (cycling through the prompt list), so
         every process makes different videos and the same seed makes the same ones. `previews`, when
         given, receives this process's (prompt, video, reward or None) for the before/after grid."""
         acc, cfg = self.accelerator, self.cfg
         gen.denoiser.eval()
-        paths, scores = [], []
+        paths, scores, golds = [], [], []
+        gold = self.gold if reward is not None else None  # inference scores nothing
         for run_index in range(cfg.num_val_runs):
             seed = step_seed(cfg.seed, tag, run_index, acc.process_index)
             first = (run_index * acc.num_processes + acc.process_index) * cfg.val_batch_size
@@ -287,6 +301,9 @@ class Run:
                 if reward is not None:
                     with torch.no_grad():
                         scores.append(reward(videos, gen.reward_prompts(prompts)).reward.float())
+                if gold is not None:
+                    with torch.no_grad():
+                        golds.append(gold(videos, gen.reward_prompts(prompts)).reward.float())
             if previews is not None:
                 batch_scores = scores[-1].tolist() if reward is not None else [None] * len(prompts)
                 previews.extend(zip(prompts, videos.cpu(), batch_scores))
@@ -294,36 +311,64 @@ class Run:
                 name = f"run{run_index}-rank{acc.process_index}-{j}-prompt{indices[j]:04d}.mp4"
                 paths.append(write_video(folder / name, video, fps=cfg.save_fps, quality=cfg.video_quality))
         mean = acc.gather(torch.cat(scores)).mean().item() if scores else None
-        return paths, mean
+        gold_mean = acc.gather(torch.cat(golds)).mean().item() if golds else None
+        return paths, mean, gold_mean
 
     def validate(self, gen, reward, step: int, previews: list | None = None) -> list[Path]:
-        paths, mean = self.sample_videos(gen, reward, self.dir / "samples" / f"step-{step:06d}", previews=previews)
+        rows: list = [] if previews is None else previews
+        paths, mean, gold = self.sample_videos(gen, reward, self.dir / "samples" / f"step-{step:06d}", previews=rows)
         if mean is not None:
-            self.log_validation(step, mean, paths)
+            self.log_validation(step, mean, paths, gold=gold, rows=rows)
         return paths
 
-    def log_validation(self, step: int, reward: float, paths: list[Path]) -> None:
+    def log_validation(self, step: int, reward: float, paths: list[Path], gold: float | None = None,
+                       rows: list | None = None) -> None:
+        """val_reward (and val_gold_reward) with the guards of this process's validation videos; one
+        warning line when the reward rose since the run's first validation while a guard fell by more
+        than guard_drop."""
         if not self.accelerator.is_main_process:
             return
+        row: dict = {"step": step, "val_reward": reward}
+        if gold is not None:
+            row["val_gold_reward"] = gold
+        found = _guards(rows or [])
+        row.update({f"guard_{k}": v for k, v in found.items()})
+        if found:
+            ref = self.reference
+            if ref is None:
+                self.reference = {"step": step, "reward": reward, "guards": found}
+            elif reward > ref["reward"]:
+                from vader.report import guard_drops
+
+                fallen = guard_drops(ref["guards"], found, self.cfg.guard_drop)
+                if fallen:
+                    message = (f"warning: step {step}: the validation reward rose since step {ref['step']} "
+                               f"({ref['reward']:.4g} -> {reward:.4g}) while {'; '.join(fallen)} fell by more than "
+                               f"guard_drop={self.cfg.guard_drop:g}: possible reward hacking, look at "
+                               f"{self.dir / 'samples' / f'step-{step:06d}'}")
+                    row["guard_warning"] = message
+                    tqdm.write(f"[vader] {message}", file=sys.stderr)
         with open(self.dir / "metrics.jsonl", "a") as fh:
-            fh.write(_json_line({"step": step, "val_reward": reward, "video_quality": self.cfg.video_quality,
-                                 "videos": [str(p) for p in paths]}))
+            fh.write(_json_line({**row, "video_quality": self.cfg.video_quality, "videos": [str(p) for p in paths]}))
         if self.accelerator.trackers:
-            self.accelerator.log({"val_reward": reward}, step=step)
+            self.accelerator.log({k: v for k, v in row.items() if k != "step" and finite_number(v)}, step=step)
             _log_videos(self.accelerator, paths, step)
 
-    def log_before_after(self, step: int, base_reward: float | None, before: list, after: list) -> None:
+    def log_before_after(self, step: int, base_reward: float | None, before: list, after: list,
+                         base_gold: float | None = None) -> None:
         """The base model's validation reward beside the LoRA's, and before_after.png (same prompts
         and seeds; this process's videos)."""
         from vader.media import plot_before_after
 
         if not self.accelerator.is_main_process:
             return
+        self.previews = (before, after)
         if base_reward is not None:
+            row = {"base_val_reward": base_reward, **({"base_val_gold_reward": base_gold} if base_gold is not None else {})}
             with open(self.dir / "metrics.jsonl", "a") as fh:
-                fh.write(_json_line({"step": step, "base_val_reward": base_reward}))
+                fh.write(_json_line({"step": step, **row}))
             if self.accelerator.trackers:
-                self.accelerator.log({"base_val_reward": base_reward}, step=step)
+                self.accelerator.log(row, step=step)
         if before and after:
             plot_before_after(before, after, self.dir / "before_after.png")
             lora = [s for _, _, s in after if s is not None]
@@ -336,21 +381,14 @@ class Run:
         """Reward-hacking guards on the end-of-run videos (same prompts and seeds for base and LoRA):
         logged beside base_val_reward, and one warning line when the reward rose while a guard fell by
         more than guard_drop (frozen motion, flicker, every seed the same video)."""
-        from vader.evaluate import guards
+        from vader.report import guard_drops
 
-        def by_prompt(rows: list) -> list[torch.Tensor]:
-            groups: dict[str, list[torch.Tensor]] = {}
-            for prompt, video, _ in rows:
-                groups.setdefault(prompt, []).append(video)
-            return [torch.stack(v) for v in groups.values()]
-
-        if min(v.shape[1] for _, v, _ in after) < 2:
+        base, lora = _guards(before), _guards(after)
+        if not base or not lora:
             return  # single-frame videos: no motion to guard
-        base, lora = guards(by_prompt(before)), guards(by_prompt(after))
         row = {"step": step, **{f"guard_{k}_base": v for k, v in base.items()},
                **{f"guard_{k}": v for k, v in lora.items()}}
-        fallen = [f"{k} {base[k]:.4g} -> {lora[k]:.4g}" for k in lora
-                  if base[k] > 0 and lora[k] < (1 - self.cfg.guard_drop) * base[k]]
+        fallen = guard_drops(base, lora, self.cfg.guard_drop)
         if fallen and lora_reward > base_reward:
             message = (f"warning: the reward rose (base {base_reward:.4g} -> LoRA {lora_reward:.4g}) while "
                        f"{'; '.join(fallen)} fell by more than guard_drop={self.cfg.guard_drop:g}: possible reward "
@@ -367,11 +405,29 @@ class Run:
             metrics = self.dir / "metrics.jsonl"
             if metrics.is_file() and self.history:
                 plot_reward_curve(metrics, self.dir / "reward_curve.png")
+            if self.kind == "train":
+                from vader.report import training_report
+
+                before, after = self.previews or ([], [])
+                training_report(self.dir, before, after, fps=self.cfg.save_fps)
+            if metrics.is_file() and self.history:
                 first, last = self.history[0], self.history[-1]
                 self.note(f"reward {first['reward']:.4f} (step {first['step']}) -> {last['reward']:.4f} "
-                          f"(step {last['step']}); outputs in {self.dir}")
+                          f"(step {last['step']}); outputs in {self.dir} (open report.html)")
         acc.wait_for_everyone()
         acc.end_training()
+
+
+def _guards(rows: list) -> dict[str, float]:
+    """Guards of (prompt, video, score) rows, videos grouped by prompt; {} for single-frame videos."""
+    from vader.evaluate import guards
+
+    if not rows or min(v.shape[1] for _, v, _ in rows) < 2:
+        return {}
+    groups: dict[str, list[torch.Tensor]] = {}
+    for prompt, video, _ in rows:
+        groups.setdefault(prompt, []).append(video.float())
+    return guards([torch.stack(v) for v in groups.values()])
 
 
 def _fresh_name(project_dir: Path, name: str) -> str:

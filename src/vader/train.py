@@ -218,6 +218,8 @@ class Trainer:
 def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
     gen = build_generator(cfg, run, accelerator.device)
     reward = make_reward(cfg, gen, run, accelerator.device)
+    if cfg.gold_reward is not None and cfg.is_sample_preview:
+        run.gold = make_reward(cfg, gen, run, accelerator.device, reward_fn=cfg.gold_reward, key="gold_reward")
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process, whatever ran before
     lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, gen.lora_target_modules)
     params = add_lora(gen.denoiser, lora)
@@ -294,8 +296,9 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
         run.validate(t.gen, t.reward, final, previews=after)
         before: list = []
         with lora_disabled(t.gen.denoiser):  # the base model, same prompts and seeds
-            _, base_reward = run.sample_videos(t.gen, t.reward, run.dir / "samples" / "base", previews=before)
-        run.log_before_after(final, base_reward, before, after)
+            _, base_reward, base_gold = run.sample_videos(t.gen, t.reward, run.dir / "samples" / "base",
+                                                          previews=before)
+        run.log_before_after(final, base_reward, before, after, base_gold=base_gold)
     run.finish()
     return run.dir
 
