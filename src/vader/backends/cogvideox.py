@@ -35,7 +35,6 @@ from vader.backends.common import (
     adopt,
     architecture_config,
     check_frames,
-    check_weights,
     decode_until,
     load_part,
     missing_weights_message,
@@ -168,32 +167,14 @@ class CogVideoXGenerator(PromptsAndVideos):
         require_diffusers("cogvideox", "AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXPipeline",
                           "CogVideoXDDIMScheduler")
         from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
+
+        def scheduler_config(parts: dict) -> dict:
+            return {"scheduler_config": dict(load_part(parts["scheduler"], CogVideoXDDIMScheduler.from_pretrained).config)}
 
         settings = dataclasses.replace(settings or CogVideoXSettings(), **overrides)
-        settings.validate()
-        device = torch.device(device)
-        dtype = parse_dtype("dtype", settings.dtype)
-        vae_dtype = parse_dtype("vae_dtype", settings.vae_dtype)
-        if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
-            raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
-        parts = settings.components()
-        check_weights(list(parts.values()))
-        scheduler = load_part(parts["scheduler"], CogVideoXDDIMScheduler.from_pretrained)
-        tokenizer = load_part(parts["tokenizer"], AutoTokenizer.from_pretrained)
-        encoder = load_part(parts["text_encoder"], T5EncoderModel.from_pretrained, dtype=dtype)
-        gen = cls(None, None, None, dict(scheduler.config), settings, device, dtype)  # type: ignore[arg-type]
-        gen.text_encoder = gen._prompt_encoder(tokenizer, encoder.to(device).eval().requires_grad_(False),
-                                               name=parts["text_encoder"].source)
-        del tokenizer, encoder  # the PromptEncoder holds the only references: releasing it frees the encoder
-        if prompts is not None:
-            gen.encode_prompts(prompts, cache=cache)
-            gen.release_text_encoder()
-        gen.denoiser = load_part(parts["transformer"], CogVideoXTransformer3DModel.from_pretrained,
-                                 torch_dtype=dtype)
-        gen.vae = load_part(parts["vae"], AutoencoderKLCogVideoX.from_pretrained, torch_dtype=vae_dtype)
-        gen._adopt_models()
-        return gen
+        return cls.load(settings, device, prompts, cache, T5EncoderModel, CogVideoXTransformer3DModel,
+                        AutoencoderKLCogVideoX, extra=scheduler_config)
 
     @classmethod
     def from_components(cls, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,

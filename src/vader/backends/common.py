@@ -352,6 +352,40 @@ class PromptsAndVideos:
     `settings` (guidance_scale, negative_prompt, num_frames), `embeddings`, `text_encoder`, `device`,
     `sample_latents` and `decode`."""
 
+    @classmethod
+    def load(cls, settings, device: torch.device | str, prompts: list[str] | None, cache,
+             encoder_class: type, transformer_class: type, vae_class: type,
+             extra: Callable[[dict[str, Component]], dict] | None = None):
+        """The one load sequence of every diffusers backend: dtypes checked, every missing weight named in
+        one line before anything loads, then the tokenizer and text encoder; with `prompts`, encode them
+        (and the negative prompt) and release the encoder before the transformer and the VAE load, so the
+        largest model of the pipeline is never in memory beside them. `extra(parts)` gives the dataclass
+        fields a backend adds (CogVideoX's scheduler config)."""
+        from transformers import AutoTokenizer
+
+        settings.validate()
+        device = torch.device(device)
+        dtype = parse_dtype("dtype", settings.dtype)
+        vae_dtype = parse_dtype("vae_dtype", settings.vae_dtype)
+        if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
+            raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
+        parts = settings.components()
+        check_weights(list(parts.values()))
+        fields = extra(parts) if extra is not None else {}
+        tokenizer = load_part(parts["tokenizer"], AutoTokenizer.from_pretrained)
+        encoder = load_part(parts["text_encoder"], encoder_class.from_pretrained, dtype=dtype)
+        gen = cls(denoiser=None, vae=None, text_encoder=None, settings=settings, device=device, dtype=dtype, **fields)
+        gen.text_encoder = gen._prompt_encoder(tokenizer, encoder.to(device).eval().requires_grad_(False),
+                                               name=parts["text_encoder"].source)
+        del tokenizer, encoder  # the PromptEncoder holds the only references: releasing it frees the encoder
+        if prompts is not None:
+            gen.encode_prompts(prompts, cache=cache)
+            gen.release_text_encoder()
+        gen.denoiser = load_part(parts["transformer"], transformer_class.from_pretrained, torch_dtype=dtype)
+        gen.vae = load_part(parts["vae"], vae_class.from_pretrained, torch_dtype=vae_dtype)
+        gen._adopt_models()
+        return gen
+
     def reward_prompts(self, prompts: list[str]) -> list[str]:
         return list(prompts)
 

@@ -34,9 +34,7 @@ from vader.backends.common import (
     adopt,
     architecture_config,
     check_frames,
-    check_weights,
     decode_until,
-    load_part,
     missing_weights_message,
     parse_dtype,
     real_tensors,
@@ -158,30 +156,10 @@ class WanGenerator(PromptsAndVideos):
         require_diffusers("wan", "AutoencoderKLWan", "WanTransformer3DModel", "WanPipeline",
                           "FlowMatchEulerDiscreteScheduler")
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
         settings = dataclasses.replace(settings or WanSettings(), **overrides)
-        settings.validate()
-        device = torch.device(device)
-        dtype = parse_dtype("dtype", settings.dtype)
-        vae_dtype = parse_dtype("vae_dtype", settings.vae_dtype)
-        if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
-            raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
-        parts = settings.components()
-        check_weights(list(parts.values()))
-        tokenizer = load_part(parts["tokenizer"], AutoTokenizer.from_pretrained)
-        encoder = load_part(parts["text_encoder"], UMT5EncoderModel.from_pretrained, dtype=dtype)
-        gen = cls(None, None, None, settings, device, dtype)  # type: ignore[arg-type]
-        gen.text_encoder = gen._prompt_encoder(tokenizer, encoder.to(device).eval().requires_grad_(False),
-                                               name=parts["text_encoder"].source)
-        del tokenizer, encoder  # the PromptEncoder holds the only references: releasing it frees the encoder
-        if prompts is not None:
-            gen.encode_prompts(prompts, cache=cache)
-            gen.release_text_encoder()
-        gen.denoiser = load_part(parts["transformer"], WanTransformer3DModel.from_pretrained, torch_dtype=dtype)
-        gen.vae = load_part(parts["vae"], AutoencoderKLWan.from_pretrained, torch_dtype=vae_dtype)
-        gen._adopt_models()
-        return gen
+        return cls.load(settings, device, prompts, cache, UMT5EncoderModel, WanTransformer3DModel, AutoencoderKLWan)
 
     @classmethod
     def from_components(cls, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
