@@ -12,7 +12,8 @@ generate) of every held-out prompt from fixed noise, scored on the whole clip. D
 held-out prompt, --div_samples videos from different noise; the RMS pixel difference between pairs,
 averaged (lower = more alike; a collapse toward one video shows as a drop from the base model's).
 
-Writes <out>/curves.json, <out>/curves.png and <out>/table.md. Wall time counts training only
+Writes <out>/curves.json, <out>/curves.png and <out>/table.md; `--merge DIR...` reports the runs of
+several earlier --out folders together (methods run as parallel processes, one thread each). Wall time counts training only
 (evaluation excluded), on whatever machine runs it: compare methods within one run of the script.
 `--config configs/tiny/vader_train.py --reward_fn brightness` gives a smoke run in seconds.
 """
@@ -49,6 +50,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--noise_level", type=float, default=0.7)
     p.add_argument("--heldout", type=int, default=12, help="the last N prompts are held out (never trained on)")
     p.add_argument("--div_samples", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="only report: the runs of these earlier --out folders together (e.g. methods run as two "
+                        "processes side by side), written to --out")
     p.add_argument("--overrides", nargs=argparse.REMAINDER, default=[], help="extra config overrides, last")
     return p.parse_args()
 
@@ -206,6 +211,15 @@ def main() -> None:
     args = parse()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.merge:
+        loaded = [json.loads((Path(d) / "curves.json").read_text()) for d in args.merge]
+        args.seeds = sorted({seed for data in loaded for seed in data["args"]["seeds"]})
+        runs = [run for data in loaded for run in data["runs"]]
+        (out / "curves.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
+        report(args, runs, out)
+        return
     runs = []
     for method in args.methods:
         for lr in args.grpo_lrs if method == "grpo" else args.vader_lrs:
