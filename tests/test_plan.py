@@ -19,6 +19,8 @@ def _cfg(tmp_path, *extra: str):
     pytest.param([], id="tiny"),
     pytest.param(XL_WIDTH_2_BLOCKS, id="xl-width-2-blocks"),
     pytest.param([*XL_WIDTH_2_BLOCKS, "--grad_checkpoint", "True"], id="xl-width-2-blocks-grad-checkpoint"),
+    pytest.param(["--method", "grpo"], id="tiny-grpo"),
+    pytest.param([*XL_WIDTH_2_BLOCKS, "--method", "grpo", "--grpo", "{'group_size': 3}"], id="xl-width-grpo"),
 ])
 def test_plan_peak_is_within_10_percent_of_the_real_step(tmp_path, extra):
     """Calibration: the plan on fake tensors vs vader.train's own second step on real CPU tensors
@@ -129,6 +131,24 @@ def test_cli_plan_prints_the_breakdown_and_the_verdict(tmp_path, capsys):
                  "inference batch"):
         assert text in out
     assert not (tmp_path / "runs").exists()  # a plan creates nothing
+
+
+def test_cli_plan_of_grpo_plans_the_group_and_its_updates(tmp_path, capsys):
+    """method='grpo' is planned as grpo_step runs (calibrated above), with its FLOPs scaling with the
+    recorded steps trained, not as VADER's backprop window."""
+    from vader.cli import main
+    from vader.config import load_config
+    from vader.plan import make_plan
+
+    assert main(["plan", str(TINY_TRAIN), *FAST, "--project_dir", str(tmp_path), "--method", "grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "GRPO: 4 samples per prompt, 4 of 4 recorded steps trained one at a time x 1 inner epoch(s)" in out
+    half = load_config(TINY_TRAIN, [*FAST, "--project_dir", str(tmp_path), "--method", "grpo",
+                                    "--grpo", "{'train_steps_fraction': 0.5}"])
+    full = load_config(TINY_TRAIN, [*FAST, "--project_dir", str(tmp_path), "--method", "grpo"])
+    f_half, f_full = make_plan(half, training=True).train.flops, make_plan(full, training=True).train.flops
+    assert f_half["backward"] == pytest.approx(f_full["backward"] / 2, rel=1e-6)
+    assert f_half["sampling (no gradients)"] == pytest.approx(f_full["sampling (no gradients)"], rel=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [

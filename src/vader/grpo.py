@@ -388,6 +388,7 @@ def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, pro
             traj = sample_with_logprobs(gen, group, generator, settings.noise_level)
             video = gen.decode(traj.final, frames)
             scores = _scores(reward, video, gen.reward_prompts(group))
+            del video  # the updates need the trajectory and the scores, not the pixels
         train_steps = _train_steps(num_steps, settings.train_steps_fraction, rng)
         advantages = group_advantages(scores, g).clamp(-settings.adv_clip_max, settings.adv_clip_max)
         batches.append(_Batch(traj, advantages.to(gen.device), train_steps))

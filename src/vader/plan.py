@@ -342,6 +342,88 @@ def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tu
     return PhasePlan("train", meter.peak, meter.at_peak, meter.peak_label, flops), cutoff, frames
 
 
+def _grpo_train_phase(cfg: VaderConfig, caption_channels: int) -> tuple[PhasePlan, None, list[int]]:
+    """grpo_step: train_batch_size x group_size SDE trajectories without gradients (every step's latents
+    kept), the decode and reward without gradients, then one recorded transition's clipped loss with
+    gradients and its backward (the others have the same shapes and are freed in between), AdamW."""
+    from vader.grpo import GRPOSettings, Trajectory, grpo_loss, sde_step
+    from vader.grpo import _velocity as grpo_velocity
+    from vader.models.presets import torch_dtype
+    from vader.run import load_prompts
+    from vader.sampling import conditioning, make_timesteps
+
+    settings = GRPOSettings.from_config(cfg)
+    meter = LiveBytes()
+    prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
+    prompts = (prompts * cfg.train_batch_size)[: cfg.train_batch_size]
+    group = [p for p in prompts for _ in range(settings.group_size)]
+    labels = {p: labels[p] for p in prompts if p in labels}
+    meta = (_denoiser_on_meta(cfg, caption_channels), _vae_on_meta(cfg))
+    frames = planned_frames(cfg, meta[1])
+    reward = _reward_on_meta(cfg, torch_dtype(cfg.dtype), len(frames))
+    sched = cfg.scheduler
+    num_steps = sched.num_sampling_steps
+    trained = max(1, round(settings.train_steps_fraction * num_steps)) if settings.train_steps_fraction < 1 else num_steps
+    with fake_mode(), meter:
+        stack = _FakeStack(cfg, meter, caption_channels, True, *meta)
+        gen = stack.gen
+        from vader.checkpoint import set_lora_dropout
+
+        set_lora_dropout(gen.denoiser, False)  # grpo_step samples and trains without LoRA dropout
+        with meter.phase("reward_model"):
+            materialise(reward, stack.dtype)
+        with meter.phase("reward_prepare"), torch.no_grad():
+            reward.prepare(list(dict.fromkeys(gen.reward_prompts(prompts))),
+                           {gen.reward_prompts([p])[0]: label for p, label in labels.items()})
+        with meter.phase("optimizer"):
+            state = _optimizer_state(stack.params, cfg.use_AdamW8bit)
+        meter.reset_peak()
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
+                    else torch.autocast("cpu", enabled=False))
+        n = len(group)
+        height, width = cfg.height_width
+        cond = conditioning(n, height, width, gen.num_frames, cfg.fps, stack.dtype, torch.device("cpu"))
+        timesteps = make_timesteps(num_steps, n, num_timesteps=sched.num_timesteps,
+                                   use_timestep_transform=sched.use_timestep_transform,
+                                   use_discrete_timesteps=sched.use_discrete_timesteps,
+                                   transform_scale=sched.transform_scale, cond=cond, num_frames=gen.num_frames)
+        with autocast:
+            with meter.phase("sampling_nograd"), torch.no_grad():
+                z = torch.randn((n, *gen.latent_shape), dtype=torch.float32)
+                text = stack.text_condition(1)  # as gen.text_condition(group): one row per sample
+                text = dataclasses.replace(text, y=text.y.repeat(n, 1, 1, 1), y_null=text.y_null.repeat(n, 1, 1, 1))
+                traj = Trajectory([z], timesteps, torch.empty(0), text, cond, sched.cfg_scale, sched.num_timesteps)
+                # one SDE step run; the trajectory keeps every step's latent, which the others would add
+                v = grpo_velocity(gen, traj, 0)
+                z, _, _, _ = sde_step(v, z, timesteps[0], traj.next_t(0), settings.noise_level,
+                                      num_timesteps=sched.num_timesteps)
+                del v
+                traj.latents += [z] + [torch.empty_like(z) for _ in range(num_steps - 1)]
+                traj.log_probs = torch.empty(n, num_steps)
+            with meter.phase("decode"), torch.no_grad():
+                video = gen.decode(traj.final, frames)
+            with meter.phase("reward"), torch.no_grad():
+                reward(video, gen.reward_prompts(group))
+            del video
+            advantages = torch.ones(n)
+            with meter.phase("sampling"):
+                parts = grpo_loss(gen, traj, advantages, 0, settings, cfg.grad_checkpoint)
+        with meter.phase("backward"):
+            (parts.loss / trained).backward()
+        del parts
+        meter.relabel([p.grad for p in stack.params], "grads")
+        with meter.phase("step"), torch.no_grad():
+            _optimizer_step(stack.params, state, cfg.use_AdamW8bit)
+    flops = _flops_of(meter, num_steps, times=cfg.gradient_accumulation_steps)
+    per_update = trained * settings.inner_epochs
+    for part in ("sampling (gradient window)", "backward"):
+        if part in flops:
+            flops[part] *= per_update
+    if settings.kl_beta > 0 and "sampling (no gradients)" in flops:  # the base model's velocity per update
+        flops["sampling (no gradients)"] *= 1 + per_update / num_steps
+    return PhasePlan("train", meter.peak, meter.at_peak, meter.peak_label, flops), None, frames
+
+
 def _optimizer_state(params: list[nn.Parameter], eight_bit: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """AdamW's two moments per parameter, as they stand from the second step on: fp32 like the
     parameter (torch.optim.AdamW), or uint8 plus one fp32 scale per 256-element block (bitsandbytes'
@@ -550,11 +632,15 @@ def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | Non
         return Plan(cfg, text, train, _backend_infer_phase(cfg), cutoff, frames, notes)
     text, caption_channels = _text_phase(cfg)
     train, cutoff, frames = (None, None, [])
-    if training:
+    notes = []
+    if training and cfg.method == "grpo":
+        train, cutoff, frames = _grpo_train_phase(cfg, caption_channels)
+        notes.append(f"method='grpo': {cfg.train_batch_size} prompt(s) x group_size trajectories sampled without "
+                     "gradients, then one recorded step at a time with gradients")
+    elif training:
         train, cutoff, frames = _train_phase(cfg, caption_channels, all_steps)
     infer = _infer_phase(cfg, caption_channels, all_steps)
-    notes = []
-    if training and cfg.backprop_mode == "rand":
+    if training and cfg.method != "grpo" and cfg.backprop_mode == "rand":
         notes.append("backprop_mode='rand' planned at its worst draw (every step keeps gradients)")
     if training and cfg.decode_frame == "-1":
         notes.append("decode_frame='-1' planned at the costliest frame (the last)")
@@ -701,8 +787,17 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
         tr = plan.train
         steps = cfg.scheduler.num_sampling_steps
         window = steps - (plan.cutoff or 0)
+        if cfg.method == "grpo":
+            from vader.grpo import GRPOSettings
+
+            g = GRPOSettings.from_config(cfg)
+            trained = max(1, round(g.train_steps_fraction * steps)) if g.train_steps_fraction < 1 else steps
+            how = (f"GRPO: {g.group_size} samples per prompt, {trained} of {steps} recorded steps trained one at a "
+                   f"time x {g.inner_epochs} inner epoch(s)")
+        else:
+            how = f"{window} of {steps} sampling steps with gradients"
         lines.append(f"  training step (batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation, "
-                     f"{window} of {steps} sampling steps with gradients, grad_checkpoint {cfg.grad_checkpoint}, "
+                     f"{how}, grad_checkpoint {cfg.grad_checkpoint}, "
                      f"decode {len(plan.frames)} frame(s) '{cfg.decode_strategy}', reward {cfg.reward_fn}): "
                      f"peak {_gib(tr.peak)}, reached during {LABELS.get(tr.peak_phase, tr.peak_phase)}")
         lines.extend(_breakdown(tr))
