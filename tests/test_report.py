@@ -80,7 +80,8 @@ def test_eval_report_is_self_contained_and_every_image_decodes(tmp_path):
     gifs = [im for kind, im in images if kind == "video"]
     assert len(plots) == 2 and all(im.format == "PNG" and im.width > 200 for im in plots)
     assert len(gifs) == 8  # 2 prompts x 2 seeds, base and LoRA
-    assert all(im.format == "GIF" and max(im.size) == 192 for im in gifs)
+    assert all(im.format == "GIF" and im.size == (16, 16) for im in gifs)  # stored small, shown at 192 px
+    assert page.read_text().count('data-kind="video" alt="base" width="192" height="192"') == 4
     # the moving base videos keep their 6 frames; the frozen LoRA ones collapse to one (PIL merges repeats)
     assert sorted(im.n_frames for im in gifs) == [1] * 4 + [6] * 4
     first = np.asarray(gifs[0].convert("RGB"))

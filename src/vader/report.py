@@ -35,7 +35,7 @@ body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width:
 h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-td:first-child, th:first-child { text-align: left; }
+td.t, th:first-child { text-align: left; }
 .warn { background: #fff3cd; border: 1px solid #e0c060; padding: 6px 10px; margin: 6px 0; }
 .pairs { display: flex; flex-wrap: wrap; gap: 14px; }
 .pair { border: 1px solid #ddd; padding: 6px; font-size: 12px; max-width: 420px; }
@@ -58,19 +58,26 @@ def png_data_uri(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def display_size(video: torch.Tensor, side: int = GIF_SIDE) -> tuple[int, int]:
+    """(width, height) a video [3, T, H, W] is shown at: its longest side `side` pixels."""
+    h, w = video.shape[-2:]
+    return max(1, round(w * side / max(h, w))), max(1, round(h * side / max(h, w)))
+
+
 def gif_data_uri(video: torch.Tensor, fps: int = 8, side: int = GIF_SIDE, max_frames: int = GIF_FRAMES) -> str:
-    """A video [3, T, H, W] in [-1, 1] as an animated GIF data URI, scaled so its longest side is `side`
-    (nearest-neighbour upscaling keeps small toy videos crisp) with at most `max_frames` frames."""
+    """A video [3, T, H, W] in [-1, 1] as an animated GIF data URI with at most `max_frames` frames,
+    shrunk so its longest side is at most `side` (small videos keep their size: the page enlarges them
+    with crisp pixels, so a 64x64 toy clip costs a few KB, not the 190 KB of a 192x192 GIF)."""
     from PIL import Image
 
     frames = to_uint8(video)  # [T, H, W, 3]
     if len(frames) > max_frames:
         frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
+    images = [Image.fromarray(f) for f in frames]
     h, w = frames.shape[1:3]
-    scale = side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    resample = Image.NEAREST if scale >= 1 else Image.BILINEAR
-    images = [Image.fromarray(f).resize(size, resample) for f in frames]
+    if max(h, w) > side:
+        size = display_size(video, side)
+        images = [im.resize(size, Image.BILINEAR) for im in images]
     buf = io.BytesIO()
     duration = max(20, round(1000 / max(1, fps)))
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
@@ -87,15 +94,27 @@ def _num(x: Any) -> str:
     return f"{x:.3e}" if x != 0 and abs(x) < 1e-3 else f"{x:.4f}"
 
 
+def _is_number(text: str) -> bool:
+    head = text.split(" ")[0].replace("–", "")
+    try:
+        float(head or "0")
+    except ValueError:
+        return False
+    return True
+
+
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Numbers right-aligned, text (prompts, names) left-aligned."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" if _is_number(str(c)) else f'<td class="t">{_e(c)}</td>'
+                                    for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _img(uri: str, kind: str, alt: str) -> str:
+def _img(uri: str, kind: str, alt: str, size: tuple[int, int] | None = None) -> str:
     # data-kind lets a reader (and the tests) tell plots from videos
-    return f'<img src="{uri}" data-kind="{kind}" alt="{_e(alt)}">'
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    return f'<img src="{uri}" data-kind="{kind}" alt="{_e(alt)}"{dims}>'
 
 
 def pairs_grid(pairs: Sequence[dict], fps: int) -> str:
@@ -109,7 +128,8 @@ def pairs_grid(pairs: Sequence[dict], fps: int) -> str:
             label = ("base" if side == "base" else "LoRA") + (f" {score:.4f}" if finite_number(score) else "")
             href = p.get(f"{side}_href")
             link = f' <a href="{_e(href)}">mp4</a>' if href else ""
-            cells.append(f"<figure>{_img(gif_data_uri(p[side], fps=fps), 'video', side)}"
+            video = _img(gif_data_uri(p[side], fps=fps), "video", side, display_size(p[side]))
+            cells.append(f"<figure>{video}"
                          f"<figcaption>{_e(label)}{link}</figcaption></figure>")
         seed = f" · seed {p['seed']}" if p.get("seed") is not None else ""
         boxes.append(f'<div class="pair"><div>{_e(p["prompt"])}{_e(seed)}</div>{"".join(cells)}</div>')
@@ -319,5 +339,5 @@ def training_report(run_dir: str | Path, before: list | None = None, after: list
     return write_page(run_dir / "report.html", page(f"vader training: {run_dir.name}", sections))
 
 
-__all__ = ["eval_report", "gif_data_uri", "guard_drops", "page", "pairs_grid", "png_data_uri", "table",
+__all__ = ["display_size", "eval_report", "gif_data_uri", "guard_drops", "page", "pairs_grid", "png_data_uri", "table",
            "training_report", "write_page"]
