@@ -296,32 +296,46 @@ def _text_phase(cfg: VaderConfig) -> tuple[PhasePlan, int]:
     return PhasePlan("text", meter.peak, meter.at_peak, meter.peak_label, _flops_of(meter, 1.0)), config.d_model
 
 
-def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tuple[PhasePlan, int, list[int]]:
+def _train_inputs(cfg: VaderConfig, caption_channels: int):  # type: ignore[no-untyped-def]
+    """What a planned training step starts from, built before the fake mode (meta models): the batch's
+    prompts and labels, the denoiser and VAE on meta, the decoded frames and the reward on meta.
+    The run's prompts when the config names them (ActPred needs an action in them, toy_alignment a
+    toy caption); else a stand-in: the text only decides the reward's label, never a size."""
     from vader.models.presets import torch_dtype
     from vader.run import load_prompts
 
-    meter = LiveBytes()
-    accumulation = cfg.gradient_accumulation_steps
-    # The run's prompts when the config names them (ActPred needs an action in them, toy_alignment a
-    # toy caption); else a stand-in: the text only decides the reward's label, never a size.
     prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
     prompts = (prompts * cfg.train_batch_size)[: cfg.train_batch_size]
     labels = {p: labels[p] for p in prompts if p in labels}
     meta = (_denoiser_on_meta(cfg, caption_channels), _vae_on_meta(cfg))
     frames = planned_frames(cfg, meta[1])
-    reward = _reward_on_meta(cfg, torch_dtype(cfg.dtype), len(frames))
+    return prompts, labels, meta, frames, _reward_on_meta(cfg, torch_dtype(cfg.dtype), len(frames))
+
+
+def _frozen_reward_and_optimizer(stack: _FakeStack, meter: LiveBytes, reward, prompts: list[str],
+                                 labels: dict[str, str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inside the fake mode: the reward's weights and prepared prompts, AdamW's state; then the peak
+    is reset, so what follows is the step itself."""
+    gen = stack.gen
+    with meter.phase("reward_model"):
+        materialise(reward, stack.dtype)
+    with meter.phase("reward_prepare"), torch.no_grad():
+        reward.prepare(list(dict.fromkeys(gen.reward_prompts(prompts))),
+                       {gen.reward_prompts([p])[0]: label for p, label in labels.items()})
+    with meter.phase("optimizer"):
+        state = _optimizer_state(stack.params, stack.cfg.use_AdamW8bit)
+    meter.reset_peak()
+    return state
+
+
+def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tuple[PhasePlan, int, list[int]]:
+    meter = LiveBytes()
+    accumulation = cfg.gradient_accumulation_steps
+    prompts, labels, meta, frames, reward = _train_inputs(cfg, caption_channels)
     with fake_mode(), meter:
         stack = _FakeStack(cfg, meter, caption_channels, True, *meta)
-        with meter.phase("reward_model"):
-            materialise(reward, stack.dtype)
         gen = stack.gen
-        with meter.phase("reward_prepare"), torch.no_grad():
-            # the run's own prompts: ActPred needs an action in them, toy_alignment a toy caption
-            reward.prepare(list(dict.fromkeys(gen.reward_prompts(prompts))),
-                           {gen.reward_prompts([p])[0]: label for p, label in labels.items()})
-        with meter.phase("optimizer"):
-            state = _optimizer_state(stack.params, cfg.use_AdamW8bit)
-        meter.reset_peak()
+        state = _frozen_reward_and_optimizer(stack, meter, reward, prompts, labels)
         cutoff = worst_cutoff(cfg)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
                     else torch.autocast("cpu", enabled=False))
@@ -348,19 +362,12 @@ def _grpo_train_phase(cfg: VaderConfig, caption_channels: int) -> tuple[PhasePla
     gradients and its backward (the others have the same shapes and are freed in between), AdamW."""
     from vader.grpo import GRPOSettings, Trajectory, grpo_loss, sde_step
     from vader.grpo import _velocity as grpo_velocity
-    from vader.models.presets import torch_dtype
-    from vader.run import load_prompts
     from vader.sampling import conditioning, make_timesteps
 
     settings = GRPOSettings.from_config(cfg)
     meter = LiveBytes()
-    prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
-    prompts = (prompts * cfg.train_batch_size)[: cfg.train_batch_size]
+    prompts, labels, meta, frames, reward = _train_inputs(cfg, caption_channels)
     group = [p for p in prompts for _ in range(settings.group_size)]
-    labels = {p: labels[p] for p in prompts if p in labels}
-    meta = (_denoiser_on_meta(cfg, caption_channels), _vae_on_meta(cfg))
-    frames = planned_frames(cfg, meta[1])
-    reward = _reward_on_meta(cfg, torch_dtype(cfg.dtype), len(frames))
     sched = cfg.scheduler
     num_steps = sched.num_sampling_steps
     trained = max(1, round(settings.train_steps_fraction * num_steps)) if settings.train_steps_fraction < 1 else num_steps
@@ -370,14 +377,7 @@ def _grpo_train_phase(cfg: VaderConfig, caption_channels: int) -> tuple[PhasePla
         from vader.checkpoint import set_lora_dropout
 
         set_lora_dropout(gen.denoiser, False)  # grpo_step samples and trains without LoRA dropout
-        with meter.phase("reward_model"):
-            materialise(reward, stack.dtype)
-        with meter.phase("reward_prepare"), torch.no_grad():
-            reward.prepare(list(dict.fromkeys(gen.reward_prompts(prompts))),
-                           {gen.reward_prompts([p])[0]: label for p, label in labels.items()})
-        with meter.phase("optimizer"):
-            state = _optimizer_state(stack.params, cfg.use_AdamW8bit)
-        meter.reset_peak()
+        state = _frozen_reward_and_optimizer(stack, meter, reward, prompts, labels)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
                     else torch.autocast("cpu", enabled=False))
         n = len(group)
