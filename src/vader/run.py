@@ -244,9 +244,10 @@ class Run:
         rows = [r for r in rows if r.get("step", 0) <= step]
         path.write_text("".join(_json_line(r) for r in rows))
         self.history = [r for r in rows if finite_number(r.get("reward"))]
+        from vader.report import GUARD_NAMES
+
         for r in rows:  # the first validation with guards stays the reference after a resume
-            found = {g: r[f"guard_{g}"] for g in ("motion", "temporal_consistency", "diversity")
-                     if finite_number(r.get(f"guard_{g}"))}
+            found = {g: r[f"guard_{g}"] for g in GUARD_NAMES if finite_number(r.get(f"guard_{g}"))}
             if finite_number(r.get("val_reward")) and found:
                 self.reference = {"step": r["step"], "reward": r["val_reward"], "guards": found}
                 break
