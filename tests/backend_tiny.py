@@ -16,6 +16,7 @@ import torch
 from vader.models.text import tiny_t5_tokenizer
 
 PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
+NEGATIVE = "blurry, low quality"
 TEXT_LENGTH = 16  # the tokenizer pads to it; CogVideoX's transformer needs max_text_seq_length equal to it
 
 
@@ -136,3 +137,25 @@ def tiny_config_text(backend: str, folder: str | Path, **keys: Any) -> str:
     values.update(TINY_KEYS[backend])
     values.update(keys)
     return "".join(f"{key} = {value!r}\n" for key, value in values.items())
+
+
+def load_pipeline(pipeline_class, folder: str | Path):
+    """diffusers' own pipeline from a saved tiny folder, the reference the backend tests compare with."""
+    pipe = pipeline_class.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def add_random_lora(model: torch.nn.Module, targets: list[str], seed: int = 1):
+    """LoRA with non-zero B (peft starts B at zero, which would change nothing)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
+    model.requires_grad_(False)
+    inject_adapter_in_model(config, model)
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=gen) * 0.2
+            p.requires_grad_(True)
+    return config

@@ -11,7 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "CogVideoXPipeline"):  # the declared floor (0.30) predates some backends
     pytest.skip(f"diffusers {diffusers.__version__} has no CogVideoXPipeline", allow_module_level=True)
 
-from backend_tiny import save_tiny_cogvideox  # noqa: E402
+from backend_tiny import NEGATIVE, PROMPTS, add_random_lora, load_pipeline, save_tiny_cogvideox  # noqa: E402
 from diffusers import (  # noqa: E402
     CogVideoXDDIMScheduler,
     CogVideoXPipeline,
@@ -26,8 +26,6 @@ from vader.backends.cogvideox import CogVideoXGenerator, CogVideoXSettings, miss
 from vader.errors import VaderError  # noqa: E402
 from vader.models.text import EmbeddingCache  # noqa: E402
 
-PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
-NEGATIVE = "blurry, low quality"
 FRAMES = 17  # 5 latent frames: the VAE decodes latents 0-2 (frames 0-8), then latents 3-4 (frames 9-16)
 # Measured max |ours - pipeline| on these components: 0.0 for the latents and the decoded video, with
 # and without rotary embeddings and dynamic guidance (the same fp32 operations in the same order).
@@ -58,9 +56,7 @@ def settings(folder, **overrides) -> CogVideoXSettings:
 
 
 def pipeline(folder) -> CogVideoXPipeline:
-    pipe = CogVideoXPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(CogVideoXPipeline, folder)
 
 
 def run_pipeline(pipe: CogVideoXPipeline, s: CogVideoXSettings, seed: int, output_type: str = "latent"):
@@ -69,19 +65,6 @@ def run_pipeline(pipe: CogVideoXPipeline, s: CogVideoXSettings, seed: int, outpu
                num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, use_dynamic_cfg=s.use_dynamic_cfg,
                max_sequence_length=16, generator=torch.Generator().manual_seed(seed), output_type=output_type).frames
     return out.permute(0, 2, 1, 3, 4)  # [B, T, C, H, W] -> [B, C, T, H, W] (pixels: [B, 3, F, H, W] in [0, 1])
-
-
-def add_random_lora(model: torch.nn.Module, targets: list[str], seed: int = 1) -> LoraConfig:
-    """LoRA with non-zero B (peft starts B at zero, which would change nothing)."""
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
-    model.requires_grad_(False)
-    inject_adapter_in_model(config, model)
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.2
-            p.requires_grad_(True)
-    return config
 
 
 @pytest.mark.parametrize(("variant", "guidance", "dynamic"), [

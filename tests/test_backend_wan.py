@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "WanPipeline"):  # the declared floor (0.30) predates some backends
     pytest.skip(f"diffusers {diffusers.__version__} has no WanPipeline", allow_module_level=True)
 
-from backend_tiny import save_tiny_wan  # noqa: E402
+from backend_tiny import NEGATIVE, PROMPTS, add_random_lora, load_pipeline, save_tiny_wan  # noqa: E402
 from diffusers import (  # noqa: E402
     WanPipeline,
     WanTransformer3DModel,
@@ -26,8 +26,6 @@ from vader.backends.wan import WanGenerator, WanSettings, missing_weights  # noq
 from vader.errors import VaderError  # noqa: E402
 from vader.models.text import EmbeddingCache  # noqa: E402
 
-PROMPTS = ["a cat playing piano on a stage", "waves crashing on a rocky beach"]
-NEGATIVE = "blurry, low quality"
 SHIFT = 3.0
 # Measured max |ours - pipeline| on these components: 0.0 for the latents and the decoded video (the
 # same fp32 operations in the same order); the bound leaves room for a different BLAS thread split.
@@ -59,9 +57,7 @@ def settings(folder, **overrides) -> WanSettings:
 
 
 def pipeline(folder) -> WanPipeline:
-    pipe = WanPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(WanPipeline, folder)
 
 
 def run_pipeline(pipe: WanPipeline, s: WanSettings, seed: int, output_type: str = "latent") -> torch.Tensor:
@@ -69,19 +65,6 @@ def run_pipeline(pipe: WanPipeline, s: WanSettings, seed: int, output_type: str 
     return pipe(prompt=PROMPTS, negative_prompt=negative, height=s.height, width=s.width, num_frames=s.num_frames,
                 num_inference_steps=s.num_steps, guidance_scale=s.guidance_scale, max_sequence_length=16,
                 generator=torch.Generator().manual_seed(seed), output_type=output_type).frames
-
-
-def add_random_lora(model: torch.nn.Module, targets: list[str], seed: int = 1) -> LoraConfig:
-    """LoRA with non-zero B (peft starts B at zero, which would change nothing)."""
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets))
-    model.requires_grad_(False)
-    inject_adapter_in_model(config, model)
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.2
-            p.requires_grad_(True)
-    return config
 
 
 @pytest.mark.parametrize("guidance", [6.0, 1.0], ids=["cfg-negative-prompt", "no-cfg"])

@@ -623,8 +623,13 @@ def _check_backend(cfg: VaderConfig) -> None:
     cfg.text_encoder.model_max_length = settings.max_sequence_length
 
 
+def is_callable_spec(reward_fn: object) -> bool:
+    """True for a `module:function` reward (no registered reward name has a colon)."""
+    return isinstance(reward_fn, str) and ":" in reward_fn
+
+
 def _check_rewards(cfg: VaderConfig) -> None:
-    if isinstance(cfg.reward_fn, str) and ":" in cfg.reward_fn:  # a Python callable: GRPO's business
+    if is_callable_spec(cfg.reward_fn):  # a Python callable: GRPO's business
         if cfg.method != "grpo":
             raise VaderError(f"reward_fn={cfg.reward_fn!r} is a Python function with no gradient; VADER "
                              "backpropagates through the reward: use --method grpo, or a registered reward")
@@ -640,7 +645,7 @@ def _check_gold(cfg: VaderConfig) -> None:
     gold = cfg.gold_reward
     if gold is None:
         return
-    if isinstance(gold, str) and ":" in gold:  # a Python callable needs no gradient: any method
+    if is_callable_spec(gold):  # a Python callable needs no gradient: any method
         from vader.grpo import load_callable_reward
 
         load_callable_reward(gold, key="gold_reward")

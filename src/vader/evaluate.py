@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vader.config import is_callable_spec
 from vader.errors import VaderError
 
 EMBED_SIZE = 8  # diversity embedding: the frame-mean video pooled to 8x8 pixels (3·8·8 = 192 numbers)
@@ -164,7 +165,7 @@ def _build_reward(cfg, name: str | dict[str, float], device: torch.device):
     from vader.models.presets import torch_dtype
     from vader.rewards import build_reward
 
-    if isinstance(name, str) and ":" in name:
+    if is_callable_spec(name):
         from vader.grpo import load_callable_reward
 
         return load_callable_reward(name, key="--rewards")
@@ -204,7 +205,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
     reward_fns = list(rewards) if rewards else [cfg.reward_fn]
     preflight(cfg, "infer")
     for fn in reward_fns:
-        if not (isinstance(fn, str) and ":" in fn):
+        if not is_callable_spec(fn):
             check_reward_weights(fn, hps_version=cfg.hps_version, sources=cfg.reward_sources)
 
     accelerator = make_accelerator(cfg)

@@ -299,11 +299,6 @@ class CallableReward(Reward):
         return RewardOutput(reward=reward, loss=-reward)
 
 
-def is_callable_spec(reward_fn) -> bool:
-    """True for a `module:function` reward (no registered reward name has a colon)."""
-    return isinstance(reward_fn, str) and ":" in reward_fn
-
-
 def load_callable_reward(spec: str, key: str = "reward_fn") -> CallableReward:
     """Import `module:function` (the function may be a dotted attribute path) as a CallableReward."""
     module_name, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
@@ -443,5 +438,4 @@ def _train_steps(num_steps: int, fraction: float, rng: random.Random) -> list[in
 
 
 __all__ = ["GRPOSettings", "GRPOStepResult", "CallableReward", "Trajectory", "sde_step", "sample_with_logprobs",
-           "group_advantages", "clipped_objective", "grpo_loss", "grpo_step", "load_callable_reward",
-           "is_callable_spec"]
+           "group_advantages", "clipped_objective", "grpo_loss", "grpo_step", "load_callable_reward"]

@@ -122,15 +122,22 @@ def reward_curve_points(metrics_path: str | Path) -> tuple[list[int], list[float
             [r["step"] for r in rows if not finite_number(r["reward"])])
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend: runs write PNGs on machines without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_reward_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
     """Reward per optimizer step (and its moving average) from the run's metrics.jsonl.
 
     Steps whose reward is null or not finite (skipped updates) are marked with red crosses on the
     bottom edge and counted in the legend, so a gap in the curve is never silent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps, rewards, bad_steps = reward_curve_points(metrics_path)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -161,10 +168,7 @@ def plot_before_after(before: list[tuple[str, Tensor, float | None]], after: lis
     reward or None) in the same order."""
     import textwrap
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = list(zip(before, after))[:max_rows]
     if not rows:

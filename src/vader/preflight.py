@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from vader.config import VaderConfig
+from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
 
 COMMANDS = ("train", "infer")
@@ -227,12 +227,12 @@ def check_weights(cfg: VaderConfig, command: str) -> list[str]:
         found = []
     else:
         found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
-    if command == "train" and not (isinstance(cfg.reward_fn, str) and ":" in cfg.reward_fn):  # a callable has none
+    if command == "train" and not is_callable_spec(cfg.reward_fn):  # a callable has none
         from vader.rewards import reward_sources
 
         found += hub.missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
     gold = cfg.gold_reward
-    if command == "train" and gold is not None and not (isinstance(gold, str) and ":" in gold):
+    if command == "train" and gold is not None and not is_callable_spec(gold):
         from vader.rewards import reward_sources
 
         seen = {m.name for m in found}

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vader.media import finite_number, read_metrics, reward_curve_points, to_uint8
+from vader.media import finite_number, pyplot, read_metrics, reward_curve_points, to_uint8
 
 GIF_SIDE = 192  # longest side of a GIF in the page: enough to judge a video, small enough to inline 16 of them
 GIF_FRAMES = 32  # at most this many frames per GIF (longer videos are subsampled evenly)
@@ -152,21 +152,12 @@ def write_page(path: str | Path, text: str) -> Path:
     return path
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 # ---- eval -----------------------------------------------------------------------------------------
 
 
 def _interval_plot(result) -> str:
     """Per reward: base and LoRA means with their 95% intervals, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(result.rewards)
     fig, axes = plt.subplots(1, len(names), figsize=(max(5.5, 3.2 * len(names) + 0.6), 3.4), dpi=100, squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -184,7 +175,7 @@ def _interval_plot(result) -> str:
 
 
 def _guard_bars(base: dict[str, float], lora: dict[str, float], title: str) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     names = [g for g in GUARD_NAMES if g in base and g in lora]
     fig, axes = plt.subplots(1, len(names), figsize=(max(5.5, 2.6 * len(names) + 0.6), 2.8), dpi=100, squeeze=False)
     for ax, g in zip(axes[0], names):
@@ -249,7 +240,7 @@ def eval_report(result, videos: dict[str, list[list[torch.Tensor]]], fps: int = 
 
 
 def _training_curve(metrics: Path, rows: list[dict]) -> str:
-    plt = _pyplot()
+    plt = pyplot()
     steps, rewards, bad = reward_curve_points(metrics)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
     if steps:
@@ -281,7 +272,7 @@ def _guard_curves(rows: list[dict]) -> str | None:
     names = [g for g in GUARD_NAMES if any(finite_number(r.get(f"guard_{g}")) and "val_reward" in r for r in rows)]
     if not names:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(names), figsize=(2.9 * len(names) + 0.6, 2.8), dpi=100, squeeze=False)
     for ax, g in zip(axes[0], names):
         points = [(r["step"], r[f"guard_{g}"]) for r in rows if "val_reward" in r and finite_number(r.get(f"guard_{g}"))]

@@ -32,7 +32,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
-from vader.config import VaderConfig
+from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
 from vader.media import finite_number, plot_reward_curve, write_video
 
@@ -112,7 +112,7 @@ def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn
     from vader.rewards import build_reward
 
     reward_fn = cfg.reward_fn if reward_fn is None else reward_fn
-    if isinstance(reward_fn, str) and ":" in reward_fn:  # module:function: GRPO's reward, or a gold reward
+    if is_callable_spec(reward_fn):  # module:function: GRPO's reward, or a gold reward
         from vader.grpo import load_callable_reward
 
         reward = load_callable_reward(reward_fn, key=key)
@@ -343,12 +343,9 @@ class Run:
 
                 fallen = guard_drops(ref["guards"], found, self.cfg.guard_drop)
                 if fallen:
-                    message = (f"warning: step {step}: the validation reward rose since step {ref['step']} "
-                               f"({ref['reward']:.4g} -> {reward:.4g}) while {'; '.join(fallen)} fell by more than "
-                               f"guard_drop={self.cfg.guard_drop:g}: possible reward hacking, look at "
-                               f"{self.dir / 'samples' / f'step-{step:06d}'}")
-                    row["guard_warning"] = message
-                    tqdm.write(f"[vader] {message}", file=sys.stderr)
+                    self._warn_guards(row, f"step {step}: the validation reward rose since step {ref['step']} "
+                                      f"({ref['reward']:.4g} -> {reward:.4g})", fallen,
+                                      self.dir / "samples" / f"step-{step:06d}")
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(_json_line({**row, "video_quality": self.cfg.video_quality, "videos": [str(p) for p in paths]}))
         if self.accelerator.trackers:
@@ -391,13 +388,18 @@ class Run:
                **{f"guard_{k}": v for k, v in lora.items()}}
         fallen = guard_drops(base, lora, self.cfg.guard_drop)
         if fallen and lora_reward > base_reward:
-            message = (f"warning: the reward rose (base {base_reward:.4g} -> LoRA {lora_reward:.4g}) while "
-                       f"{'; '.join(fallen)} fell by more than guard_drop={self.cfg.guard_drop:g}: possible reward "
-                       f"hacking, look at {self.dir / 'before_after.png'}")
-            row["guard_warning"] = message
-            tqdm.write(f"[vader] {message}", file=sys.stderr)
+            self._warn_guards(row, f"the reward rose (base {base_reward:.4g} -> LoRA {lora_reward:.4g})", fallen,
+                              self.dir / "before_after.png")
         with open(self.dir / "metrics.jsonl", "a") as fh:
             fh.write(_json_line(row))
+
+    def _warn_guards(self, row: dict, rose: str, fallen: list[str], look_at: Path) -> None:
+        """One warning line (stderr and `guard_warning` in the metrics row) for a reward that rose while
+        guards fell."""
+        message = (f"warning: {rose} while {'; '.join(fallen)} fell by more than guard_drop={self.cfg.guard_drop:g}: "
+                   f"possible reward hacking, look at {look_at}")
+        row["guard_warning"] = message
+        tqdm.write(f"[vader] {message}", file=sys.stderr)
 
     def finish(self) -> None:
         acc = self.accelerator
