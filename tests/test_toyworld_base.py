@@ -157,8 +157,8 @@ def _sample(generator, prompts: list[str], seed: int) -> torch.Tensor:
     return tb.sample_videos(generator, prompts, seed)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped base (3000 denoiser steps) follows the background word on "
-                   "about half the pretraining prompts (52%, chance 50%); see the model card")
+@pytest.mark.xfail(strict=True, reason="the shipped base (6000 denoiser steps) follows the background word on "
+                   "about half the pretraining prompts (53%, chance 50%); see the model card")
 def test_samples_have_the_captions_background(generator):
     tb = _train_base()
     pre = world.pretrain_captions()
@@ -180,8 +180,9 @@ def test_base_samples_beat_chance_on_the_toy_classifier(generator):
     prompts = world.pretrain_captions()[::8]  # 24 prompts
     videos = _sample(generator, prompts, seed=1000)
     acc = tb.accuracy(ToyClassifier.from_pretrained(classifier_dir).eval().predict(videos), prompts)
-    # Only colour beats chance on the shipped base (model card: shape and motion are at chance), and
-    # by a measured margin; a denoiser that ignored its caption would sit at 1/4.
+    # Colour is the attribute the shipped base follows best (model card, 192 prompts: colour 70%, motion
+    # 32% against 20%, shape at chance); on these 24 prompts colour is asserted, by a measured margin: a
+    # denoiser that ignored its caption would sit at 1/4.
     assert acc["colour"] >= 1 / 4 + CHANCE_MARGIN, acc
 
 

@@ -506,7 +506,7 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=0, help="end-to-end video steps after the two stages")
     parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--seeds-per-caption", type=int, default=4)
-    parser.add_argument("--dit-steps", type=int, default=3000)
+    parser.add_argument("--dit-steps", type=int, default=6000)
     parser.add_argument("--dit-batch", type=int, default=32)
     parser.add_argument("--pilot", action="store_true", help="a tiny run to time the stages")
     parser.add_argument("--card-only", action="store_true", help="only sample and score the shipped weights")
@@ -534,20 +534,21 @@ def main() -> None:
     pretrain, _ = world.split()
     attrs, seeds = dataset(pretrain, args.seeds_per_caption, first_seed=0)
     if args.reuse_vae:
-        from vader.models.presets import load_vae
-
-        vae = load_vae(str(out / "vae"))
         log["vae"] = json.loads((out / "train_log.json").read_text())["vae"]
-        t1 = time.time()
     else:
         vae = stage_vae(out, args.vae_steps, args.vae_batch, log, args.vae_spatial_steps, args.vae_temporal_steps)
-        t1 = time.time()
         set_latent_stats(vae, attrs[:: max(1, len(attrs) // 192)], seeds[:: max(1, len(attrs) // 192)], log)
         vae_eval(vae, log)
         log["vae"]["bytes"] = save_weights(vae, out / "vae", vae.config.to_dict())
         # written now, not only at the end: a run stopped in the (long) denoiser stage can go on with
         # --reuse-vae, which reads the VAE's entry from here
         (out / "train_log.json").write_text(json.dumps(log) + "\n")
+    t1 = time.time()
+    # The denoiser learns the latents of the VAE as shipped (fp16 matrices), read back by the normal loader:
+    # one run and a --reuse-vae rerun then train on identical latents.
+    from vader.models.presets import load_vae
+
+    vae = load_vae(str(out / "vae"))
 
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
