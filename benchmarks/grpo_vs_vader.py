@@ -179,10 +179,9 @@ def report(args, runs: list[dict], out: Path) -> None:
 
 
 def plot(curves: dict, best: dict, path: Path) -> None:
-    import matplotlib
+    from vader.media import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for (method, lr), curve in sorted(curves.items()):

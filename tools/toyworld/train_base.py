@@ -476,10 +476,9 @@ def evaluate(out: Path, seed: int = 1000) -> dict:
 
 
 def plot_curves(log: dict, path: Path) -> None:
-    import matplotlib
+    from vader.media import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     mse = log["vae"]["object_mse"]
