@@ -296,6 +296,13 @@ def _text_phase(cfg: VaderConfig) -> tuple[PhasePlan, int]:
     return PhasePlan("text", meter.peak, meter.at_peak, meter.peak_label, _flops_of(meter, 1.0)), config.d_model
 
 
+def _cpu_autocast(cfg: VaderConfig) -> torch.autocast:
+    """The run's mixed precision on the fake CPU tensors the plan counts (bf16 autocast, or none)."""
+    if cfg.mixed_precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
 def _train_inputs(cfg: VaderConfig, caption_channels: int):  # type: ignore[no-untyped-def]
     """What a planned training step starts from, built before the fake mode (meta models): the batch's
     prompts and labels, the denoiser and VAE on meta, the decoded frames and the reward on meta.
@@ -337,8 +344,7 @@ def _train_phase(cfg: VaderConfig, caption_channels: int, all_steps: bool) -> tu
         gen = stack.gen
         state = _frozen_reward_and_optimizer(stack, meter, reward, prompts, labels)
         cutoff = worst_cutoff(cfg)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = _cpu_autocast(cfg)
         n = cfg.train_batch_size
         with autocast:
             latents, scale = _sample(stack, meter, n, cutoff, all_steps, cfg.grad_checkpoint)
@@ -378,8 +384,7 @@ def _grpo_train_phase(cfg: VaderConfig, caption_channels: int) -> tuple[PhasePla
 
         set_lora_dropout(gen.denoiser, False)  # grpo_step samples and trains without LoRA dropout
         state = _frozen_reward_and_optimizer(stack, meter, reward, prompts, labels)
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = _cpu_autocast(cfg)
         n = len(group)
         height, width = cfg.height_width
         cond = conditioning(n, height, width, gen.num_frames, cfg.fps, stack.dtype, torch.device("cpu"))
@@ -579,8 +584,7 @@ def _backend_train_phase(cfg: VaderConfig) -> tuple[PhasePlan, int, list[int]]:
         with meter.phase("optimizer"):
             state = _optimizer_state(params, cfg.use_AdamW8bit)
         meter.reset_peak()
-        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.mixed_precision == "bf16"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = _cpu_autocast(cfg)
         with autocast:
             with meter.phase("sampling"):
                 latents = gen.sample_latents(prompts, make_generator(random.Random(0)), cutoff=cutoff,
