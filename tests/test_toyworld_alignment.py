@@ -13,11 +13,11 @@ from vader.train import train
 
 TOY_TRAIN = REPO / "configs" / "toy" / "vader_train.py"
 
-# Measured with these settings (seed 200, lr 3e-4) on the shipped base (6000 denoiser steps): base -3.15
-# -> LoRA -2.90 (+0.25) on the 24 held-out validation videos; seeds 200-202: +0.31 +- 0.08 (README quick
-# start). The margin below is about half the smallest measured gain, so the test fails if alignment
-# stops working, not on noise.
-MIN_GAIN = 0.12
+# Measured with these settings (seed 200, lr 6e-4) on the shipped base: base -2.12 -> LoRA -1.69 (+0.44)
+# on the 24 held-out validation videos; seeds 200-202: +0.66 +- 0.33 (README quick start). The margin
+# below is about half the smallest measured gain, so the test fails if alignment stops working, not on
+# noise.
+MIN_GAIN = 0.2
 
 
 def test_short_vader_run_raises_toy_alignment_on_heldout_captions(tmp_path):

@@ -499,9 +499,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=WEIGHTS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--vae-spatial-steps", type=int, default=600)
-    parser.add_argument("--vae-temporal-steps", type=int, default=600)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vae-spatial-steps", type=int, default=3000)
+    parser.add_argument("--vae-temporal-steps", type=int, default=1000)
     parser.add_argument("--vae-steps", type=int, default=0, help="end-to-end video steps after the two stages")
     parser.add_argument("--vae-batch", type=int, default=2)
     parser.add_argument("--seeds-per-caption", type=int, default=4)
@@ -515,8 +515,9 @@ def main() -> None:
     if args.pilot:
         args.vae_spatial_steps, args.vae_temporal_steps, args.vae_steps = 20, 20, 5
         args.seeds_per_caption, args.dit_steps = 1, 40
-    # One thread: on a shared 2-core machine a second thread made the VAE steps 7x slower, and one
-    # fixed thread count keeps float reductions (hence the weights) identical between reruns.
+    # A fixed thread count keeps float reductions (hence the weights) identical between reruns: the
+    # shipped weights were trained with 2 threads on the 2-core machine (on a busy machine a second
+    # thread can make the VAE steps several times slower: there --threads 1, at the cost of other weights).
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
