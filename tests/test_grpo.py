@@ -18,11 +18,11 @@ from vader.grpo import (
     group_advantages,
     grpo_loss,
     grpo_step,
-    load_callable_reward,
     sample_with_logprobs,
     sde_step,
 )
 from vader.rewards.base import RewardOutput
+from vader.rewards.callable import load_callable_reward
 from vader.run import Run, make_accelerator
 from vader.train import setup
 

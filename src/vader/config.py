@@ -633,12 +633,12 @@ def _check_rewards(cfg: VaderConfig) -> None:
         if cfg.method != "grpo":
             raise VaderError(f"reward_fn={cfg.reward_fn!r} is a Python function with no gradient; VADER "
                              "backpropagates through the reward: use --method grpo, or a registered reward")
-        from vader.grpo import load_callable_reward
+        from vader.rewards.callable import load_callable_reward
 
         load_callable_reward(cfg.reward_fn)  # imports it now: a typo fails before anything loads
         return
-    _validate_reward(cfg.reward_fn)
-    _validate_reward_inputs(cfg)
+    validate_reward(cfg.reward_fn)
+    validate_reward_inputs(cfg)
 
 
 def _check_gold(cfg: VaderConfig) -> None:
@@ -646,12 +646,12 @@ def _check_gold(cfg: VaderConfig) -> None:
     if gold is None:
         return
     if is_callable_spec(gold):  # a Python callable needs no gradient: any method
-        from vader.grpo import load_callable_reward
+        from vader.rewards.callable import load_callable_reward
 
         load_callable_reward(gold, key="gold_reward")
         return
     try:
-        _validate_reward(gold)
+        validate_reward(gold)
     except VaderError as exc:
         raise VaderError(str(exc).replace("reward_fn", "gold_reward")) from None
     if gold == cfg.reward_fn:
@@ -759,7 +759,7 @@ def _validate_decode_frame(value: Any, num_frames: int, strategy: str = "exact",
                      "'fml', 'all' or 'alt'")
 
 
-def _validate_reward(reward_fn: Any) -> None:
+def validate_reward(reward_fn: Any) -> None:
     from vader.rewards import reward_names
 
     names = reward_names()
@@ -776,7 +776,7 @@ def _validate_reward(reward_fn: Any) -> None:
             raise VaderError(f"reward_fn[{name!r}]={weight!r} is not a finite number (the weight)")
 
 
-def _validate_reward_inputs(cfg: VaderConfig) -> None:
+def validate_reward_inputs(cfg: VaderConfig) -> None:
     """Cheap checks that would otherwise fail only after the models are loaded."""
     from vader.rewards import check_decode_frame
     from vader.rewards.hub import validate_sources

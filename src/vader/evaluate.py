@@ -166,7 +166,7 @@ def _build_reward(cfg, name: str | dict[str, float], device: torch.device):
     from vader.rewards import build_reward
 
     if is_callable_spec(name):
-        from vader.grpo import load_callable_reward
+        from vader.rewards.callable import load_callable_reward
 
         return load_callable_reward(name, key="--rewards")
     return build_reward(name, device=device, dtype=torch_dtype(cfg.dtype), hps_version=cfg.hps_version,
@@ -191,7 +191,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
     from vader.media import write_video
     from vader.preflight import preflight
     from vader.rewards import check_reward_weights
-    from vader.run import _fresh_name, build_generator, load_prompts, make_accelerator, step_seed
+    from vader.run import fresh_name, build_generator, load_prompts, make_accelerator, step_seed
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise VaderError(f"--seeds={seeds!r} must be a whole number >= 1")
@@ -211,7 +211,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
     accelerator = make_accelerator(cfg)
     device = accelerator.device
     root = Path(cfg.project_dir) / "eval"
-    folder = root / _fresh_name(root, cfg.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = root / fresh_name(root, cfg.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
     made_root = not root.exists()
     folder.mkdir(parents=True)
     try:

@@ -113,7 +113,7 @@ def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn
 
     reward_fn = cfg.reward_fn if reward_fn is None else reward_fn
     if is_callable_spec(reward_fn):  # module:function: GRPO's reward, or a gold reward
-        from vader.grpo import load_callable_reward
+        from vader.rewards.callable import load_callable_reward
 
         reward = load_callable_reward(reward_fn, key=key)
     else:
@@ -147,7 +147,7 @@ class Run:
 
     @classmethod
     def create(cls, cfg: VaderConfig, accelerator: Accelerator, kind: str) -> Run:
-        name = [cfg.run_name or _fresh_name(Path(cfg.project_dir), f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")]
+        name = [cfg.run_name or fresh_name(Path(cfg.project_dir), f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}")]
         if accelerator.num_processes > 1:
             broadcast_object_list(name)  # all ranks write into the main process's folder
         folder = Path(cfg.project_dir) / name[0]
@@ -433,7 +433,7 @@ def _guards(rows: list) -> dict[str, float]:
     return guards([torch.stack(v) for v in groups.values()])
 
 
-def _fresh_name(project_dir: Path, name: str) -> str:
+def fresh_name(project_dir: Path, name: str) -> str:
     """A timestamp name not taken yet (two runs started within one second get -2, -3, ...)."""
     candidate, n = name, 1
     while (project_dir / candidate).exists():

@@ -122,7 +122,7 @@ def match_prompts(prompts: list[str], num_videos: int, source: str = "prompts") 
 def parse_reward(text: str) -> str | dict[str, float]:
     """`--reward`: a reward name or a weighted mix written as a dict, exactly as the config's
     reward_fn accepts it (validated by the config's own check, so the errors are the same)."""
-    from vader.config import _validate_reward
+    from vader.config import validate_reward
 
     value: object = text.strip()
     if isinstance(value, str) and value.startswith("{"):
@@ -131,7 +131,7 @@ def parse_reward(text: str) -> str | dict[str, float]:
         except (ValueError, SyntaxError):
             raise VaderError(f"reward_fn={text!r} is not a valid dict; write it as "
                              "\"{'hps': 1.0, 'aesthetic': 0.5}\"") from None
-    _validate_reward(value)
+    validate_reward(value)
     return value  # type: ignore[return-value]
 
 
