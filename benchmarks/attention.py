@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import add_lora, lora_config
 from vader.models.stdit3 import STDiT3, STDiT3Config
 
@@ -28,7 +29,7 @@ def build(depth: int, rank: int, backend: str, device: torch.device, dtype: torc
     model.init_weights(std=model.config.hidden_size**-0.5)
     model = model.to(device=device, dtype=dtype).requires_grad_(False).eval()
     model.set_attention_backend(backend)
-    add_lora(model, lora_config(rank))
+    add_lora(model, lora_config(rank, targets=LORA_TARGETS))
     return model
 
 

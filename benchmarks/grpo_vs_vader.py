@@ -6,7 +6,7 @@ queries and against wall time, several training seeds, an lr sweep per method, a
 Defaults are the study on the toy world (configs/toy/vader_train.py, reward toy_alignment): its 48
 captions are split into training prompts and held-out prompts (--heldout, the last ones), which
 training never sees. Every method starts from the same base and LoRA (rank from the config).
-Methods: vader-last (backprop_mode 'last'), vader-rand ('rand') and grpo (vader.grpo, Flow-GRPO's
+Methods: vader-last (backprop_mode 'last'), vader-rand ('rand') and grpo (vader.methods.grpo, Flow-GRPO's
 defaults unless --group_size/--noise_level say otherwise). Held-out reward: ODE samples (what users
 generate) of every held-out prompt from fixed noise, scored on the whole clip. Diversity: for each
 held-out prompt, --div_samples videos from different noise; the RMS pixel difference between pairs,
@@ -88,8 +88,8 @@ def evaluate(t, prompts: list[str], div_samples: int) -> tuple[float, float]:
 
 
 def run_one(args, method: str, lr: float, seed: int) -> dict:
-    from vader.grpo import GRPOSettings, grpo_step
-    from vader.train import train_step
+    from vader.methods.grpo import GRPOSettings, grpo_step
+    from vader.methods.vader import train_step
 
     with tempfile.TemporaryDirectory() as project:
         t = build(args, method, lr, seed, project)

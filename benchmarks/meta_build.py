@@ -17,6 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub
 
+from vader.backends import backend_module  # noqa: E402
 from vader.config import load_config  # noqa: E402
 from vader.inspection import PARTS, build_meta, count_parameters, lora_summary  # noqa: E402
 
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> None:
               f"{len(built.model.state_dict()):>4} keys")
         if part == "denoiser":
             start = time.perf_counter()
-            lora = lora_summary(built.model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+            lora = lora_summary(built.model, backend_module(cfg.backend).LORA_TARGETS, cfg.lora_rank, cfg.lora_alpha,
+                                cfg.lora_dropout)
             print(f"{'  + LoRA':<13} {'r=' + str(lora.rank):<18} {time.perf_counter() - start:6.2f} s  "
                   f"{lora.trainable:>15,} trainable")
 

@@ -20,15 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_preset_videos(n: int) -> tuple[torch.Tensor, list[str]]:
+    from vader.backends.opensora import OpenSoraGenerator
     from vader.config import load_config
     from vader.prompts import read_prompt_file
-    from vader.video import VideoGenerator
 
     torch.set_num_threads(1)
     cfg = load_config(REPO / "configs" / "tiny" / "vader_inference.py", ["--verbose", "0"])
     prompts, _ = read_prompt_file(REPO / "configs" / "tiny" / "prompts.txt")
     prompts = [prompts[i % len(prompts)] for i in range(n)]
-    gen = VideoGenerator.build(cfg, torch.device("cpu"), prompts)
+    gen = OpenSoraGenerator.build(cfg, torch.device("cpu"), prompts)
     with torch.no_grad():
         videos = gen.generate(prompts, torch.Generator().manual_seed(cfg.seed))
     return videos.float(), prompts

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from test_stdit3 import PARITY_ATOL, inputs, load_parity_fixture, tiny_model
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import add_lora, lora_config
 from vader.errors import VaderError
 from vader.models import stdit3
@@ -37,7 +38,7 @@ def _fixture_run(dtype: torch.dtype, backend: str) -> tuple[torch.Tensor, torch.
     model = model.to(dtype)
     model.set_attention_backend(backend)
     torch.manual_seed(1)
-    params = add_lora(model, lora_config(4))
+    params = add_lora(model, lora_config(4, targets=LORA_TARGETS))
     with torch.no_grad():
         for p in params:
             p.normal_(0.0, 0.1)  # LoRA B starts at zero: make every LoRA tensor matter

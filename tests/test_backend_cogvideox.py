@@ -289,8 +289,8 @@ def test_short_vader_run_raises_the_reward(cog_dir):
 
     from vader.checkpoint import add_lora
     from vader.frames import select_frames
+    from vader.methods.vader import backprop_cutoff
     from vader.rewards import build_reward
-    from vader.sampling import backprop_cutoff
 
     s = settings(cog_dir)
     gen = CogVideoXGenerator.build(s, "cpu")

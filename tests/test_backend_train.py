@@ -88,8 +88,9 @@ def test_run_folder_holds_our_lora_and_a_diffusers_lora_the_pipeline_loads(train
 
 
 def test_gradients_reach_only_the_lora(backend, tmp_path):
+    from vader.methods.vader import micro_step
     from vader.run import Run, make_accelerator
-    from vader.train import micro_step, setup
+    from vader.train import setup
 
     name, weights = backend
     cfg = load_config(write_config(tmp_path, name, weights, project_dir=str(tmp_path / "runs")))

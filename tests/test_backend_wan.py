@@ -380,8 +380,8 @@ def test_short_vader_run_raises_the_reward(wan_dir_wide_vae):
 
     from vader.checkpoint import add_lora
     from vader.frames import select_frames
+    from vader.methods.vader import backprop_cutoff
     from vader.rewards import build_reward
-    from vader.sampling import backprop_cutoff
 
     s = settings(wan_dir_wide_vae)
     gen = WanGenerator.build(s, "cpu")

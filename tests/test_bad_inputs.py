@@ -229,7 +229,7 @@ def test_unreachable_hub_names_every_missing_weight_in_one_line(online_but_unrea
 
 
 def test_hub_probe_says_unreachable_for_a_closed_port(online_but_unreachable):
-    from vader.rewards.hub import hub_reachable
+    from vader.weights import hub_reachable
 
     assert hub_reachable() is False
 
@@ -241,7 +241,7 @@ def test_hub_probe_counts_only_answers_the_hub_gives(monkeypatch, status, reacha
     import http.server
     import threading
 
-    from vader.rewards.hub import hub_reachable
+    from vader.weights import hub_reachable
 
     class Answer(http.server.BaseHTTPRequestHandler):
         def do_HEAD(self):  # noqa: N802 - the stdlib's name
@@ -276,27 +276,27 @@ def test_hub_probe_counts_only_answers_the_hub_gives(monkeypatch, status, reacha
 
 def test_no_probe_when_every_weight_is_local(online_but_unreachable, monkeypatch, tiny_cfg):
     """The tiny preset needs no weights: preflight must not touch the network for it."""
-    import vader.rewards.hub as hub
+    import vader.weights as weights
     from vader.preflight import preflight
 
     def probe(*_, **__):
         raise AssertionError("the hub was probed")
 
-    monkeypatch.setattr(hub, "probe_hub", probe)
+    monkeypatch.setattr(weights, "probe_hub", probe)
     preflight(tiny_cfg(), "train")
     preflight(tiny_cfg(), "infer")
 
 
 def test_probe_only_when_online(monkeypatch, tiny_cfg):
     """Offline (HF_HUB_OFFLINE=1, as in these tests) the missing weights are named without a probe."""
-    import vader.rewards.hub as hub
+    import vader.weights as weights
     from vader.errors import VaderError
     from vader.preflight import preflight
 
     def probe(*_, **__):
         raise AssertionError("the hub was probed")
 
-    monkeypatch.setattr(hub, "probe_hub", probe)
+    monkeypatch.setattr(weights, "probe_hub", probe)
     with pytest.raises(VaderError, match="offline"):
         preflight(tiny_cfg("--model.from_pretrained", "hpcai-tech/OpenSora-STDiT-v3"), "infer")
 
@@ -305,13 +305,13 @@ def test_reachable_hub_lets_missing_weights_download_later(monkeypatch, tiny_cfg
     """Online with a hub that answers, hub weights are a download to come, not an error."""
     from huggingface_hub import constants
 
-    import vader.rewards.hub as hub
+    import vader.weights as weights
     from vader.preflight import preflight
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(hub, "probe_hub", lambda *_, **__: None)
+    monkeypatch.setattr(weights, "probe_hub", lambda *_, **__: None)
     preflight(tiny_cfg("--reward_fn", "hps"), "train")
 
 
@@ -339,7 +339,7 @@ def test_wandb_with_any_credential_passes(fix, no_wandb_credentials, monkeypatch
 def test_hub_probe_gives_up_on_a_server_that_never_answers(monkeypatch):
     """A listening socket that never replies (a black-holed route): the probe stops at its timeout
     instead of waiting for huggingface_hub's retries."""
-    from vader.rewards.hub import probe_hub
+    from vader.weights import probe_hub
 
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))

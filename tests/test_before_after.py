@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import add_lora, lora_config, lora_disabled
 from vader.media import plot_before_after
 from vader.train import train
@@ -20,7 +21,7 @@ def test_lora_disabled_runs_the_base_model_and_restores_the_lora():
     net.qkv = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8)
     base = net.qkv(x).detach()
-    params = add_lora(net, lora_config(4, 8.0, 0.0))
+    params = add_lora(net, lora_config(4, 8.0, 0.0, targets=LORA_TARGETS))
     with torch.no_grad():
         for p in params:
             p.add_(0.5)  # a LoRA that changes the output (peft starts lora_B at zero)

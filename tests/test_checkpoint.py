@@ -11,6 +11,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import (
     ADAPTER_FILE,
     PEFT_PREFIX,
@@ -44,7 +45,7 @@ def tiny_model(seed: int = 0) -> STDiT3:
 def lora_model(rank: int = RANK, seed: int = 0, lora_seed: int | None = 1) -> tuple[STDiT3, list[torch.nn.Parameter]]:
     """A tiny model with LoRA; with lora_seed, every LoRA tensor (B included) is random so LoRA matters."""
     model = tiny_model(seed)
-    params = add_lora(model, lora_config(rank))
+    params = add_lora(model, lora_config(rank, targets=LORA_TARGETS))
     if lora_seed is not None:
         g = torch.Generator().manual_seed(lora_seed)
         with torch.no_grad():
@@ -86,7 +87,7 @@ def assert_same_lora(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def test_add_lora_freezes_the_base_and_returns_only_lora_params() -> None:
     model = tiny_model()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = add_lora(model, lora_config(RANK))
+    params = add_lora(model, lora_config(RANK, targets=LORA_TARGETS))
     named = dict(model.named_parameters())
     trainable = [n for n, p in named.items() if p.requires_grad]
     assert len(params) == len(trainable) == TINY_LORA_TENSORS
@@ -106,7 +107,7 @@ def test_add_lora_freezes_the_base_and_returns_only_lora_params() -> None:
 def test_fresh_lora_does_not_change_the_output_and_gets_gradients() -> None:
     plain = tiny_model()
     model = tiny_model()
-    params = add_lora(model, lora_config(RANK))
+    params = add_lora(model, lora_config(RANK, targets=LORA_TARGETS))
     x = inputs()
     torch.testing.assert_close(forward(model, **x), forward(plain, **x))  # B starts at zero
     model.train()
@@ -119,7 +120,7 @@ def test_fresh_lora_does_not_change_the_output_and_gets_gradients() -> None:
 def test_xl2_lora_matches_the_original_vader_counts_on_meta() -> None:
     with torch.device("meta"):
         model = STDiT3(stdit3_xl_2_config())
-    params = add_lora(model, lora_config(16))
+    params = add_lora(model, lora_config(16, targets=LORA_TARGETS))
     assert len(params) == 336
     assert sum(p.numel() for p in params) == 9_289_728
     assert len(get_peft_model_state_dict(model)) == 336
@@ -132,7 +133,7 @@ def test_xl2_lora_matches_the_original_vader_counts_on_meta() -> None:
 
 def test_save_adapter_writes_a_complete_folder(tmp_path: Path) -> None:
     model, _ = lora_model()
-    config = lora_config(RANK)
+    config = lora_config(RANK, targets=LORA_TARGETS)
     folder = save_adapter(tmp_path / "ckpt" / "checkpoint-000010", model, config, extra={"step": 10},
                           training_state={"step": 10, "seed": 3})
     assert folder == tmp_path / "ckpt" / "checkpoint-000010"
@@ -152,8 +153,8 @@ def test_save_adapter_overwrites_an_existing_folder(tmp_path: Path) -> None:
     first, _ = lora_model(lora_seed=1)
     second, _ = lora_model(lora_seed=2)
     folder = tmp_path / "lora"
-    save_adapter(folder, first, lora_config(RANK), extra={"step": 1}, training_state={"step": 1})
-    save_adapter(folder, second, lora_config(RANK), extra={"step": 2})
+    save_adapter(folder, first, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 1}, training_state={"step": 1})
+    save_adapter(folder, second, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 2})
     assert json.loads((folder / STATE_FILE).read_text()) == {"step": 2}
     assert not (folder / "training_state.pt").exists()  # replaced as a whole, nothing stale kept
     assert [p.name for p in tmp_path.iterdir()] == ["lora"]
@@ -164,9 +165,9 @@ def test_save_adapter_overwrites_an_existing_folder(tmp_path: Path) -> None:
 
 def test_failed_save_keeps_the_previous_folder(tmp_path: Path) -> None:
     model, _ = lora_model()
-    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK), extra={"step": 1})
+    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 1})
     with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
-        save_adapter(folder, model, lora_config(RANK), extra={"step": 2}, training_state={"bad": lambda: 0})
+        save_adapter(folder, model, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 2}, training_state={"bad": lambda: 0})
     assert json.loads((folder / STATE_FILE).read_text()) == {"step": 1}
     assert (folder / ADAPTER_FILE).is_file() and not (folder / "training_state.pt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["lora"]  # the half-written temp folder is removed
@@ -175,7 +176,7 @@ def test_failed_save_keeps_the_previous_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("target", ["folder", "file"])
 def test_load_lora_round_trips_exactly(tmp_path: Path, target: str) -> None:
     model, _ = lora_model()
-    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK))
+    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK, targets=LORA_TARGETS))
     fresh, _ = lora_model(lora_seed=None)
     x = inputs()
     assert not torch.allclose(forward(fresh, **x), forward(model, **x))
@@ -187,7 +188,7 @@ def test_load_lora_round_trips_exactly(tmp_path: Path, target: str) -> None:
 
 def test_folder_loads_with_peft_from_pretrained(tmp_path: Path) -> None:
     model, _ = lora_model()
-    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK), extra={"step": 5})
+    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 5})
     base = tiny_model()  # same base weights, no LoRA
     x = inputs()
     without = forward(base, **x)
@@ -213,7 +214,7 @@ def test_original_vader_pt_file_loads(tmp_path: Path) -> None:
 
 def test_wrong_rank_names_the_shape_and_lora_rank(tmp_path: Path) -> None:
     model, _ = lora_model(rank=8)
-    folder = save_adapter(tmp_path / "lora", model, lora_config(8))
+    folder = save_adapter(tmp_path / "lora", model, lora_config(8, targets=LORA_TARGETS))
     fresh, _ = lora_model(rank=RANK, lora_seed=None)
     before = lora_state_dict(fresh)
     with pytest.raises(VaderError, match="trained with lora_rank=8"):  # our folder knows its rank
@@ -281,7 +282,7 @@ def test_checkpoint_dirs_lists_complete_folders_by_step(tmp_path: Path) -> None:
 def test_saved_folders_are_complete_checkpoints(tmp_path: Path) -> None:
     model, _ = lora_model()
     root = tmp_path / "checkpoints"
-    folders = [save_adapter(root / f"checkpoint-{s:06d}", model, lora_config(RANK), extra={"step": s})
+    folders = [save_adapter(root / f"checkpoint-{s:06d}", model, lora_config(RANK, targets=LORA_TARGETS), extra={"step": s})
                for s in (2, 1)]
     assert checkpoint_dirs(root) == folders[::-1]
 
@@ -391,7 +392,7 @@ def _truncate(path: Path, keep: int | None) -> None:
 @pytest.mark.parametrize("kind", ["safetensors", "pt"])
 def test_corrupt_lora_file_is_one_line_naming_the_file_and_key(tmp_path: Path, damage: str, kind: str) -> None:
     model, _ = lora_model()
-    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK))
+    folder = save_adapter(tmp_path / "lora", model, lora_config(RANK, targets=LORA_TARGETS))
     path = folder / ADAPTER_FILE
     if kind == "pt":
         path = tmp_path / "peft_model_5.pt"
@@ -423,7 +424,7 @@ def test_corrupt_training_state_is_one_line_naming_resume_from(tmp_path: Path, d
     model, params = lora_model()
     optimizer = torch.optim.AdamW(params, lr=1e-3)
     state = {"step": 3} if damage == "no-optimizer" else {"step": 3, "optimizer": optimizer.state_dict()}
-    folder = save_adapter(tmp_path / "checkpoint-000003", model, lora_config(RANK), training_state=state)
+    folder = save_adapter(tmp_path / "checkpoint-000003", model, lora_config(RANK, targets=LORA_TARGETS), training_state=state)
     if damage != "no-optimizer":
         _truncate(folder / "training_state.pt", None if damage == "zero-length" else 40)
     with pytest.raises(VaderError) as info:
@@ -435,11 +436,11 @@ def test_corrupt_training_state_is_one_line_naming_resume_from(tmp_path: Path, d
 
 def test_non_finite_lora_is_never_saved_or_loaded(tmp_path: Path) -> None:
     model, params = lora_model()
-    good = save_adapter(tmp_path / "lora", model, lora_config(RANK), extra={"step": 1})
+    good = save_adapter(tmp_path / "lora", model, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 1})
     with torch.no_grad():
         params[3][0, 0] = float("nan")
     with pytest.raises(VaderError, match="NaN or inf"):
-        save_adapter(good, model, lora_config(RANK), extra={"step": 2})
+        save_adapter(good, model, lora_config(RANK, targets=LORA_TARGETS), extra={"step": 2})
     assert json.loads((good / STATE_FILE).read_text()) == {"step": 1}  # the good one is kept
     assert [p.name for p in tmp_path.iterdir()] == ["lora"]
     state = load_file(str(good / ADAPTER_FILE))

@@ -1,4 +1,5 @@
-"""`vader eval`: bootstrap intervals, win rate, the guards, and base vs LoRA end to end on the tiny preset."""
+"""`vader eval`: bootstrap intervals, win rate, and base vs LoRA end to end on the tiny preset (the guards' values:
+test_guards.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vader.evaluate import (
-    bootstrap_ci,
-    diversity,
-    eval_main,
-    guards,
-    motion,
-    paired_win_rate,
-    temporal_consistency,
-)
+from vader.evaluate import bootstrap_ci, eval_main, paired_win_rate
 from vader.media import read_video
 
 
@@ -41,35 +34,6 @@ def test_paired_win_rate_counts_ties_half():
     assert paired_win_rate([1, 1, 1, 1], [0, 0, 0, 2]) == 0.25
     with pytest.raises(ValueError):
         paired_win_rate([1, 2], [1])
-
-
-def _moving(n: int, frames: int = 6, seed: int = 0) -> torch.Tensor:
-    """Videos of a bright square sliding right on noise: real motion, consecutive frames similar."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.rand(n, 3, frames, 16, 16, generator=g) * 0.2 - 0.9
-    for t in range(frames):
-        v[:, :, t, 4:10, t:t + 6] = 0.9
-    return v
-
-
-def test_frozen_motion_drops_the_motion_guard_and_raises_consistency():
-    moving = _moving(4)
-    frozen = moving[:, :, :1].expand_as(moving).clone()  # the "reward-hacked" run: the first frame held
-    assert motion(moving) > 0.1
-    assert motion(frozen) == 0.0
-    assert temporal_consistency(frozen) == pytest.approx(1.0, abs=1e-6)
-    assert temporal_consistency(moving) < temporal_consistency(frozen) - 0.01
-    before, after = guards([moving[:2], moving[2:]]), guards([frozen[:2], frozen[2:]])
-    assert after["motion"] < 0.1 * before["motion"]
-
-
-def test_diversity_is_zero_for_identical_seeds_and_positive_otherwise():
-    one = _moving(1)
-    same = [one.expand(3, -1, -1, -1, -1), (one * 0.5).expand(3, -1, -1, -1, -1)]
-    assert diversity(same) == 0.0
-    varied = [torch.rand(3, 3, 4, 16, 16, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
-    assert diversity(varied) > 0.0
-    assert "diversity" not in guards([one, one])  # one seed per prompt: no spread to measure
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import add_lora, lora_config, lora_state_dict
 from vader.config import ModelConfig
 from vader.errors import VaderError
@@ -189,9 +190,9 @@ def test_fp8_output_within_tolerance_of_bf16() -> None:
 def test_lora_on_fp8_trains_in_fp32_and_gets_gradients(attention: str) -> None:
     fp8, bf16 = tiny(denoiser_dtype("fp8"), attention), tiny(torch.bfloat16, attention)
     torch.manual_seed(5)
-    params = add_lora(fp8, lora_config(4))
+    params = add_lora(fp8, lora_config(4, targets=LORA_TARGETS))
     torch.manual_seed(5)
-    params_bf16 = add_lora(bf16, lora_config(4))
+    params_bf16 = add_lora(bf16, lora_config(4, targets=LORA_TARGETS))
     wrapped = [m for m in fp8.modules() if type(m).__name__ == "Linear" and hasattr(m, "base_layer")]
     assert len(wrapped) == 12 and all(isinstance(m.base_layer, Fp8Linear) for m in wrapped)  # qkv, q_linear, kv_linear
     assert len(params) == 24 and all(p.dtype == torch.float32 and p.requires_grad for p in params)
@@ -236,7 +237,7 @@ def test_infer_with_fp8_weights_loads_a_lora_trained_on_bf16(tiny_cfg, monkeypat
     cfg = tiny_cfg("--dtype", "fp8", "--mixed_precision", "bf16", "--run_name", "fp8-infer", "--num_val_runs", "1",
                    "--val_batch_size", "1")
     donor = tiny(torch.bfloat16)
-    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets=LORA_TARGETS)
     torch.manual_seed(3)
     with torch.no_grad():
         for p in add_lora(donor, lora):
@@ -279,6 +280,6 @@ def test_torch_without_float8_is_one_line(monkeypatch, tiny_cfg) -> None:
 
 def test_quantizing_after_lora_is_refused() -> None:
     model = tiny(torch.bfloat16)
-    add_lora(model, lora_config(4))
+    add_lora(model, lora_config(4, targets=LORA_TARGETS))
     with pytest.raises(VaderError, match="before LoRA"):
         quantize_linears(model)

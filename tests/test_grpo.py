@@ -1,4 +1,4 @@
-"""GRPO (vader.grpo): the SDE step's density and sign convention, group advantages, the clipped
+"""GRPO (vader.methods.grpo): the SDE step's density and sign convention, group advantages, the clipped
 objective, and grpo_step on the tiny preset (32x32, 4 sampling steps; see conftest.FAST)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from torch.distributions import Normal
 
 from vader.errors import VaderError
-from vader.grpo import (
+from vader.methods.grpo import (
     GRPOSettings,
     _train_steps,
     clipped_objective,

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import OPENSORA_TRAIN, TINY_TRAIN
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import add_lora, lora_config
 from vader.config import load_config
 from vader.errors import VaderError
@@ -109,7 +110,7 @@ def test_tiny_preset_counts_equal_the_built_models(tiny_cfg) -> None:
         assert f"{sum(p.numel() for p in model.parameters()):,} parameters" in text
     assert inspect(cfg, "denoiser", keys=True) == key_listing(denoiser)
     assert inspect(cfg, "vae", keys=True) == key_listing(vae)
-    trainable = add_lora(denoiser, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout))
+    trainable = add_lora(denoiser, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets=LORA_TARGETS))
     assert f"LoRA trainable parameters: {sum(p.numel() for p in trainable):,}" in text
 
 
@@ -117,8 +118,8 @@ def test_lora_on_meta_matches_lora_on_real_weights() -> None:
     with torch.device("meta"):
         meta = STDiT3(tiny_stdit3_config())
     real = STDiT3(tiny_stdit3_config())
-    summary = lora_summary(meta, rank=4)
-    trainable = add_lora(real, lora_config(4))
+    summary = lora_summary(meta, LORA_TARGETS, rank=4)
+    trainable = add_lora(real, lora_config(4, targets=LORA_TARGETS))
     assert summary.trainable == sum(p.numel() for p in trainable)
     assert summary.tensors == len(trainable)
     assert all(p.is_meta for n, p in meta.named_parameters() if "lora_" in n)

@@ -15,7 +15,7 @@ import torch
 
 from vader.errors import VaderError
 from vader.memory import LiveBytes, fake_mode, materialise
-from vader.rewards import WeightedReward, build_reward, reward_names
+from vader.rewards import REWARDS, WeightedReward, build_reward, reward_names
 from vader.rewards.actpred import ActPred, ClipTransform
 from vader.rewards.aesthetic import AestheticMLP, AestheticReward
 from vader.rewards.base import CLIP_MEAN, CLIP_STD, ImageTransform
@@ -162,6 +162,11 @@ def test_skeleton_is_the_real_class_on_meta_with_the_published_size(name: str) -
     assert all(p.dtype == torch.bfloat16 for p in reward.parameters())
     assert not reward.training and not any(p.requires_grad for p in reward.parameters())
     assert n_params(reward) == PARAMS[name]
+    # the record's flags are the class's: differentiable, and the resize used when the run sets none
+    spec = REWARDS[name]
+    assert getattr(reward, "differentiable", True) is spec.differentiable
+    modes = {m.transform.mode for m in reward.modules() if isinstance(getattr(m, "transform", None), ImageTransform)}
+    assert modes == ({spec.resize} if spec.resize else set())
     # Nothing of the weights' size is allocated (bf16 HPS alone is 1.97 GB, ActPred 173 MB): the only
     # real tensor is VideoMAE's fixed position table, 1568 x 768 (4.8 MB fp32, made in float64;
     # measured peak 27.6 MiB); every other reward allocates nothing.

@@ -1,4 +1,5 @@
-"""Rewards: the weight-free built-ins, batching and frame averaging, mixes, offline checks."""
+"""Rewards: the registry's records and what is derived from them, the weight-free built-ins, batching and
+frame averaging, mixes, offline checks."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ from torch import nn
 
 from vader import rewards
 from vader.errors import VaderError
-from vader.rewards import Reward, RewardOutput, WeightedReward, build_reward
+from vader.frames import CLIP_DECODE_FRAMES
+from vader.rewards import REWARDS, Reward, RewardOutput, RewardSpec, WeightedReward, build_reward
+from vader.rewards.base import RESIZE_MODES
 from vader.rewards.builtin import Brightness, Colorfulness
+from vader.rewards.callable import CallableReward
+from vader.rewards.hub import WeightSource, validate_sources
 
 H, W = 8, 12
 
@@ -195,7 +200,8 @@ class _Learned(Reward):
 
 @pytest.mark.parametrize("spec", ["learned", {"learned": 1.0, "brightness": 0.5}, {"learned": 3.0}])
 def test_built_rewards_are_frozen_and_in_eval_mode(monkeypatch: pytest.MonkeyPatch, spec) -> None:
-    monkeypatch.setitem(rewards.AVAILABLE, "learned", lambda scale=1.0, **_: _Learned(scale))
+    monkeypatch.setitem(rewards.REWARDS, "learned", RewardSpec("learned", "a test reward with parameters",
+                                                               lambda scale=1.0, **_: _Learned(scale), None))
     reward = build_reward(spec, scale=2.0)
     params = list(reward.parameters())
     assert params and not any(p.requires_grad for p in params)
@@ -212,3 +218,85 @@ def test_builtin_rewards_are_in_eval_mode(name: str) -> None:
     reward = build_reward(name)
     assert not reward.training
     assert not any(p.requires_grad for p in reward.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry: one record per reward, every table read off the records
+
+
+@pytest.mark.parametrize("name", rewards.reward_names())
+def test_every_record_is_complete(name: str) -> None:
+    spec = REWARDS[name]
+    assert spec.name == name and ":" not in name  # 'module:function' means a Python callable, never a name
+    assert spec.doc and "\n" not in spec.doc
+    assert callable(spec.build) and callable(spec.skeleton) and callable(spec.weights)
+    assert spec.needs_clip is None or (isinstance(spec.needs_clip, str) and spec.needs_clip)
+    assert spec.resize in (None, *RESIZE_MODES)
+    assert isinstance(spec.differentiable, bool)
+    assert rewards.reward_spec(name) is spec
+
+
+def test_derived_tables_agree_with_the_records() -> None:
+    assert rewards.reward_names() == tuple(REWARDS) == tuple(n for n, _ in rewards.describe_rewards())
+    needs_clip = [n for n, spec in REWARDS.items() if spec.needs_clip]
+    assert needs_clip == ["actpred", "toy_alignment"]  # the clip readers today
+    for name, spec in REWARDS.items():
+        for one_frame in ("-1", "3"):
+            if spec.needs_clip:
+                with pytest.raises(VaderError, match=rf"reward_fn '{name}' {spec.needs_clip}, but "
+                                                     rf"decode_frame='{one_frame}' decodes one frame"):
+                    rewards.check_decode_frame(name, one_frame)
+            else:
+                rewards.check_decode_frame(name, one_frame)
+        for clip in CLIP_DECODE_FRAMES:
+            rewards.check_decode_frame(name, clip)
+        assert rewards.is_differentiable(name) is spec.differentiable
+        weights = list(spec.weights(validate_sources(None), hps_version="v2.1"))
+        assert all(isinstance(w, WeightSource) for w in weights)
+        assert rewards.reward_sources(name) == [(name, w) for w in weights]
+        assert rewards.required_weights(name) == [w.pair for w in weights]
+    with pytest.raises(VaderError, match="'actpred' classifies a clip"):  # registry order decides the first
+        rewards.check_decode_frame(dict.fromkeys(reversed(REWARDS), 1.0), "-1")
+    assert rewards.is_differentiable(dict.fromkeys(REWARDS, 1.0))
+    assert rewards.is_differentiable("my_rewards:score") is CallableReward.differentiable is False
+    assert rewards.required_weights("colorfulness") == rewards.required_weights("brightness") == []
+    with pytest.raises(VaderError, match="unknown reward 'clipscore'; available: colorfulness, brightness"):
+        rewards.reward_spec("clipscore")
+
+
+class _Foo(Reward):
+    """A stand-in for a new reward: what a new file would hold."""
+
+    name = "foo"
+    differentiable = False
+
+    def __init__(self, resize: str):
+        super().__init__()
+        self.resize = resize
+
+    def score_images(self, images: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        reward = images.mean(dim=(1, 2, 3))
+        return RewardOutput(reward=reward, loss=-reward)
+
+
+def test_one_record_is_all_a_new_reward_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering one record makes every derived table see the reward: names, build, skeleton (plan),
+    weights, the clip rule, differentiability."""
+    from vader.rewards.skeleton import reward_skeleton
+
+    weights = WeightSource("foo", "foo model", repo="someone/foo", filename="foo.pt")
+    spec = RewardSpec("foo", "a test reward", lambda resize, **_: _Foo(resize), lambda resize, **_: _Foo(resize),
+                      lambda sources, **_: [weights], needs_clip="counts frames", resize="crop",
+                      differentiable=False)
+    monkeypatch.setitem(REWARDS, "foo", spec)
+    assert "foo" in rewards.reward_names()
+    assert build_reward("foo").resize == "crop" and build_reward("foo", resize="squash").resize == "squash"
+    assert isinstance(build_reward({"foo": 1.0, "brightness": 1.0}).parts["foo"], _Foo)
+    assert reward_skeleton("foo", dtype=torch.float32).resize == "crop"
+    assert rewards.reward_sources({"brightness": 1.0, "foo": 2.0}) == [("foo", weights)]
+    with pytest.raises(VaderError, match="reward_fn 'foo' counts frames, but decode_frame='-1' decodes one frame"):
+        rewards.check_decode_frame("foo", "-1")
+    assert not rewards.is_differentiable({"foo": 1.0, "brightness": 1.0})
+    monkeypatch.setitem(REWARDS, "foo", RewardSpec("foo", "no skeleton", spec.build, None))
+    with pytest.raises(VaderError, match="no weightless skeleton for 'foo'; skeletons exist for: colorfulness"):
+        reward_skeleton("foo", dtype=torch.float32)

@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.checkpoint import add_lora, lora_config
+from vader.methods.vader import backprop_cutoff
 from vader.models.presets import tiny_stdit3_config
 from vader.models.stdit3 import STDiT3
-from vader.sampling import TextCondition, backprop_cutoff, conditioning, make_timesteps, sample
+from vader.sampling import TextCondition, conditioning, make_timesteps, sample
 
 # Design doc worked example: 240p 3:4 (276x368), 51 frames, bf16 conditioning.
 REFERENCE_240P_2S = [1000.0, 985.87, 971.17, 955.86, 939.91, 923.26, 905.88, 887.72, 868.72, 848.82, 827.96,
@@ -74,7 +76,7 @@ def _tiny_denoiser():
     torch.manual_seed(0)
     model = STDiT3(tiny_stdit3_config(caption_channels=8, model_max_length=6))
     model.init_weights(std=0.125)
-    params = add_lora(model, lora_config(rank=2, dropout=0.0))
+    params = add_lora(model, lora_config(rank=2, dropout=0.0, targets=LORA_TARGETS))
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)  # non-zero B so every LoRA matrix receives gradient

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vader.backends.opensora import LORA_TARGETS
 from vader.errors import VaderError
 from vader.models.stdit3 import (
     STDiT3,
@@ -437,7 +438,7 @@ def test_fp32_weights_under_bf16_autocast_train_a_lora() -> None:
     from vader.checkpoint import add_lora, lora_config
 
     model = tiny_model()
-    params = add_lora(model, lora_config(rank=2, dropout=0.0))
+    params = add_lora(model, lora_config(rank=2, dropout=0.0, targets=LORA_TARGETS))
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)

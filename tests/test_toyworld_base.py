@@ -34,9 +34,9 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def generator(cfg):
-    from vader.video import VideoGenerator
+    from vader.backends.opensora import OpenSoraGenerator
 
-    return VideoGenerator.build(cfg, torch.device("cpu"))
+    return OpenSoraGenerator.build(cfg, torch.device("cpu"))
 
 
 # ---- loading -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from vader.errors import VaderError
 from vader.infer import infer
 from vader.media import read_video
 from vader.rewards import build_reward
-from vader.train import pick_prompts, total_train_steps, train
+from vader.seeds import pick_prompts
+from vader.train import total_train_steps, train
 
 
 def _metrics(run: Path) -> list[dict]:

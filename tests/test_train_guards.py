@@ -15,15 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import vader.backends.opensora
 import vader.train
-import vader.video
 from vader.checkpoint import set_lora_dropout
 from vader.errors import VaderError
 from vader.frames import select_frames
+from vader.methods.update import any_process, average_gradients
+from vader.methods.vader import backprop_cutoff, micro_step
 from vader.rewards.base import RewardOutput
-from vader.run import Run, make_accelerator, make_generator, set_step_seed
-from vader.sampling import backprop_cutoff
-from vader.train import any_process, average_gradients, micro_step, pick_prompts, setup, total_train_steps
+from vader.run import Run, make_accelerator
+from vader.seeds import make_generator, pick_prompts, set_step_seed
+from vader.train import setup, total_train_steps
 
 
 @pytest.fixture
@@ -177,7 +179,7 @@ def test_reward_scores_each_sample_against_its_own_prompt(trainer, monkeypatch):
     frames = select_frames(t.cfg.decode_frame, t.gen.num_frames, rng, t.cfg.decode_strategy, t.gen.vae)
     with torch.no_grad():
         latents = t.gen.sample_latents([raw[p] for p in scored], make_generator(rng))
-        again = vader.video.decode_selected(t.gen.vae, latents, t.gen.num_frames, frames, t.cfg.decode_strategy)
+        again = vader.backends.opensora.decode_selected(t.gen.vae, latents, t.gen.num_frames, frames, t.cfg.decode_strategy)
     torch.testing.assert_close(again, video, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(video[0], video[1], atol=1e-3)
 
@@ -187,13 +189,13 @@ def test_reward_scores_each_sample_against_its_own_prompt(trainer, monkeypatch):
 def test_training_decodes_the_frames_select_frames_chose(trainer, monkeypatch, decode_frame, strategy):
     t = trainer("--decode_frame", decode_frame, "--decode_strategy", strategy)
     decoded = []
-    real = vader.video.decode_selected
+    real = vader.backends.opensora.decode_selected
 
     def spy(vae, z, num_frames, frames, strategy="exact"):
         decoded.append(list(frames))
         return real(vae, z, num_frames, frames, strategy)
 
-    monkeypatch.setattr(vader.video, "decode_selected", spy)  # what gen.decode calls
+    monkeypatch.setattr(vader.backends.opensora, "decode_selected", spy)  # what gen.decode calls
     expected = []
     for step in range(3):
         t.step(step)

@@ -3,6 +3,7 @@
 # Run:  vader train configs/cogvideox-2b/vader_train.py --prompt-path prompts.txt
 # The final LoRA is written twice: <run>/lora (ours: resume, `vader infer --lora_ckpt_path`) and
 # <run>/lora/diffusers (pytorch_lora_weights.safetensors for CogVideoXPipeline.load_lora_weights / ComfyUI).
+# vader_inference.py builds on this file (its _base_): what is set here holds for inference too.
 image_size = (480, 720)  # (height, width), multiples of 16; a backend needs it explicitly (no Open-Sora tables)
 num_frames = 49  # 8k + 1 (an odd number of latent frames); CogVideoX-2B is trained on 49
 save_fps = 8  # CogVideoX makes 8 fps video

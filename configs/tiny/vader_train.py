@@ -2,6 +2,7 @@
 # temporal VAE, T5 encoder) at toy sizes with random weights, and a reward that needs no weights.
 # It trains a LoRA end to end on a 2-core CPU in seconds (30 steps, ~0.2 s each) with no download:
 #     vader train configs/tiny/vader_train.py
+# vader_inference.py builds on this file (its _base_): what is set here holds for inference too.
 image_size = (64, 64)  # (height, width); overrides resolution / aspect_ratio
 num_frames = 17  # one temporal VAE chunk -> 5 latent frames
 fps = 24

@@ -3,6 +3,7 @@
 # size, which draw the world's coloured shapes moving on a plain background. It never saw the held-out
 # captions listed next to this file; prompts_pretrain.txt holds the ones it was trained on.
 #     vader infer configs/toy/vader_inference.py
+# vader_train.py builds on this file (its _base_): what is set here holds for training too.
 from vader.toyworld import WEIGHTS as _WEIGHTS  # underscore: not a config key
 
 image_size = (64, 64)  # (height, width): the world's resolution

@@ -3,6 +3,7 @@
 # Run:  vader train configs/wan2.1-t2v-1.3b/vader_train.py --prompt-path prompts.txt
 # The final LoRA is written twice: <run>/lora (ours: resume, `vader infer --lora_ckpt_path`) and
 # <run>/lora/diffusers (pytorch_lora_weights.safetensors for WanPipeline.load_lora_weights / ComfyUI).
+# vader_inference.py builds on this file (its _base_): what is set here holds for inference too.
 image_size = (480, 832)  # (height, width), multiples of 16; a backend needs it explicitly (no Open-Sora tables)
 num_frames = 33  # 4k + 1 (the VAE keeps frame 0 and packs 4 frames per latent frame); Wan's default is 81
 save_fps = 16  # Wan2.1 makes 16 fps video

@@ -23,15 +23,13 @@ from torch import nn
 
 from vader.errors import VaderError
 
-LORA_TARGETS = ["qkv", "q_linear", "kv_linear"]  # the denoiser's attention projections, as the original
 PEFT_PREFIX = "base_model.model."  # what PeftModel adds; the original's .pt files carry it
 ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "state.json"
 
 
-def lora_config(rank: int, alpha: float = 8.0, dropout: float = 0.01,
-                targets: Sequence[str] = tuple(LORA_TARGETS)) -> LoraConfig:
-    """`targets`: the module names to adapt (a generator's `lora_target_modules`; Open-Sora's by default)."""
+def lora_config(rank: int, alpha: float = 8.0, dropout: float = 0.01, *, targets: Sequence[str]) -> LoraConfig:
+    """`targets`: the module names to adapt (a generator's `lora_target_modules`)."""
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
 
 

@@ -21,29 +21,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from vader.backends import MODEL_TYPES, backend_module, backend_of
+from vader.dtypes import DTYPES
 from vader.errors import VaderError
+from vader.methods import METHODS, method_module
 
 BACKPROP_MODES = ("last", "rand", "specific")
 SPECIFIC_CUTOFF = 15  # the original's `specific` mode: gradients from step 15 (0-based) on
 DECODE_FRAME_MODES = ("-1", "fml", "all", "alt")
-DTYPES = ("fp32", "fp16", "bf16", "fp8")
 MIXED_PRECISIONS = ("no", "fp16", "bf16", "fp8")
 LOGGER_TYPES = ("wandb", "tensorboard", "none")
 HPS_VERSIONS = ("v2.1", "v2.0")
 DECODE_STRATEGIES = ("exact", "latent")
-OPENSORA_MODEL_TYPES = ("STDiT3-XL/2", "STDiT3-tiny")
-# diffusers backends (vader.backends): model.type -> the published checkpoint model.from_pretrained defaults to
-BACKEND_REPOS = {"wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "cogvideox": "THUDM/CogVideoX-2b"}
-MODEL_TYPES = (*OPENSORA_MODEL_TYPES, *BACKEND_REPOS)
 VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
 VIDEO_QUALITIES = ("standard", "high", "lossless")
-METHODS = ("vader", "grpo")
 ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
-BACKEND_DTYPES = ("fp32", "bf16", "fp16")  # vader.backends.common.DTYPES: no fp8 path for diffusers models
-BACKEND_EXAMPLE_SIZES = {"wan": (480, 832), "cogvideox": (480, 720)}
 ATTENTION_BACKENDS = ("sdpa", "math")  # the same names as vader.models.stdit3.ATTENTION_BACKENDS
 
 
@@ -267,9 +262,9 @@ class VaderConfig:
         return parse_num_frames(self.num_frames)
 
     @property
-    def backend(self) -> str | None:
-        """The diffusers backend that model.type names ('wan', 'cogvideox'), or None for Open-Sora."""
-        return self.model.type if self.model.type in BACKEND_REPOS else None
+    def backend(self) -> str:
+        """The backend model.type selects ('opensora', 'wan', 'cogvideox'; vader.backends.BACKENDS)."""
+        return backend_of(self.model.type)
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -303,8 +298,13 @@ def _literal(text: str) -> Any:
         return text
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Top-level assignments of a Python config file (mmengine/Open-Sora style)."""
+def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Top-level assignments of a Python config file (mmengine/Open-Sora style).
+
+    `_base_ = "vader_train.py"` (or a list of files; paths relative to this file) loads those files
+    first, in order, as mmengine does: this file's assignments override theirs, and a dict (model, vae,
+    scheduler, ...) is merged key by key into the base's dict, unless it holds `_delete_=True`, which
+    replaces it. A base may have its own `_base_`."""
     path = Path(path)
     if path.is_dir():
         raise VaderError(f"config file {path} is a folder; give a Python config file such as "
@@ -323,6 +323,37 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             continue
         out[key] = value
     _relative_to_file(out, path.parent)
+    bases = namespace.get("_base_")
+    if bases is None:
+        return out
+    names = [bases] if isinstance(bases, (str, Path)) else bases
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, (str, Path)) for n in names):
+        raise VaderError(f"config file {path}: _base_={bases!r} must be a config file name (relative to this "
+                         "file) or a list of them")
+    chain = (*_chain, path.resolve())
+    merged: dict[str, Any] = {}
+    for name in names:
+        base = path.parent / name
+        if not base.is_file():
+            raise VaderError(f"config file {path}: its _base_ {str(name)!r} is not a file (looked for {base})")
+        if base.resolve() in chain:
+            loop = " -> ".join(str(p) for p in (*chain[chain.index(base.resolve()):], base.resolve()))
+            raise VaderError(f"config file {path}: its _base_ {str(name)!r} leads back to itself: {loop}")
+        merged = _merge_base(merged, load_config_file(base, chain))
+    return _merge_base(merged, out)
+
+
+def _merge_base(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """mmengine's merge of a config over its _base_: own values win; a dict merges into the base's
+    dict key by key (recursively) unless it holds _delete_=True (then it replaces it)."""
+    out = {} if own.get("_delete_") is True else dict(base)
+    for key, value in own.items():
+        if key == "_delete_":
+            continue
+        if isinstance(value, dict):
+            below = out.get(key)
+            value = _merge_base(below if isinstance(below, dict) else {}, value)
+        out[key] = value
     return out
 
 
@@ -562,65 +593,9 @@ def _check_attention(cfg: VaderConfig) -> None:
 
 
 def _check_backend(cfg: VaderConfig) -> None:
-    """Model types and the keys only some of them read: a backend's size rules come from its own
-    settings' validate(), before anything loads; Open-Sora-only settings that a backend cannot
-    honour, and backend-only settings given to Open-Sora, are refused rather than ignored."""
-    name = cfg.backend
-    if name is None:
-        for key, value, unset in (("negative_prompt", cfg.negative_prompt, None),
-                                  ("scheduler.shift", cfg.scheduler.shift, None),
-                                  ("scheduler.use_dynamic_cfg", cfg.scheduler.use_dynamic_cfg, False)):
-            if value != unset:
-                raise VaderError(f"{key}={value!r} is for the diffusers backends; model.type={cfg.model.type!r} "
-                                 f"(Open-Sora) needs {key}={unset!r}")
-        return
-    if cfg.model.from_pretrained == ModelConfig.from_pretrained:
-        cfg.model.from_pretrained = BACKEND_REPOS[name]  # the Open-Sora default names no Wan/CogVideoX weights
-    if cfg.model.from_pretrained is None:
-        raise VaderError(f"model.from_pretrained=None: model.type={name!r} loads a diffusers pipeline (a hub id or "
-                         f"a folder in its layout, default {BACKEND_REPOS[name]!r}); random init is for the "
-                         "Open-Sora tiny types")
-    if cfg.model.overrides:
-        key, value = next(iter(cfg.model.overrides.items()))
-        raise VaderError(f"model.{key}={value!r}: STDiT3 architecture keys do not apply to model.type={name!r} "
-                         "(its architecture is the checkpoint's config)")
-    for key, value, default in (("vae.type", cfg.vae.type, VAEConfig.type), ("text_encoder.type",
-                                cfg.text_encoder.type, TextEncoderConfig.type)):
-        if value != default:
-            part = key.split(".")[0]
-            raise VaderError(f"{key}={value!r} is an Open-Sora part; model.type={name!r} uses the pipeline's own "
-                             f"{part}: leave {key}={default!r} (and set {part}.from_pretrained to load another one)")
-    # the Open-Sora defaults of the part sources mean "the pipeline's own part"
-    if cfg.vae.from_pretrained == VAEConfig.from_pretrained:
-        cfg.vae.from_pretrained = None
-    if cfg.text_encoder.from_pretrained == TextEncoderConfig.from_pretrained:
-        cfg.text_encoder.from_pretrained = None
-    if cfg.text_encoder.offload:
-        raise VaderError(f"text_encoder.offload=True is for Open-Sora's T5; model.type={name!r} encodes the "
-                         "prompts on the run's device once and releases the encoder: set it to False")
-    if cfg.image_size is None:
-        raise VaderError(f"model.type={name!r} needs image_size=(height, width) in pixels, e.g. "
-                         f"{BACKEND_EXAMPLE_SIZES[name]} (resolution/aspect_ratio are Open-Sora's size tables)")
-    if cfg.decode_strategy != "exact":
-        raise VaderError(f"decode_strategy={cfg.decode_strategy!r} is Open-Sora's latent-frame shortcut; "
-                         f"model.type={name!r} decodes only the chunks the chosen frames need: use 'exact'")
-    if cfg.dtype not in BACKEND_DTYPES:
-        raise VaderError(f"dtype={cfg.dtype!r} is not available for model.type={name!r}; choose one of: "
-                         f"{', '.join(map(repr, BACKEND_DTYPES))}")
-    if name != "wan" and cfg.scheduler.shift is not None:
-        raise VaderError(f"scheduler.shift={cfg.scheduler.shift!r} is Wan's flow shift; model.type={name!r} needs "
-                         "scheduler.shift=None")
-    if name != "cogvideox" and cfg.scheduler.use_dynamic_cfg:
-        raise VaderError(f"scheduler.use_dynamic_cfg=True is CogVideoX's; model.type={name!r} needs False")
-    from vader.backends import settings_from_config
-
-    settings = settings_from_config(cfg)  # normalises model_max_length: the pipeline's own when left at 300
-    try:
-        settings.validate()
-    except VaderError as exc:
-        raise VaderError(f"model.type={name!r} with image_size={tuple(cfg.height_width)}, num_frames="
-                         f"{cfg.num_frames!r}: {exc}") from None
-    cfg.text_encoder.model_max_length = settings.max_sequence_length
+    """The keys only some backends read: each backend refuses what it cannot honour (rather than ignore
+    it) and checks its size rules, before anything loads (vader.backends.<name>.check_config)."""
+    backend_module(cfg.backend).check_config(cfg)
 
 
 def is_callable_spec(reward_fn: object) -> bool:
@@ -629,10 +604,11 @@ def is_callable_spec(reward_fn: object) -> bool:
 
 
 def _check_rewards(cfg: VaderConfig) -> None:
-    if is_callable_spec(cfg.reward_fn):  # a Python callable: GRPO's business
-        if cfg.method != "grpo":
-            raise VaderError(f"reward_fn={cfg.reward_fn!r} is a Python function with no gradient; VADER "
-                             "backpropagates through the reward: use --method grpo, or a registered reward")
+    if is_callable_spec(cfg.reward_fn):  # a Python callable: for methods that need scores only
+        if method_module(cfg.method).DIFFERENTIABLE_REWARD:
+            raise VaderError(f"reward_fn={cfg.reward_fn!r} is a Python function with no gradient; "
+                             f"method={cfg.method!r} backpropagates through the reward: use --method grpo, or a "
+                             "registered reward")
         from vader.rewards.callable import load_callable_reward
 
         load_callable_reward(cfg.reward_fn)  # imports it now: a typo fails before anything loads
@@ -666,16 +642,9 @@ def _check_gold(cfg: VaderConfig) -> None:
 
 
 def _check_method(cfg: VaderConfig) -> None:
-    if cfg.method != "grpo":
-        if cfg.grpo is not None:
-            raise VaderError(f"grpo={cfg.grpo!r} is set but method={cfg.method!r}; add --method grpo or drop grpo")
-        return
-    if cfg.backend is not None:
-        raise VaderError(f"method='grpo' runs on Open-Sora's pipeline only, not model.type={cfg.model.type!r}; "
-                         "use method='vader' with this model")
-    from vader.grpo import GRPOSettings
-
-    GRPOSettings.from_config(cfg)  # one line naming the bad grpo.* key
+    if cfg.method != "grpo" and cfg.grpo is not None:
+        raise VaderError(f"grpo={cfg.grpo!r} is set but method={cfg.method!r}; add --method grpo or drop grpo")
+    method_module(cfg.method).check_config(cfg)
 
 
 # keys whose annotation is not one plain type: the table skips them and these checks own them

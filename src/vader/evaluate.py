@@ -7,8 +7,8 @@ Every prompt is generated with the same seeds twice: once with the LoRA bypassed
 once with it on, from one generator. Each reward scores the decoded frames themselves (not the mp4s,
 so H.264 cannot shift a score). Per reward: the mean of base and LoRA with 95% percentile-bootstrap
 intervals, the LoRA-minus-base difference with its interval, and the paired win rate (how often the
-LoRA's video beats the base video of the same prompt and seed). Guards catch a reward rising for the
-wrong reasons: diversity across seeds, motion, temporal consistency, for base and LoRA.
+LoRA's video beats the base video of the same prompt and seed). Guards (vader.guards) catch a reward
+rising for the wrong reasons: diversity across seeds, motion, temporal consistency, for base and LoRA.
 
 Output: project_dir/eval/<run_name or eval-<time>>/ with base/ and lora/ (mp4s with matching names,
 p<prompt>-s<seed>.mp4), eval.json and report.html (one self-contained page: tables, plots, and the
@@ -31,13 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vader.config import is_callable_spec
 from vader.errors import VaderError
-
-EMBED_SIZE = 8  # diversity embedding: the frame-mean video pooled to 8x8 pixels (3·8·8 = 192 numbers)
-
+from vader.guards import guards
+from vader.report import eval_report, format_ci, format_number
 
 # ---- statistics ---------------------------------------------------------------------------------
 
@@ -64,54 +62,6 @@ def paired_win_rate(base, lora) -> float:
     if b.shape != lo.shape or b.size == 0:
         raise ValueError(f"paired_win_rate needs two equal, non-empty lists (got {b.size} and {lo.size})")
     return float(((lo > b) + 0.5 * (lo == b)).mean())
-
-
-# ---- guards -------------------------------------------------------------------------------------
-
-
-def _embed(videos: torch.Tensor) -> torch.Tensor:
-    """[N, 3, F, H, W] -> [N, D]: the mean frame pooled to EMBED_SIZE² pixels.
-
-    A cheap fixed embedding, not the paper's learned features: it sees layout and colour, so it falls
-    when a LoRA makes every seed of a prompt look alike, but not semantic sameness under new colours."""
-    mean_frame = videos.float().mean(dim=2)
-    size = (min(EMBED_SIZE, mean_frame.shape[-2]), min(EMBED_SIZE, mean_frame.shape[-1]))
-    return F.adaptive_avg_pool2d(mean_frame, size).flatten(1)
-
-
-def diversity(videos_by_prompt: list[torch.Tensor]) -> float:
-    """Mean over prompts of the variance across seeds of the embedding (mean over its dimensions);
-    each element is one prompt's videos [S, 3, F, H, W]. 0 when every seed gives the same video."""
-    per_prompt = [_embed(v).var(dim=0, unbiased=False).mean().item() for v in videos_by_prompt if v.shape[0] > 1]
-    if not per_prompt:
-        raise ValueError("diversity needs at least one prompt with two or more seeds")
-    return float(np.mean(per_prompt))
-
-
-def motion(videos: torch.Tensor) -> float:
-    """Mean absolute difference of consecutive frames ([N, 3, F, H, W] in [-1, 1]); 0 for frozen videos."""
-    v = videos.float()
-    if v.shape[2] < 2:
-        raise ValueError("motion needs videos of two or more frames")
-    return (v[:, :, 1:] - v[:, :, :-1]).abs().mean().item()
-
-
-def temporal_consistency(videos: torch.Tensor) -> float:
-    """Mean cosine similarity of consecutive frames' flattened pixels (shifted to [0, 2] so that a
-    black frame is not a zero vector); 1 for frozen videos, lower for flicker and jumps."""
-    v = videos.float()
-    if v.shape[2] < 2:
-        raise ValueError("temporal_consistency needs videos of two or more frames")
-    frames = (v + 1).transpose(1, 2).flatten(2)  # [N, F, 3·H·W]
-    return F.cosine_similarity(frames[:, 1:], frames[:, :-1], dim=-1, eps=1e-8).mean().item()
-
-
-def guards(videos_by_prompt: list[torch.Tensor]) -> dict[str, float]:
-    everything = torch.cat(videos_by_prompt)
-    out = {"motion": motion(everything), "temporal_consistency": temporal_consistency(everything)}
-    if any(v.shape[0] > 1 for v in videos_by_prompt):
-        out["diversity"] = diversity(videos_by_prompt)
-    return out
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
@@ -191,7 +141,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
     from vader.media import write_video
     from vader.preflight import preflight
     from vader.rewards import check_reward_weights
-    from vader.run import fresh_name, build_generator, load_prompts, make_accelerator, step_seed
+    from vader.run import build_generator, fresh_name, load_prompts, make_accelerator, step_seed
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise VaderError(f"--seeds={seeds!r} must be a whole number >= 1")
@@ -218,7 +168,7 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
         gen = build_generator(cfg, SimpleNamespace(prompts=prompts), device)  # type: ignore[arg-type]
         saved = saved_lora_config(lora_path)
         add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                     gen.lora_target_modules))
+                                                     targets=gen.lora_target_modules))
         load_lora(gen.denoiser, lora_path, key="--lora")
         gen.denoiser.eval()
         set_lora_dropout(gen.denoiser, False)
@@ -257,8 +207,6 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
                                         quality=cfg.video_quality)
         result = _summarise(folder, prompts, seeds, scores, videos)
         (folder / "eval.json").write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
-        from vader.report import eval_report
-
         eval_report(result, videos, fps=cfg.save_fps, guard_drop=cfg.guard_drop)
     except BaseException:
         shutil.rmtree(folder if not made_root else root, ignore_errors=True)  # a failed eval leaves no half folder
@@ -304,15 +252,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _f(x: float) -> str:
-    return f"{x:.3e}" if x != 0 and abs(x) < 1e-3 else f"{x:.4f}"
-
-
-def format_ci(entry: dict[str, Any]) -> str:
-    """{'mean': m, 'ci95': [lo, hi]} -> 'm [lo, hi]'."""
-    return f"{_f(entry['mean'])} [{_f(entry['ci95'][0])}, {_f(entry['ci95'][1])}]"
-
-
 def format_result(result: EvalResult) -> str:
     header = ["reward", "base [95% CI]", "lora [95% CI]", "lora-base [95% CI]", "win rate"]
     rows = []
@@ -320,7 +259,8 @@ def format_result(result: EvalResult) -> str:
         cells = [format_ci(r[k]) for k in ("base", "lora", "delta")]
         rows.append([name, *cells, f"{r['win_rate']:.3f}"])
     for g in result.guards["base"]:
-        rows.append([f"guard: {g}", _f(result.guards["base"][g]), _f(result.guards["lora"][g]), "", ""])
+        rows.append([f"guard: {g}", format_number(result.guards["base"][g]), format_number(result.guards["lora"][g]),
+                     "", ""])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -391,5 +331,4 @@ def eval_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["EvalResult", "bootstrap_ci", "diversity", "eval_main", "evaluate", "format_ci", "format_result", "guards", "motion",
-           "paired_win_rate", "run_eval", "temporal_consistency"]
+__all__ = ["EvalResult", "bootstrap_ci", "eval_main", "evaluate", "format_result", "paired_win_rate", "run_eval"]

@@ -25,7 +25,7 @@ def infer(cfg: VaderConfig) -> list[Path]:
             # our adapter folders carry their rank/alpha; the original .pt files need lora_rank/lora_alpha
             saved = saved_lora_config(cfg.lora_ckpt_path)
             add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                         gen.lora_target_modules))
+                                                         targets=gen.lora_target_modules))
             load_lora(gen.denoiser, cfg.lora_ckpt_path)
             run.note(f"loaded LoRA {cfg.lora_ckpt_path}")
         paths, _, _ = run.sample_videos(gen, None, run.dir / "samples", tag="infer")

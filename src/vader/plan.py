@@ -118,8 +118,10 @@ def _denoiser_on_meta(cfg: VaderConfig, caption_channels: int) -> nn.Module:
     if cfg.is_vader_training:
         from peft import inject_adapter_in_model
 
-        inject_adapter_in_model(lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout), model,
-                                low_cpu_mem_usage=True)
+        from vader.backends.opensora import LORA_TARGETS
+
+        inject_adapter_in_model(lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets=LORA_TARGETS),
+                                model, low_cpu_mem_usage=True)
     return model
 
 
@@ -162,8 +164,8 @@ class _FakeStack:
                  denoiser: nn.Module, vae: nn.Module) -> None:
         """`denoiser` and `vae` come from `_denoiser_on_meta` / `_vae_on_meta`, built before the fake
         mode is entered (their constructors read small real tensors)."""
+        from vader.backends.opensora import OpenSoraGenerator
         from vader.models.presets import torch_dtype
-        from vader.video import VideoGenerator
 
         self.cfg = cfg
         self.dtype = torch_dtype(cfg.dtype)
@@ -184,7 +186,7 @@ class _FakeStack:
             set_lora_dropout(denoiser, True)  # train_step samples with LoRA dropout on: its masks are kept
             denoiser.gradient_checkpointing = cfg.grad_checkpoint
             vae.enable_gradient_checkpointing(cfg.grad_checkpoint)
-        self.gen = VideoGenerator(denoiser, vae, None, cfg, torch.device("cpu"), self.dtype, {})
+        self.gen = OpenSoraGenerator(denoiser, vae, None, cfg, torch.device("cpu"), self.dtype, {})
         self.params = [p for n, p in denoiser.named_parameters() if "lora_" in n]
         length = cfg.text_encoder.model_max_length
         with meter.phase("prompts"):
@@ -366,8 +368,9 @@ def _grpo_train_phase(cfg: VaderConfig, caption_channels: int) -> tuple[PhasePla
     """grpo_step: train_batch_size x group_size SDE trajectories without gradients (every step's latents
     kept), the decode and reward without gradients, then one recorded transition's clipped loss with
     gradients and its backward (the others have the same shapes and are freed in between), AdamW."""
-    from vader.grpo import GRPOSettings, Trajectory, grpo_loss, sde_step
-    from vader.grpo import _velocity as grpo_velocity
+    from vader.backends.base import FlowState
+    from vader.backends.opensora import OpenSoraCondition
+    from vader.methods.grpo import GRPOSettings, Trajectory, grpo_loss, sde_step
     from vader.sampling import conditioning, make_timesteps
 
     settings = GRPOSettings.from_config(cfg)
@@ -397,10 +400,11 @@ def _grpo_train_phase(cfg: VaderConfig, caption_channels: int) -> tuple[PhasePla
                 z = torch.randn((n, *gen.latent_shape), dtype=torch.float32)
                 text = stack.text_condition(1)  # as gen.text_condition(group): one row per sample
                 text = dataclasses.replace(text, y=text.y.repeat(n, 1, 1, 1), y_null=text.y_null.repeat(n, 1, 1, 1))
-                traj = Trajectory([z], timesteps, torch.empty(0), text, cond, sched.cfg_scale, sched.num_timesteps)
+                flow = FlowState(z, timesteps, sched.num_timesteps, OpenSoraCondition(text, cond, sched.cfg_scale))
+                traj = Trajectory(flow, [z], torch.empty(0))
                 # one SDE step run; the trajectory keeps every step's latent, which the others would add
-                v = grpo_velocity(gen, traj, 0)
-                z, _, _, _ = sde_step(v, z, timesteps[0], traj.next_t(0), settings.noise_level,
+                v = gen.flow_velocity(flow, z, 0)
+                z, _, _, _ = sde_step(v, z, timesteps[0], flow.next_t(0), settings.noise_level,
                                       num_timesteps=sched.num_timesteps)
                 del v
                 traj.latents += [z] + [torch.empty_like(z) for _ in range(num_steps - 1)]
@@ -563,7 +567,8 @@ def _cogvideox_scheduler(settings):  # type: ignore[no-untyped-def]
 
 def _backend_train_phase(cfg: VaderConfig) -> tuple[PhasePlan, int, list[int]]:
     """micro_step on the backend: every sampling step runs (the backend's loop has no shortcut)."""
-    from vader.run import load_prompts, make_generator
+    from vader.run import load_prompts
+    from vader.seeds import make_generator
 
     meter = LiveBytes()
     prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
@@ -604,7 +609,7 @@ def _backend_train_phase(cfg: VaderConfig) -> tuple[PhasePlan, int, list[int]]:
 
 
 def _backend_infer_phase(cfg: VaderConfig) -> PhasePlan:
-    from vader.run import make_generator
+    from vader.seeds import make_generator
 
     meter = LiveBytes()
     prompts = ["a video"] * cfg.val_batch_size
@@ -629,7 +634,7 @@ def _dtype(cfg: VaderConfig) -> torch.dtype:
 def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | None = None) -> Plan:
     """Plan the config's text encoding, training step (when it trains) and inference batch."""
     training = cfg.is_vader_training if training is None else training
-    if cfg.backend is not None:
+    if cfg.backend != "opensora":
         text = _backend_text_phase(cfg)
         train, cutoff, frames = _backend_train_phase(cfg) if training else (None, None, [])
         notes = ["every sampling step is run (the backend's sampler has no one-step shortcut)"]
@@ -740,12 +745,12 @@ BACKEND_KNOBS = ("reward_grad_checkpoint", "grad_checkpoint", "use_AdamW8bit", "
 
 def _knob_applies(cfg: VaderConfig, knob: tuple[str, str, bool]) -> bool:
     key, value, _ = knob
-    if cfg.backend is not None and key not in BACKEND_KNOBS:
+    if cfg.backend != "opensora" and key not in BACKEND_KNOBS:
         return False
     if key == "model.attention" and not hasattr(cfg.model, "attention"):
         return False
     if key == "dtype" and value == "fp8":
-        from vader.config import DTYPES
+        from vader.dtypes import DTYPES
 
         if "fp8" not in DTYPES:
             return False
@@ -780,7 +785,7 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
     lines = [f"plan: {height}x{width}, {cfg.frames} frames, dtype {cfg.dtype}, mixed_precision "
              f"{cfg.mixed_precision}, attention {getattr(cfg.model, 'attention', 'math')}"]
     t = plan.text
-    if cfg.backend is not None:
+    if cfg.backend != "opensora":
         lines.append(f"  text encoder (runs first, released before the transformer loads): peak {_gib(t.peak)}")
     elif cfg.text_encoder.offload:
         lines.append(f"  text encoder on the CPU (text_encoder.offload): {_gib(t.peak)} of host memory, none on the GPU")
@@ -792,7 +797,7 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
         steps = cfg.scheduler.num_sampling_steps
         window = steps - (plan.cutoff or 0)
         if cfg.method == "grpo":
-            from vader.grpo import GRPOSettings
+            from vader.methods.grpo import GRPOSettings
 
             g = GRPOSettings.from_config(cfg)
             trained = max(1, round(g.train_steps_fraction * steps)) if g.train_steps_fraction < 1 else steps

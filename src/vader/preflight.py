@@ -214,19 +214,12 @@ def check_runtime(cfg: VaderConfig, command: str) -> list[str]:
 def check_weights(cfg: VaderConfig, command: str) -> list[str]:
     """Every model and reward weight the run needs, in one line: local paths that do not exist always;
     hub weights that are not cached when offline, or when the hub does not answer a short probe."""
-    from vader.backends import backend_module, settings_from_config
-    from vader.models.presets import missing_model_weights
+    from vader import weights
+    from vader.backends import backend_module
     from vader.rewards import hub
 
-    problems: list[str] = []
-    if cfg.backend is not None:
-        # the backend's own lookup: the message its build would raise, every part of the pipeline at once
-        backend = backend_module(cfg.backend)
-        message = backend.missing_weights(settings_from_config(cfg))
-        problems += [message] if message else []
-        found = []
-    else:
-        found = missing_model_weights(cfg.model, cfg.vae, cfg.text_encoder)
+    # the backend's own lookup: whole lines (every part of a pipeline at once) and records merged below
+    problems, found = backend_module(cfg.backend).weight_problems(cfg)
     if command == "train" and not is_callable_spec(cfg.reward_fn):  # a callable has none
         from vader.rewards import reward_sources
 
@@ -243,21 +236,19 @@ def check_weights(cfg: VaderConfig, command: str) -> list[str]:
     if not fetchable:
         return problems
     unreachable = None
-    if not hub.offline():
+    if not weights.offline():
         first_repo = next(m.name for m in fetchable).split("/")
-        unreachable = hub.probe_hub("/".join(first_repo[:2]))
+        unreachable = weights.probe_hub("/".join(first_repo[:2]))
         if unreachable is None:
             return problems  # they download when the models are built
     if unreachable is None:
-        why, hint = "offline: HF_HUB_OFFLINE is set", ""
+        why, hint = weights.OFFLINE, ""
     else:
         why = f"the hub cannot be reached ({unreachable}), so nothing can be downloaded"
         hint = "; on a machine without network set HF_HUB_OFFLINE=1"
-    names = ", ".join(m.name for m in fetchable)
-    commands = " && ".join(dict.fromkeys(m.fetch for m in fetchable if m.fetch))
     keys = ", ".join(dict.fromkeys(m.key for m in fetchable))
-    problems.append(f"missing weights ({why}): {names}; fetch with: {commands} (huggingface-cli download on "
-                    f"huggingface_hub < 1.0), or point the keys at local paths ({keys}){hint}")
+    problems.append(weights.missing_message((m.name for m in fetchable), (m.fetch for m in fetchable if m.fetch),
+                                            f"point the keys at local paths ({keys}){hint}", why))
     return problems
 
 

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from vader.guards import GUARD_NAMES, guard_drops
 from vader.media import finite_number, pyplot, read_metrics, reward_curve_points, to_uint8
 
 GIF_SIDE = 192  # longest side of a GIF in the page: enough to judge a video, small enough to inline 16 of them
 GIF_FRAMES = 32  # at most this many frames per GIF (longer videos are subsampled evenly)
 MAX_PAIRS = 12  # base/LoRA pairs shown; eval.json and the mp4s hold all of them
-GUARD_NAMES = ("motion", "temporal_consistency", "diversity")
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }
@@ -82,6 +82,16 @@ def gif_data_uri(video: torch.Tensor, fps: int = 8, side: int = GIF_SIDE, max_fr
     duration = max(20, round(1000 / max(1, fps)))
     images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
     return "data:image/gif;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def format_number(x: float) -> str:
+    """4 decimals, or 3 significant digits in e-notation for magnitudes below 1e-3 (not 0)."""
+    return f"{x:.3e}" if x != 0 and abs(x) < 1e-3 else f"{x:.4f}"
+
+
+def format_ci(entry: dict[str, Any]) -> str:
+    """{'mean': m, 'ci95': [lo, hi]} -> 'm [lo, hi]'."""
+    return f"{format_number(entry['mean'])} [{format_number(entry['ci95'][0])}, {format_number(entry['ci95'][1])}]"
 
 
 def _e(text: Any) -> str:
@@ -188,17 +198,9 @@ def _guard_bars(base: dict[str, float], lora: dict[str, float], title: str) -> s
     return png_data_uri(fig)
 
 
-def guard_drops(base: dict[str, float], lora: dict[str, float], drop: float) -> list[str]:
-    """Guards that fell by more than `drop` (a fraction of the base value)."""
-    return [f"{k} {base[k]:.4g} → {lora[k]:.4g}" for k in GUARD_NAMES
-            if k in base and k in lora and base[k] > 0 and lora[k] < (1 - drop) * base[k]]
-
-
 def eval_report(result, videos: dict[str, list[list[torch.Tensor]]], fps: int = 8, guard_drop: float = 0.5,
                 title: str | None = None) -> Path:
     """<eval folder>/report.html for an EvalResult; `videos[side][prompt][seed]` as generated."""
-    from vader.evaluate import format_ci
-
     sections = [f'<p>{len(result.prompts)} prompt(s) × {result.seeds} seed(s); base and LoRA from the same '
                 f'seeds. Folder: <code>{_e(result.folder)}</code></p>']
     rows = []
@@ -330,5 +332,5 @@ def training_report(run_dir: str | Path, before: list | None = None, after: list
     return write_page(run_dir / "report.html", page(f"vader training: {run_dir.name}", sections))
 
 
-__all__ = ["display_size", "eval_report", "gif_data_uri", "guard_drops", "page", "pairs_grid", "png_data_uri", "table",
-           "training_report", "write_page"]
+__all__ = ["display_size", "eval_report", "format_ci", "format_number", "gif_data_uri", "page", "pairs_grid",
+           "png_data_uri", "table", "training_report", "write_page"]

@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -32,9 +30,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm.auto import tqdm
 
+from vader import backends
 from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
 from vader.media import finite_number, plot_reward_curve, write_video
+from vader.models.text import EmbeddingCache
+from vader.seeds import step_seed
 
 
 def make_accelerator(cfg: VaderConfig) -> Accelerator:
@@ -54,26 +55,6 @@ def make_accelerator(cfg: VaderConfig) -> Accelerator:
     return Accelerator(mixed_precision=mixed, cpu=not cuda, log_with=None)
 
 
-def step_seed(seed: int, *parts: int | str) -> int:
-    """A 63-bit seed for one (step, micro-step, rank, ...) that does not depend on history."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def set_step_seed(seed: int, step: int, micro: int, rank: int) -> random.Random:
-    """Seed torch's global RNG (LoRA dropout) and return a Python RNG for this micro-step.
-
-    Each micro-step gets its own stream, so a resumed run draws exactly what an uninterrupted one
-    would, and the same seed gives the same run."""
-    s = step_seed(seed, "train", step, micro, rank)
-    torch.manual_seed(s)
-    return random.Random(s)
-
-
-def make_generator(rng: random.Random) -> torch.Generator:
-    return torch.Generator().manual_seed(rng.getrandbits(63))
-
-
 def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     """Prompts, and explicit labels given as `prompt<TAB>label` lines (ActPred's target action)."""
     from vader.prompts import read_prompt_file, read_prompt_lines
@@ -91,18 +72,10 @@ def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
 
 
 def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
-    """The pipeline model.type names (Open-Sora's VideoGenerator or a diffusers backend) with every
-    prompt encoded once (cached on disk under project_dir) and the text encoder released."""
-    from vader.models.text import EmbeddingCache
-
+    """The pipeline the config's backend builds, with every prompt encoded once (cached on disk under
+    project_dir) and the text encoder released."""
     cache = EmbeddingCache(Path(cfg.project_dir) / ".cache" / "text")
-    if cfg.backend is not None:
-        from vader.backends import backend_class, settings_from_config
-
-        return backend_class(cfg.backend).build(settings_from_config(cfg), device, prompts=run.prompts, cache=cache)
-    from vader.video import VideoGenerator
-
-    return VideoGenerator.build(cfg, device, prompts=run.prompts, cache=cache)
+    return backends.build_generator(cfg, device, prompts=run.prompts, cache=cache)
 
 
 def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn=None, key: str = "reward_fn"):

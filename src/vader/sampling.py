@@ -7,7 +7,6 @@ nothing about rewards or training: it takes a denoiser and conditioning, returns
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,25 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vader.config import SPECIFIC_CUTOFF
 from vader.sizes import latent_num_frames
 
 BASE_RESOLUTION = 512 * 512
-
-
-def backprop_cutoff(mode: str | int | None, num_steps: int, rng: random.Random) -> int | None:
-    """First 0-based step that keeps gradients; None means no step does (inference)."""
-    if mode is None:
-        return None
-    if isinstance(mode, int):
-        return num_steps - mode  # DRaFT-K: the last K steps
-    if mode == "last":
-        return num_steps - 1
-    if mode == "rand":
-        return rng.randint(0, num_steps - 1)
-    if mode == "specific":
-        return SPECIFIC_CUTOFF
-    raise ValueError(f"unknown backprop_mode {mode!r}")
 
 
 def conditioning(
@@ -126,7 +109,7 @@ def sample(
     for i in progress(steps) if progress else steps:
         keep_graph = cutoff is not None and i >= cutoff
         with torch.set_grad_enabled(keep_graph):
-            v = _guided_velocity(denoiser, z, timesteps[i], y, text.mask, cond, cfg_scale,
+            v = guided_velocity(denoiser, z, timesteps[i], y, text.mask, cond, cfg_scale,
                                  grad_checkpoint and keep_graph)
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(timesteps[i])
             dt = (timesteps[i] - t_next) / num_timesteps
@@ -134,7 +117,7 @@ def sample(
     return z
 
 
-def _guided_velocity(
+def guided_velocity(
     denoiser: nn.Module, z: Tensor, t: Tensor, y: Tensor, mask: Tensor, cond: dict[str, Tensor],
     cfg_scale: float, use_checkpoint: bool,
 ) -> Tensor:

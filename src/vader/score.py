@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from vader.dtypes import TORCH_NAMES, parse_dtype
 from vader.errors import VaderError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FRAME_CHUNK = 16  # frames per call for per-frame rewards (bounds memory on long videos)
 
 
@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="actpred: classify the video's frames as they are (default, the original's) or resampled "
                         "to the classifier's own length (16)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="reward model dtype (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(TORCH_NAMES), help="reward model dtype (default fp32)")
     return p
 
 
@@ -223,7 +223,7 @@ def run_score(args: argparse.Namespace) -> list[VideoScore]:
     if missing:
         raise VaderError(f"no such video: {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
+    dtype = parse_dtype("--dtype", args.dtype)
     rewards.check_reward_weights(reward_fn, hps_version=args.hps_version)  # every missing model named at once
     reward = rewards.build_reward(reward_fn, device=device, dtype=dtype, hps_version=args.hps_version,
                                   actpred_frames=args.actpred_frames)

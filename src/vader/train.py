@@ -1,14 +1,13 @@
-"""VADER training: sample with the LoRA denoiser, decode chosen frames, score, step the LoRA.
+"""The training loop, for every backend and method: setup, then the loop (one `method.step` per optimizer
+step, with logging, checkpoints and validation), then the final LoRA, the base-vs-LoRA videos and resume.
 
-Read top to bottom: setup, then `train_step` (one optimizer step over gradient-accumulation
-micro-steps), then the loop with logging, checkpoints and validation.
+Read top to bottom. What one step does lives in the method (`vader.methods.vader`, `vader.methods.grpo`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from vader.backends import VideoBackend
+from vader.backends.base import VideoBackend
 from vader.checkpoint import (
     add_lora,
     clean_partial_writes,
@@ -32,31 +31,16 @@ from vader.checkpoint import (
     prune_checkpoints,
     read_run_config,
     save_adapter,
-    set_lora_dropout,
 )
 from vader.config import VaderConfig
 from vader.errors import VaderError
-from vader.frames import select_frames
+from vader.methods import method_module
+from vader.methods.base import MethodModule
+from vader.methods.update import StepResult
 from vader.preflight import preflight
-from vader.run import Run, build_generator, make_accelerator, make_generator, make_reward, set_step_seed
-from vader.sampling import backprop_cutoff
-from vader.video import VideoGenerator
+from vader.run import Run, build_generator, make_accelerator, make_reward
 
 DIFFUSERS_LORA = Path("lora") / "diffusers"  # in the run folder: the final LoRA in diffusers' format (backends)
-
-
-GRPO_METRICS = ("reward_queries", "clip_fraction", "ratio_max_dev", "kl")  # logged when the step has them
-
-
-@dataclass
-class StepResult:
-    loss: float
-    reward: float
-    reward_std: float
-    grad_norm: float
-    cutoff: int | None
-    skipped: bool = False  # no update was applied (LoRA and optimizer state unchanged)
-    nonfinite: bool = False  # the loss, reward or gradient was NaN/inf (counts toward max_nonfinite_steps)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: VaderConfig) -> torch.optim.Optimizer:
@@ -80,118 +64,6 @@ def total_train_steps(cfg: VaderConfig, num_prompts: int, num_processes: int) ->
     return cfg.num_train_epochs * max(1, math.ceil(num_prompts / per_step))
 
 
-def pick_prompts(prompts: list[str], cfg: VaderConfig, step: int, micro: int, rank: int, world: int) -> list[str]:
-    """Deterministic epoch-wise shuffling: every prompt once per epoch, the same on resume."""
-    out = []
-    for j in range(cfg.train_batch_size):
-        index = ((step * cfg.gradient_accumulation_steps + micro) * world + rank) * cfg.train_batch_size + j
-        epoch, position = divmod(index, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(cfg.seed * 1_000_003 + epoch).shuffle(order)
-        out.append(prompts[order[position]])
-    return out
-
-
-def micro_step(gen: VideoGenerator | VideoBackend, reward, cfg: VaderConfig, accelerator: Accelerator,
-               prompts: list[str], step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, int | None]:
-    """One micro-step: sample, decode the chosen frames, score, backpropagate loss / accumulation
-    steps (gradients add up in .grad). Returns the detached per-sample loss and reward and the cutoff."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    rng = set_step_seed(cfg.seed, step, micro, rank)
-    batch = pick_prompts(prompts, cfg, step, micro, rank, world)
-    cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
-    # gen.num_frames: the frames the model produces (a backend's own count); only Open-Sora's
-    # 'latent' strategy reads its VAE's geometry
-    vae = gen.vae if cfg.decode_strategy == "latent" else None
-    frames = select_frames(cfg.decode_frame, gen.num_frames, rng, cfg.decode_strategy, vae)
-    with accelerator.autocast():
-        latents = gen.sample_latents(batch, make_generator(rng), cutoff=cutoff, grad_checkpoint=cfg.grad_checkpoint)
-        video = gen.decode(latents, frames, grad_checkpoint=cfg.grad_checkpoint)
-        out = reward(video, gen.reward_prompts(batch))
-    accelerator.backward(out.loss.mean() / cfg.gradient_accumulation_steps)
-    return out.loss.detach(), out.reward.detach(), cutoff
-
-
-def train_step(gen: VideoGenerator | VideoBackend, reward, optimizer, params, cfg: VaderConfig,
-               accelerator: Accelerator, prompts: list[str], step: int) -> StepResult:
-    """One optimizer step over gradient_accumulation_steps micro-steps. A non-finite loss, reward or
-    gradient on any process skips the update on every process (grads dropped, no optimizer step)."""
-    optimizer.zero_grad(set_to_none=True)
-    set_lora_dropout(gen.denoiser, True)  # validation turns it off; training samples with it on
-    rewards, losses = [], []
-    cutoff = None
-    for micro in range(cfg.gradient_accumulation_steps):
-        loss, rew, cutoff = micro_step(gen, reward, cfg, accelerator, prompts, step, micro)
-        losses.append(loss)
-        rewards.append(rew)
-    average_gradients(params, accelerator)
-    grad_norm = _clip(params, cfg.max_grad_norm, accelerator)
-    reward_all = accelerator.gather(torch.cat(rewards).float())
-    loss_all = accelerator.gather(torch.cat(losses).float())
-    values_finite = bool(torch.isfinite(loss_all).all() and torch.isfinite(reward_all).all())
-    skipped, nonfinite = apply_update(optimizer, params, cfg, accelerator, step, values_finite, grad_norm)
-    optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=loss_all.mean().item(), reward=reward_all.mean().item(),
-                      reward_std=reward_all.std(unbiased=False).item(), grad_norm=grad_norm, cutoff=cutoff,
-                      skipped=skipped, nonfinite=nonfinite)
-
-
-def apply_update(optimizer, params: list[torch.nn.Parameter], cfg: VaderConfig, accelerator: Accelerator,
-                 step: int, values_finite: bool, grad_norm: float) -> tuple[bool, bool]:
-    """The optimizer step, or not: a non-finite loss, reward or gradient on any process skips it on
-    every process (gradients dropped). Returns (skipped, nonfinite). Shared by VADER and GRPO steps."""
-    nonfinite = any_process(not (values_finite and math.isfinite(grad_norm)), accelerator)
-    scaler = getattr(accelerator, "scaler", None)
-    skipped = nonfinite
-    if nonfinite and scaler is not None and values_finite:
-        # fp16: inf gradients with finite values are the loss scale overflowing, routine while the
-        # GradScaler calibrates; its step skips the update and lowers the scale
-        optimizer.step()
-        nonfinite = False
-    elif nonfinite:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:  # its unscale_ ran in _clip: without update() the next unscale_ raises
-            scaler.update()
-    else:
-        optimizer.step()
-        skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        bad = next((i for i, p in enumerate(params) if not bool(torch.isfinite(p).all())), None)
-        if bad is not None:
-            raise VaderError(f"lr={cfg.lr}: the optimizer update at step {step + 1} made the LoRA non-finite "
-                             f"(parameter {bad}); nothing was saved from it: lower lr")
-    return skipped, nonfinite
-
-
-def any_process(flag: bool, accelerator: Accelerator) -> bool:
-    """True when `flag` is true on any process, so that every process takes the same decision."""
-    if accelerator.num_processes == 1:
-        return flag
-    total = accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum")
-    return bool(total.item() > 0)
-
-
-def average_gradients(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
-    """All-reduce the LoRA gradients once per optimizer step (the denoiser is not DDP-wrapped: its
-    forward runs many times per backward, which DDP's reducer does not allow)."""
-    if accelerator.num_processes == 1:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    flat = accelerator.reduce(flat, reduction="mean")
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset: offset + g.numel()].view_as(g)
-        offset += g.numel()
-
-
-def _clip(params: list[torch.nn.Parameter], max_norm: float, accelerator: Accelerator) -> float:
-    if max_norm and max_norm > 0:
-        return float(accelerator.clip_grad_norm_(params, max_norm))
-    accelerator.unscale_gradients()  # fp16: log the true norm, not the loss-scaled one
-    grads = [p.grad.norm() for p in params if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
-
-
 @dataclass
 class Trainer:
     """Everything a training run holds once set up (train() and tests build it with `setup`)."""
@@ -199,20 +71,17 @@ class Trainer:
     cfg: VaderConfig
     accelerator: Accelerator
     run: Run
-    gen: VideoGenerator | VideoBackend
+    gen: VideoBackend
     reward: object
     lora: object
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
 
-    def step(self, step: int) -> StepResult:
-        if self.cfg.method == "grpo":  # same run, LoRA, optimizer and logging; the update is policy gradient
-            from vader.grpo import grpo_step  # lazily: vader.grpo imports this module
+    method: MethodModule
 
-            return grpo_step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
-                             self.run.prompts, step)
-        return train_step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
-                          self.run.prompts, step)
+    def step(self, step: int) -> StepResult:
+        return self.method.step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
+                                self.run.prompts, step)
 
 
 def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
@@ -221,21 +90,16 @@ def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
     if cfg.gold_reward is not None and cfg.is_sample_preview:
         run.gold = make_reward(cfg, gen, run, accelerator.device, reward_fn=cfg.gold_reward, key="gold_reward")
     torch.manual_seed(cfg.seed)  # identical LoRA initialisation on every process, whatever ran before
-    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, gen.lora_target_modules)
+    lora = lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets=gen.lora_target_modules)
     params = add_lora(gen.denoiser, lora)
     # The denoiser stays in eval mode as in the original (no caption dropout); train_step switches the
     # LoRA dropout on, as peft left it in the original.
     gen.denoiser.eval()
-    if cfg.backend is None:
-        # grad_checkpoint: each denoiser call with gradients (sampling.py) and, inside it, each block;
-        # the VAE decode that the reward backpropagates through recomputes chunk by chunk. A backend
-        # gets the flag per call instead (sample_latents, decode), as diffusers' own switches.
-        gen.denoiser.gradient_checkpointing = cfg.grad_checkpoint
-        gen.vae.enable_gradient_checkpointing(cfg.grad_checkpoint)
+    gen.enable_gradient_checkpointing(cfg.grad_checkpoint)
     if cfg.lora_ckpt_path:
         load_lora(gen.denoiser, cfg.lora_ckpt_path)
     optimizer = accelerator.prepare(make_optimizer(params, cfg))
-    return Trainer(cfg, accelerator, run, gen, reward, lora, params, optimizer)
+    return Trainer(cfg, accelerator, run, gen, reward, lora, params, optimizer, method_module(cfg.method))
 
 
 def train(cfg: VaderConfig) -> Path:
@@ -266,7 +130,7 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
                             "grad_norm": result.grad_norm, "lr": cfg.lr, "backprop_cutoff": result.cutoff,
                             "step_seconds": time.perf_counter() - t0, "skipped": result.skipped,
                             "nonfinite_steps": nonfinite_total,
-                            **{k: getattr(result, k) for k in GRPO_METRICS if hasattr(result, k)}})
+                            **{k: getattr(result, k) for k in t.method.METRICS}})
         if result.nonfinite:
             run.note(f"step {done}: non-finite loss/reward/gradient (loss {result.loss}, reward {result.reward}, "
                      f"grad norm {result.grad_norm}); update skipped ({in_a_row} in a row)")
@@ -289,7 +153,7 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
     _save_checkpoint(t, final, {"nonfinite_steps": nonfinite_total, "nonfinite_in_a_row": in_a_row})
     if accelerator.is_main_process:
         save_adapter(run.dir / "lora", t.gen.denoiser, t.lora, extra={"step": final, "config": cfg.to_dict()})
-        if cfg.backend is not None:  # also for diffusers: `pipe.load_lora_weights(run / "lora" / "diffusers")`
+        if "diffusers" in t.gen.lora_formats:  # for diffusers: `pipe.load_lora_weights(run / "lora" / "diffusers")`
             t.gen.save_lora_diffusers(t.gen.denoiser, run.dir / DIFFUSERS_LORA, config=t.lora)
     if cfg.is_sample_preview:
         after: list = []
@@ -411,4 +275,4 @@ def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple
     return step, int(state.get("nonfinite_steps", 0)), int(state.get("nonfinite_in_a_row", 0))
 
 
-__all__ = ["train", "train_step", "micro_step", "setup", "total_train_steps", "pick_prompts", "Trainer"]
+__all__ = ["train", "setup", "total_train_steps", "Trainer"]

@@ -434,13 +434,13 @@ def save_grid(rows: list[tuple[str, Tensor, Tensor]], path: Path, frames: tuple[
 def evaluate(out: Path, seed: int = 1000) -> dict:
     """Sample every pretraining and held-out prompt once with vader's pipeline and score the videos with
     the toy classifier (when shipped) and the background check."""
+    from vader.backends.opensora import OpenSoraGenerator
     from vader.config import load_config
-    from vader.video import VideoGenerator
 
     start = time.time()
     cfg = load_config(TOY_INFER)
     pre, held = world.pretrain_captions(), world.heldout_captions()
-    generator = VideoGenerator.build(cfg, torch.device("cpu"), prompts=pre + held)
+    generator = OpenSoraGenerator.build(cfg, torch.device("cpu"), prompts=pre + held)
     videos = {"pretrain": sample_videos(generator, pre, seed), "heldout": sample_videos(generator, held, seed)}
     prompts = {"pretrain": pre, "heldout": held}
     result: dict = {"sampling": {"steps": cfg.scheduler.num_sampling_steps, "cfg_scale": cfg.scheduler.cfg_scale,

@@ -38,12 +38,13 @@ from vader.backends.common import (
     decode_until,
     load_part,
     missing_weights_message,
-    parse_dtype,
     real_tensors,
     require_diffusers,
     save_diffusers_lora,
     set_checkpointing,
 )
+from vader.dtypes import parse_dtype
+from vader.backends import from_config
 from vader.errors import VaderError
 
 COGVIDEOX_REPO = "THUDM/CogVideoX-2b"
@@ -158,6 +159,7 @@ class CogVideoXGenerator(PromptsAndVideos):
     _schedule: tuple | None = field(default=None, repr=False)
 
     lora_target_modules = LORA_TARGETS
+    lora_formats = ("diffusers",)  # pytorch_lora_weights.safetensors for `pipe.load_lora_weights`
 
     @classmethod
     def build(cls, settings: CogVideoXSettings | None = None, device: torch.device | str = "cpu",
@@ -353,3 +355,40 @@ class CogVideoXGenerator(PromptsAndVideos):
         from diffusers import CogVideoXPipeline
 
         return save_diffusers_lora(CogVideoXPipeline, lora, folder, config)
+
+
+# ---- the backend's module functions (vader.backends.base.BackendModule) --------------------------------
+
+Generator = CogVideoXGenerator
+Settings = CogVideoXSettings
+LOG_PROB_SAMPLING = False  # v-prediction DDIM: no rectified flow for GRPO's SDE
+
+
+def settings(cfg) -> CogVideoXSettings:  # type: ignore[no-untyped-def]
+    # the VAE in the run's dtype, as CogVideoXPipeline loads it
+    return from_config.settings(cfg, CogVideoXSettings, vae_dtype=cfg.dtype,
+                                use_dynamic_cfg=bool(cfg.scheduler.use_dynamic_cfg))
+
+
+def check_config(cfg) -> None:  # type: ignore[no-untyped-def]
+    from_config.check_config(cfg, COGVIDEOX_REPO, (480, 720), ("scheduler.use_dynamic_cfg",), settings)
+
+
+def build(cfg, device: torch.device | str, prompts: list[str] | None = None,  # type: ignore[no-untyped-def]
+          cache=None) -> CogVideoXGenerator:
+    return CogVideoXGenerator.build(settings(cfg), device, prompts=prompts, cache=cache)
+
+
+def weight_problems(cfg) -> tuple[list[str], list]:  # type: ignore[no-untyped-def]
+    message = missing_weights(settings(cfg))
+    return ([message] if message else []), []
+
+
+def meta_part(cfg, part: str):  # type: ignore[no-untyped-def]
+    s = settings(cfg)
+    return from_config.meta_part(cfg, part, s, meta_models(s))
+
+
+def resolved(cfg) -> dict:  # type: ignore[no-untyped-def]
+    s = settings(cfg)
+    return from_config.resolved(cfg, CogVideoXGenerator, s, meta_models(s))

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vader.dtypes import parse_dtype
 from vader.errors import VaderError
+from vader.weights import cached_file, download_command, download_hint, is_repo_id, missing_message, offline
 
 # diffusers' load_config still passes this argument to hf_hub_download, whose warning would end up on
 # every `vader` command that reads a backend's config: it is diffusers' business, not the user's.
@@ -31,13 +33,6 @@ TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "py
                         "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json",)
 SCHEDULER_FILES = ("scheduler_config.json",)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(key: str, name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise VaderError(f"{key}={name!r} is not a dtype; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def require_diffusers(backend: str, *names: str) -> None:
@@ -71,25 +66,6 @@ class Component:
         return self.source, self.subfolder
 
 
-def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") != 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _cached(repo: str, filename: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename)
-    return Path(found) if isinstance(found, str) else None
-
-
 def _shards_present(index: Path, exists: Callable[[str], bool]) -> bool:
     try:
         weight_map = json.loads(index.read_text()).get("weight_map") or {}
@@ -115,8 +91,6 @@ def component_problem(part: Component) -> tuple[str, str | None]:
 
     A hub part that is not cached is a problem only offline: online, `from_pretrained` downloads it.
     """
-    from vader.models.loading import hub_offline
-
     local = Path(part.source).expanduser()
     if local.is_dir():
         path, sub = part.location()
@@ -130,16 +104,16 @@ def component_problem(part: Component) -> tuple[str, str | None]:
         wanted = " or ".join(part.weights) if part.weights else part.config_file
         return (f"{part.name}={part.source!r}: {folder} lacks {part.config_file} or {wanted} (a folder in the "
                 f"diffusers layout holds {part.subfolder}/ beside the other parts)"), None
-    if local.exists() or not _is_repo_id(part.source):
+    if local.exists() or not is_repo_id(part.source):
         return (f"{part.name}={part.source!r}: no such local folder, and not a hub repo id (which looks like "
                 "'org/name')"), None
 
     def locate_hub(name: str) -> Path | None:
-        return _cached(part.source, f"{part.subfolder}/{name}")
+        return cached_file(part.source, name, part.subfolder)
 
     if _has_files(part, lambda name: locate_hub(name) is not None, locate_hub):
         return "", None
-    if hub_offline():
+    if offline():
         return f"{part.name}={part.source!r}", part.source
     return "", None
 
@@ -156,11 +130,9 @@ def missing_weights_message(parts: Sequence[Component]) -> str | None:
             local_problems.append(problem)
     messages = list(local_problems)
     if repos:
-        names = "; ".join(f"{repo} ({', '.join(subs)})" for repo, subs in repos.items())
-        fetch = " && ".join(f"hf download {repo}" for repo in repos)
-        messages.append(f"missing weights (offline: HF_HUB_OFFLINE is set): {names}; fetch with: {fetch} "
-                        "(huggingface-cli download on huggingface_hub < 1.0), or point the settings at local "
-                        "folders in the diffusers layout")
+        messages.append(missing_message((f"{repo} ({', '.join(subs)})" for repo, subs in repos.items()),
+                                        map(download_command, repos),
+                                        "point the settings at local folders in the diffusers layout"))
     return "; also: ".join(messages) if messages else None
 
 
@@ -185,7 +157,7 @@ def load_part(part: Component, loader: Callable[..., object], **kwargs) -> objec
 # ---- architecture without weights ------------------------------------------------------------------
 
 
-def local_config(part: Component, read: Callable[..., object]) -> object | None:
+def local_part_config(part: Component, read: Callable[..., object]) -> object | None:
     """`read(name_or_path, subfolder=..., local_files_only=True)` (a class's config reader) when the
     part's config is on this machine (folder or HF cache), else None. Never downloads."""
     path, sub = part.location()
@@ -202,14 +174,15 @@ def architecture_config(part: Component, read: Callable[..., object], published_
                         published: object) -> object:
     """The part's own config when it is on this machine; the published architecture for the
     published repo otherwise; a one-line error for any other source whose config is absent."""
-    found = local_config(part, read)
+    found = local_part_config(part, read)
     if found is not None:
         return found
     if part.source == published_repo:
         return published
+    fetch = download_command(part.source, "--include", f"'{part.subfolder}/*.json'")
     raise VaderError(f"{part.name}={part.source!r}: its {part.subfolder}/{part.config_file} is not on this "
-                     f"machine, so its architecture is unknown; fetch it (`hf download {part.source} "
-                     f"--include '{part.subfolder}/*.json'`) or point {part.name} at a local folder")
+                     f"machine, so its architecture is unknown; fetch it with {download_hint(fetch)} or point "
+                     f"{part.name} at a local folder")
 
 
 # ---- text ---------------------------------------------------------------------------------------
@@ -388,6 +361,9 @@ class PromptsAndVideos:
 
     def reward_prompts(self, prompts: list[str]) -> list[str]:
         return list(prompts)
+
+    def enable_gradient_checkpointing(self, enabled: bool) -> None:
+        """Nothing to keep: diffusers' models take the flag per call here (`sample_latents`, `decode`)."""
 
     @property
     def uses_guidance(self) -> bool:

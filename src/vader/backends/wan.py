@@ -11,6 +11,9 @@ The published Wan2.1 repos ship UniPCMultistepScheduler for inference; the gradi
 the first-order Euler step (every step a plain function of the previous latents), so that is what
 is sampled and trained. Not supported: Wan2.2's second transformer (`boundary_ratio`) and its
 per-token timesteps (`expand_timesteps`), image conditioning (I2V), UniPC/DPM solvers.
+
+The sampler is a rectified flow, so the generator is also a `FlowSampler` (`flow_start`,
+`flow_velocity`): GRPO samples it with an SDE and a log-probability per step.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from vader.backends.common import (
     check_frames,
     decode_until,
     missing_weights_message,
-    parse_dtype,
     real_tensors,
     require_diffusers,
     save_diffusers_lora,
     set_checkpointing,
 )
+from vader.dtypes import parse_dtype
+from vader.backends import from_config
+from vader.backends.base import FlowState
 from vader.errors import VaderError
 
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -147,6 +152,7 @@ class WanGenerator(PromptsAndVideos):
     _schedule: tuple | None = field(default=None, repr=False)
 
     lora_target_modules = LORA_TARGETS
+    lora_formats = ("diffusers",)  # pytorch_lora_weights.safetensors for `pipe.load_lora_weights`
 
     @classmethod
     def build(cls, settings: WanSettings | None = None, device: torch.device | str = "cpu",
@@ -260,6 +266,27 @@ class WanGenerator(PromptsAndVideos):
                                  return_dict=False)[0].float()
         return v_uncond + self.settings.guidance_scale * (v - v_uncond)
 
+    def flow_start(self, prompts: list[str], generator: torch.Generator) -> FlowState:
+        """The noise (drawn as `sample_latents` draws it), the schedule as timesteps sigma * 1000 and the
+        prompt embeddings; flow_velocity's steps then equal `sample_latents`' Euler steps."""
+        self.encode_prompts(prompts)
+        n = len(prompts)
+        cond = torch.cat([self.embeddings[p] for p in prompts]).to(self.dtype)
+        uncond = None
+        if self.uses_guidance:
+            uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(self.dtype)
+        timesteps, sigmas = self.schedule()
+        z = self.initial_noise(n, generator)
+        flow_t = [(sigmas[i] * 1000).float().expand(n) for i in range(len(timesteps))]
+        return FlowState(z, flow_t, 1000.0, (cond, uncond, timesteps))
+
+    def flow_velocity(self, state: FlowState, z: Tensor, i: int, grad_checkpoint: bool = False) -> Tensor:
+        """-(the guided flow prediction): diffusers' flow matching predicts eps - x0 and steps
+        z + (sigma_next - sigma) u; vader's convention is v ~ x0 - eps with z + v (sigma - sigma_next)."""
+        cond, uncond, timesteps = state.condition
+        set_checkpointing(self.denoiser, grad_checkpoint)
+        return -self.velocity(z, timesteps[i].expand(z.shape[0]), cond, uncond)
+
     # ---- decoding ----
     def decode(self, latents: Tensor, frames: list[int] | None = None, *, grad_checkpoint: bool = False) -> Tensor:
         """Video [B, 3, F, H, W] in [-1, 1] (fp32): all frames, or only `frames` (output frame
@@ -300,3 +327,37 @@ class WanGenerator(PromptsAndVideos):
 
         return save_diffusers_lora(WanPipeline, lora, folder, config)
 
+
+# ---- the backend's module functions (vader.backends.base.BackendModule) --------------------------------
+
+Generator = WanGenerator
+Settings = WanSettings
+LOG_PROB_SAMPLING = True  # flow-matching Euler: a rectified flow (FlowSampler)
+
+
+def settings(cfg) -> WanSettings:  # type: ignore[no-untyped-def]
+    return from_config.settings(cfg, WanSettings, shift=None if cfg.scheduler.shift is None
+                                else float(cfg.scheduler.shift))
+
+
+def check_config(cfg) -> None:  # type: ignore[no-untyped-def]
+    from_config.check_config(cfg, WAN_REPO, (480, 832), ("scheduler.shift",), settings)
+
+
+def build(cfg, device: torch.device | str, prompts: list[str] | None = None, cache=None) -> WanGenerator:  # type: ignore[no-untyped-def]
+    return WanGenerator.build(settings(cfg), device, prompts=prompts, cache=cache)
+
+
+def weight_problems(cfg) -> tuple[list[str], list]:  # type: ignore[no-untyped-def]
+    message = missing_weights(settings(cfg))
+    return ([message] if message else []), []
+
+
+def meta_part(cfg, part: str):  # type: ignore[no-untyped-def]
+    s = settings(cfg)
+    return from_config.meta_part(cfg, part, s, meta_models(s))
+
+
+def resolved(cfg) -> dict:  # type: ignore[no-untyped-def]
+    s = settings(cfg)
+    return from_config.resolved(cfg, WanGenerator, s, meta_models(s))

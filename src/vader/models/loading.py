@@ -28,6 +28,15 @@ import torch
 from torch import nn
 
 from vader.errors import VaderError
+from vader.weights import (
+    cached_file,
+    download_command,
+    download_hint,
+    hub_cache_dir,
+    is_repo_id,
+    local_file,
+    offline,
+)
 
 CONFIG_FILE = "config.json"
 # Tried in this order. The published Open-Sora v1.2 repos hold `model.safetensors`.
@@ -57,20 +66,6 @@ class Checkpoint:
 # ---------------------------------------------------------------------------------------------
 
 
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as huggingface_hub read it at import, or as the environment says now."""
-    from huggingface_hub import constants
-
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
-
-
 def resolve_checkpoint(
     name_or_path: str,
     what: str = "from_pretrained",
@@ -89,7 +84,7 @@ def resolve_checkpoint(
             raise VaderError(f"{what}={name_or_path!r} is a file but not a weights file "
                              f"({', '.join(SINGLE_FILE_SUFFIXES)}); give the folder holding it instead")
         return Checkpoint(name_or_path, (local,), {})
-    if not _is_repo_id(name_or_path):
+    if not is_repo_id(name_or_path):
         raise VaderError(f"{what}={name_or_path!r}: no such local folder or file, and not a hub repo id "
                          "(which looks like 'org/name')")
     return _from_hub(name_or_path, what, subfolder, cache_dir)
@@ -101,28 +96,8 @@ def local_config(name_or_path: str | None, subfolder: str | None = None,
 
     Never downloads: used to describe a model (`vader inspect`) without fetching anything.
     """
-    if not name_or_path:
-        return {}
-    local = Path(name_or_path).expanduser()
-    if local.is_dir():
-        path = (local / subfolder if subfolder else local) / CONFIG_FILE
-        return _read_json(path) if path.is_file() else {}
-    if local.exists() or not _is_repo_id(name_or_path):
-        return {}
-    path = _cached(name_or_path, CONFIG_FILE, subfolder, cache_dir)
-    return _read_json(Path(path)) if path else {}
-
-
-def _is_repo_id(name: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    path = local_file(name_or_path, CONFIG_FILE, subfolder, cache_dir)
+    return _read_json(path) if path else {}
 
 
 def _read_json(path: Path) -> dict:
@@ -161,48 +136,38 @@ def _shards(index: Path, locate: Callable[[str], Path | None]) -> tuple[Path, ..
     return tuple(out)
 
 
-def _cached(repo: str, filename: str, subfolder: str | None, cache_dir: str | os.PathLike[str] | None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    name = f"{subfolder}/{filename}" if subfolder else filename
-    found = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
-    return found if isinstance(found, str) else None
-
-
 def _fix(repo: str) -> str:
-    return (f"fetch it with `hf download {repo}` (older huggingface_hub: `huggingface-cli download {repo}`) "
-            "where there is network and copy the HF cache here, or set from_pretrained to a local folder "
-            "holding config.json and model.safetensors")
+    return (f"fetch it with {download_hint(download_command(repo))} where there is network and copy the HF "
+            "cache here, or set from_pretrained to a local folder holding config.json and model.safetensors")
 
 
 def _from_hub(repo: str, what: str, subfolder: str | None, cache_dir: str | os.PathLike[str] | None) -> Checkpoint:
-    cached = _from_cache(repo, subfolder, cache_dir)
+    cached = cached_checkpoint(repo, subfolder, cache_dir)
     if cached is not None:
         return cached
     where = cache_dir or hub_cache_dir()
-    if hub_offline():
+    if offline():
         raise VaderError(f"{what}={repo!r}: the weights are not in the Hugging Face cache ({where}) and "
                          f"HF_HUB_OFFLINE=1; {_fix(repo)}")
     return _download(repo, what, subfolder, cache_dir)
 
 
-def _from_cache(repo: str, subfolder: str | None, cache_dir: str | os.PathLike[str] | None) -> Checkpoint | None:
+def cached_checkpoint(repo: str, subfolder: str | None = None,
+                      cache_dir: str | os.PathLike[str] | None = None) -> Checkpoint | None:
+    """The hub repo's checkpoint when its weights (every shard) are in the Hugging Face cache, else None.
+    No network call."""
     for name in WEIGHT_FILES:
-        found = _cached(repo, name, subfolder, cache_dir)
+        found = cached_file(repo, name, subfolder, cache_dir)
         if found is None:
             continue
         if name.endswith(".index.json"):
-            def locate(shard: str) -> Path | None:
-                path = _cached(repo, shard, subfolder, cache_dir)
-                return Path(path) if path else None
-
-            weights = _shards(Path(found), locate)
+            weights = _shards(found, lambda shard: cached_file(repo, shard, subfolder, cache_dir))
             if not weights:
                 continue  # some shards are not cached
         else:
-            weights = (Path(found),)
-        config = _cached(repo, CONFIG_FILE, subfolder, cache_dir)
-        return Checkpoint(repo, weights, _read_json(Path(config)) if config else {})
+            weights = (found,)
+        config = cached_file(repo, CONFIG_FILE, subfolder, cache_dir)
+        return Checkpoint(repo, weights, _read_json(config) if config else {})
     return None
 
 

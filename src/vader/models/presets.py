@@ -27,15 +27,21 @@ from torch import nn
 from transformers import T5Config
 
 from vader.config import ModelConfig, TextEncoderConfig, VAEConfig
+from vader.dtypes import parse_dtype
 from vader.errors import VaderError
 from vader.models.fp8 import FP8, check_fp8_support, quantize_linears
-from vader.models.loading import Checkpoint, load_checkpoint, local_config, resolve_checkpoint
+from vader.models.loading import (
+    Checkpoint,
+    cached_checkpoint,
+    load_checkpoint,
+    local_config,
+    resolve_checkpoint,
+)
 from vader.models.stdit3 import STDiT3, STDiT3Config, stdit3_xl_2_config
 from vader.models.text import T5TextEncoder, tiny_t5
 from vader.models.vae import VideoVAE, VideoVAEConfig, opensora_vae_v1_2_config, tiny_vae_config
-from vader.rewards.hub import MissingWeight
+from vader.weights import MissingWeight, download_command, is_repo_id
 
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TINY_T5_DIM = 32
 
 # The published checkpoints of Open-Sora v1.2 (the defaults of ModelConfig / VAEConfig / TextEncoderConfig).
@@ -56,7 +62,7 @@ def torch_dtype(name: str) -> torch.dtype:
     if name == "fp8":
         check_fp8_support()
         return torch.bfloat16
-    return TORCH_DTYPES[name]
+    return parse_dtype("dtype", name)
 
 
 def denoiser_dtype(name: str) -> torch.dtype:
@@ -274,22 +280,20 @@ def missing_model_weights(model: ModelConfig, vae: VAEConfig, text_encoder: Text
     cache; a local path must exist and hold weights. Whether a missing hub checkpoint is an error
     (offline, hub unreachable) or a download to come is the caller's decision (`vader.preflight`).
     """
-    from vader.models.loading import _from_cache, _is_repo_id, resolve_checkpoint
-
     out: list[MissingWeight] = []
     for key, source in (("model.from_pretrained", model.from_pretrained), ("vae.from_pretrained", vae.from_pretrained),
                         ("text_encoder.from_pretrained", text_encoder.from_pretrained)):
         if not source:
             continue
         local = Path(source).expanduser()
-        if local.exists() or not _is_repo_id(source):
+        if local.exists() or not is_repo_id(source):
             try:
                 resolve_checkpoint(source, what=key)  # a local path: no network call
             except VaderError as exc:
                 out.append(MissingWeight(key, source, problem=str(exc)))
             continue
-        if _from_cache(source, None, None) is None:
-            out.append(MissingWeight(key, source, fetch=f"hf download {source}"))
+        if cached_checkpoint(source) is None:
+            out.append(MissingWeight(key, source, fetch=download_command(source)))
     return out
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Config, T5EncoderModel
 
 from vader.errors import VaderError
+from vader.weights import download_command, download_hint
 
 # ---------------------------------------------------------------------------------------------
 # Caption cleaning (PixArt / Open-Sora `clean_caption`)
@@ -200,11 +201,11 @@ def _missing_model_message(name_or_path: str, exc: Exception) -> str:
         return (
             f"text encoder folder {name_or_path!r} could not be loaded ({type(exc).__name__}); "
             "it needs config.json, the tokenizer files (spiece.model or tokenizer.json) and the "
-            "weights, e.g. from `hf download DeepFloyd/t5-v1_1-xxl --local-dir <folder>`"
+            f"weights, e.g. from `{download_command('DeepFloyd/t5-v1_1-xxl', '--local-dir', '<folder>')}`"
         )
     return (
         f"text encoder {name_or_path!r} could not be loaded offline ({type(exc).__name__}); "
-        f"download it with `hf download {name_or_path}` (huggingface-cli download on older hubs) "
+        f"download it with {download_hint(download_command(name_or_path))} "
         "or point from_pretrained at a local folder with its config, tokenizer and weights"
     )
 

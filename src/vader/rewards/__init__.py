@@ -1,7 +1,17 @@
-"""Reward registry: one name -> one factory; `build_reward` also takes {name: weight} mixes.
+"""The reward registry: every reward is described once, by one `RewardSpec` record in `REWARDS`.
 
-Names: colorfulness, brightness (weight-free), aesthetic, hps, aesthetic_hps, pick_score, actpred,
-toy_alignment, toy_size (the toy world's classifier, shipped in the package).
+A record says how to build the reward with its weights (`build`), how to build it with no weights on
+the meta device for `vader plan` (`skeleton`), which weights it loads (`weights`), whether it needs a
+decoded clip rather than single frames (`needs_clip`), its frames -> model-input resize when the run
+gives none (`resize`) and whether gradients flow through it (`differentiable`). Everything else is read
+off the records: `reward_names`, `build_reward` (also {name: weight} mixes),
+`vader.rewards.skeleton.reward_skeleton`, `reward_sources` / `required_weights` /
+`check_reward_weights`, `check_decode_frame`, `is_differentiable`, `describe_rewards`.
+
+Adding a reward `foo`: one new file, `vader/rewards/foo.py` (the Reward subclass, its `build` and
+`skeleton` factories, its `weights` function if it loads any), and one `RewardSpec("foo", ...)` line in
+`REWARDS` below.
+
 Model weights come from the Hugging Face hub (cache respected, `HF_HUB_OFFLINE` honoured) or from
 local paths given in `sources` (keys: `vader.rewards.hub.SOURCE_KEYS`); `check_reward_weights`
 says, before anything is generated, which weights are missing offline and how to get them.
@@ -10,156 +20,183 @@ says, before anything is generated, which weights are missing offline and how to
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from vader.errors import VaderError
-from vader.rewards.base import RESIZE_MODES, Reward, RewardOutput, WeightedReward, as_dtype
-from vader.rewards.builtin import Brightness, Colorfulness
-from vader.rewards.hub import SOURCE_KEYS, WeightSource, check_sources, folder_source, validate_sources
-from vader.rewards.toy import SOURCE_DOC as _TOY_SOURCE_DOC
-from vader.rewards.toy import SOURCE_KEY as _TOY_SOURCE_KEY
+from vader.rewards import actpred, aesthetic, builtin, pickscore, skeleton, toy
+from vader.rewards.base import (
+    RESIZE_MODES,
+    Reward,
+    RewardOutput,
+    WeightedReward,
+    as_dtype,
+    check_clip_decode,
+)
+from vader.rewards.callable import CallableReward
+from vader.rewards.hub import SOURCE_KEYS, WeightSource, check_sources, validate_sources
 
 # Registered here, where the toy rewards are: importing vader.rewards.hub always runs this module first,
 # so validate_sources and the config reference see the key.
-SOURCE_KEYS.setdefault(_TOY_SOURCE_KEY, _TOY_SOURCE_DOC)
+SOURCE_KEYS.setdefault(toy.SOURCE_KEY, toy.SOURCE_DOC)
 
 __all__ = [
-    "AVAILABLE", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "WeightedReward",
-    "build_reward", "check_decode_frame", "check_reward_weights", "required_weights", "reward_names",
-    "reward_sources",
+    "REWARDS", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "RewardSpec", "WeightedReward",
+    "build_reward", "check_decode_frame", "check_resize", "check_reward_weights", "combine_rewards",
+    "describe_rewards", "is_differentiable", "no_weights", "required_weights", "reward_mix", "reward_names",
+    "reward_sources", "reward_spec",
 ]
 
 
-def _aesthetic(*, device=None, dtype=torch.float32, sources=None, resize=None, grad_checkpoint=False, **_):
-    from vader.rewards.aesthetic import AestheticReward, aesthetic_sources
-
-    clip, head = aesthetic_sources(sources)
-    return AestheticReward.from_pretrained(clip, head, device=device, dtype=dtype, resize=resize or "squash",
-                                           grad_checkpoint=grad_checkpoint)
+def no_weights(sources: dict, **options: Any) -> tuple[WeightSource, ...]:
+    """The `weights` of a reward that loads none."""
+    return ()
 
 
-def _hps(*, device=None, dtype=torch.float32, hps_version="v2.1", sources=None, resize=None,
-         grad_checkpoint=False, **_):
-    from vader.rewards.hps import HPS_ARCH, HPSReward, hps_source
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward, described once.
 
-    return HPSReward.from_pretrained(hps_source(hps_version, sources), hps_version=hps_version,
-                                     arch=(sources or {}).get("hps_arch", HPS_ARCH), device=device, dtype=dtype,
-                                     resize=resize or "squash", grad_checkpoint=grad_checkpoint)
+    name: the `reward_fn` name (no ':' in it: 'module:function' is a Python callable, not a name).
+    doc: one line for listings (`describe_rewards`).
+    build(**options) -> Reward with its weights loaded. Options: device, dtype (a torch dtype),
+        hps_version, grad_checkpoint, sources (validated {key: override}), resize (already resolved:
+        the run's, else this record's `resize`), and whatever else the caller passes (e.g.
+        actpred_frames); a factory ignores the options it has no use for.
+    skeleton(**options) -> the same Reward class and module tree with every parameter on the meta
+        device, reading no weights (for `vader plan`). Options: dtype, hps_version, resize (resolved),
+        grad_checkpoint, actpred_frames, num_frames (the decoded clip length, or None). None: the plan
+        refuses the reward.
+    weights(sources, **options) -> every WeightSource `build` loads, given the validated `sources`
+        overrides and the options (hps_version).
+    needs_clip: why the reward reads several decoded frames (it ends the sentence "reward_fn 'name' ...,
+        but decode_frame=... decodes one frame"); None when single frames are enough.
+    resize: the reward's own frames -> model-input resize ('squash' or 'crop'), used when the run sets
+        none; None for rewards that have no such setting.
+    differentiable: gradients reach the frames (VADER can train on it), as the built reward's
+        `differentiable` class attribute says (absent = True).
+    """
+
+    name: str
+    doc: str
+    build: Callable[..., Reward]
+    skeleton: Callable[..., Reward] | None
+    weights: Callable[..., Iterable[WeightSource]] = no_weights
+    needs_clip: str | None = None
+    resize: str | None = None
+    differentiable: bool = True
 
 
-def _aesthetic_hps(**options):
+# HPS's factories: they belong next to HPSReward in hps.py (another owner); here until they move there.
+def _hps_weights(sources: dict, *, hps_version: str = "v2.1", **_: Any) -> tuple[WeightSource, ...]:
+    from vader.rewards.hps import hps_source
+
+    return (hps_source(hps_version, sources),)
+
+
+def _build_hps(*, device=None, dtype=torch.float32, hps_version="v2.1", sources=None, resize: str,
+               grad_checkpoint=False, **_: Any) -> Reward:
+    from vader.rewards.hps import HPS_ARCH, HPSReward
+
+    (source,) = _hps_weights(sources or {}, hps_version=hps_version)
+    return HPSReward.from_pretrained(source, hps_version=hps_version, arch=(sources or {}).get("hps_arch", HPS_ARCH),
+                                     device=device, dtype=dtype, resize=resize, grad_checkpoint=grad_checkpoint)
+
+
+def _aesthetic_hps_weights(sources: dict, **options: Any) -> tuple[WeightSource, ...]:
+    return (*aesthetic.aesthetic_sources(sources), *_hps_weights(sources, **options))
+
+
+def _build_aesthetic_hps(**options: Any) -> Reward:
     from vader.rewards.hps import AestheticHPSReward
 
-    return AestheticHPSReward(_aesthetic(**options), _hps(**options))
+    return AestheticHPSReward(aesthetic.build_aesthetic(**options), _build_hps(**options))
 
 
-def _pick_score(*, device=None, dtype=torch.float32, sources=None, resize=None, grad_checkpoint=False, **_):
-    from vader.rewards.pickscore import PickScoreReward, pick_sources
-
-    model, processor = pick_sources(sources)
-    return PickScoreReward.from_pretrained(model, processor, device=device, dtype=dtype, resize=resize or "crop",
-                                           grad_checkpoint=grad_checkpoint)
-
-
-def _actpred(*, device=None, dtype=torch.float32, sources=None, grad_checkpoint=False, resize=None,
-             hps_version=None, actpred_frames="decoded", **options):
-    from vader.rewards.actpred import build_actpred  # lazily: its file may be absent in a partial install
-
-    model = (sources or {}).get("actpred")
-    return build_actpred(device=device, dtype=dtype, grad_checkpoint=grad_checkpoint, frames=actpred_frames,
-                         **({"model": model} if model else {}), **options)
-
-
-def _toy_alignment(**options):
-    from vader.rewards.toy import build_toy_alignment
-
-    return build_toy_alignment(**options)
-
-
-def _toy_size(**options):
-    from vader.rewards.toy import build_toy_size
-
-    return build_toy_size(**options)
-
-
-AVAILABLE: dict[str, Callable[..., Reward]] = {
-    "colorfulness": lambda **_: Colorfulness(),
-    "brightness": lambda **_: Brightness(),
-    "aesthetic": _aesthetic,
-    "hps": _hps,
-    "aesthetic_hps": _aesthetic_hps,
-    "pick_score": _pick_score,
-    "actpred": _actpred,
-    "toy_alignment": _toy_alignment,
-    "toy_size": _toy_size,
-}
+REWARDS: dict[str, RewardSpec] = {spec.name: spec for spec in (
+    RewardSpec("colorfulness", "Hasler & Süsstrunk colourfulness (no weights)",
+               builtin.build_colorfulness, builtin.build_colorfulness),
+    RewardSpec("brightness", "mean luma (no weights)", builtin.build_brightness, builtin.build_brightness),
+    RewardSpec("aesthetic", "LAION aesthetic predictor on CLIP ViT-L/14", aesthetic.build_aesthetic,
+               skeleton.aesthetic_skeleton, aesthetic.aesthetic_sources, resize="squash"),
+    RewardSpec("hps", "HPS v2 / v2.1 human preference score (open_clip ViT-H-14)", _build_hps,
+               skeleton.hps_skeleton, _hps_weights, resize="squash"),
+    RewardSpec("aesthetic_hps", "the original's aesthetic + HPS combination", _build_aesthetic_hps,
+               skeleton.aesthetic_hps_skeleton, _aesthetic_hps_weights, resize="squash"),
+    RewardSpec("pick_score", "PickScore v1 (CLIP-H fine-tuned on Pick-a-Pic)", pickscore.build_pick_score,
+               skeleton.pick_score_skeleton, pickscore.pick_sources, resize="crop"),
+    RewardSpec("actpred", "p(the prompt's Kinetics action | clip), VideoMAE", actpred.build_actpred_reward,
+               skeleton.actpred_skeleton, actpred.actpred_sources, needs_clip="classifies a clip"),
+    RewardSpec("toy_alignment", "toy world: log p(the prompt's attributes | clip)", toy.build_toy_alignment,
+               skeleton.toy_alignment_skeleton, toy.classifier_sources,
+               needs_clip="judges motion, which needs a clip"),
+    RewardSpec("toy_size", "toy world: the object's area in % of the frame", toy.build_toy_size,
+               skeleton.toy_size_skeleton, toy.classifier_sources),
+)}
 
 
 def reward_names() -> tuple[str, ...]:
-    return tuple(AVAILABLE)
+    return tuple(REWARDS)
+
+
+def reward_spec(name: str) -> RewardSpec:
+    """The record of a registered reward (VaderError naming the registered ones otherwise)."""
+    return REWARDS[next(iter(reward_mix(name)))]
+
+
+def describe_rewards() -> list[tuple[str, str]]:
+    """(name, one-line description) of every registered reward, in registry order."""
+    return [(spec.name, spec.doc) for spec in REWARDS.values()]
+
+
+def reward_mix(reward_fn: str | dict[str, float]) -> dict[str, float]:
+    """{name: weight} for a reward name or mix; VaderError for an unknown name or an empty mix."""
+    mix = {reward_fn: 1.0} if isinstance(reward_fn, str) else dict(reward_fn)
+    unknown = [n for n in mix if n not in REWARDS]
+    if unknown or not mix:
+        raise VaderError(f"reward_fn={reward_fn!r}: unknown reward {', '.join(map(repr, unknown)) or '(empty)'}; "
+                         f"available: {', '.join(REWARDS)}")
+    return mix
+
+
+def check_resize(resize: str | None) -> None:
+    if resize is not None and resize not in RESIZE_MODES:
+        raise VaderError(f"reward resize={resize!r} must be one of {', '.join(RESIZE_MODES)}")
+
+
+def combine_rewards(parts: dict[str, tuple[float, Reward]]) -> Reward:
+    """One reward of weight 1 as it is; otherwise their weighted sum."""
+    only = next(iter(parts.values()))
+    return only[1] if len(parts) == 1 and only[0] == 1.0 else WeightedReward(parts)
+
+
+def is_differentiable(reward_fn: str | dict[str, float]) -> bool:
+    """Whether gradients reach the frames through `reward_fn` (what VADER needs; GRPO takes any reward).
+    A 'module:function' spec is a Python callable: not differentiable."""
+    if isinstance(reward_fn, str) and ":" in reward_fn:
+        return CallableReward.differentiable
+    return all(REWARDS[name].differentiable for name in reward_mix(reward_fn))
 
 
 def check_decode_frame(reward_fn: str | dict[str, float], decode_frame: str) -> None:
-    """VaderError when a reward in `reward_fn` reads a clip but `decode_frame` decodes one frame
-    (config validation, before any model loads)."""
+    """VaderError when a reward in `reward_fn` reads a clip (its record's `needs_clip`) but
+    `decode_frame` decodes one frame (config validation, before any model loads)."""
     names = {reward_fn} if isinstance(reward_fn, str) else set(reward_fn)
-    if "actpred" in names:
-        from vader.rewards.actpred import check_decode_frame as check_actpred
-
-        check_actpred(decode_frame)
-    if "toy_alignment" in names:
-        from vader.rewards.toy import check_decode_frame as check_toy
-
-        check_toy(decode_frame)
-
-
-def _spec(reward_fn: str | dict[str, float]) -> dict[str, float]:
-    spec = {reward_fn: 1.0} if isinstance(reward_fn, str) else dict(reward_fn)
-    unknown = [n for n in spec if n not in AVAILABLE]
-    if unknown or not spec:
-        raise VaderError(f"reward_fn={reward_fn!r}: unknown reward {', '.join(map(repr, unknown)) or '(empty)'}; "
-                         f"available: {', '.join(AVAILABLE)}")
-    return spec
+    for spec in REWARDS.values():
+        if spec.name in names and spec.needs_clip:
+            check_clip_decode(spec.name, spec.needs_clip, decode_frame)
 
 
 def reward_sources(reward_fn: str | dict[str, float], hps_version: str = "v2.1",
                    sources: dict | None = None) -> list[tuple[str, WeightSource]]:
     """(reward name, WeightSource) for every model file/folder `reward_fn` loads."""
     sources = validate_sources(sources)
-    out: list[tuple[str, WeightSource]] = []
-    for name in _spec(reward_fn):
-        if name in ("aesthetic", "aesthetic_hps"):
-            from vader.rewards.aesthetic import aesthetic_sources
-
-            out += [(name, s) for s in aesthetic_sources(sources)]
-        if name in ("hps", "aesthetic_hps"):
-            from vader.rewards.hps import hps_source
-
-            out.append((name, hps_source(hps_version, sources)))
-        if name == "pick_score":
-            from vader.rewards.pickscore import pick_sources
-
-            out += [(name, s) for s in pick_sources(sources)]
-        if name == "actpred":
-            out += [(name, s) for s in _actpred_sources(sources)]
-        if name in ("toy_alignment", "toy_size"):
-            from vader.rewards.toy import classifier_folder
-
-            out.append((name, WeightSource(_TOY_SOURCE_KEY, "toy world classifier", local=classifier_folder(sources),
-                                           kind="model")))
+    out = [(name, s) for name in reward_mix(reward_fn) for s in REWARDS[name].weights(sources, hps_version=hps_version)]
     seen: set[tuple] = set()
     return [(n, s) for n, s in out if not (s.pair in seen or seen.add(s.pair))]
-
-
-def _actpred_sources(sources: dict) -> list[WeightSource]:
-    if sources.get("actpred"):
-        return [folder_source("actpred", "ActPred video classifier", sources["actpred"], "")]
-    from vader.rewards.actpred import ACTPRED_WEIGHTS
-
-    return [WeightSource("actpred", "ActPred video classifier", repo=repo, filename=file,
-                         kind="model" if file is None else "file") for repo, file in ACTPRED_WEIGHTS]
 
 
 def required_weights(reward_fn: str | dict[str, float], hps_version: str = "v2.1",
@@ -184,18 +221,16 @@ def build_reward(reward_fn: str | dict[str, float], *, device: str | torch.devic
     """A frozen (requires_grad False), eval-mode reward in `dtype` on `device` for a validated `reward_fn`.
 
     sources: per-model overrides (hub id, repo/file or local path), keys in SOURCE_KEYS.
-    resize: 'squash' or 'crop' for every image reward (None: each reward's default — the original's:
-    squash for aesthetic/hps, crop for pick_score). grad_checkpoint: checkpoint the reward's vision
-    tower (saves activation memory when backpropagating through it). Other options reach the factories.
+    resize: 'squash' or 'crop' for every image reward (None: each reward's own, its record's `resize`:
+    the original's). grad_checkpoint: checkpoint the reward's vision tower (saves activation memory when
+    backpropagating through it). Other options reach the factories.
     """
-    if resize is not None and resize not in RESIZE_MODES:
-        raise VaderError(f"reward resize={resize!r} must be one of {', '.join(RESIZE_MODES)}")
-    spec = _spec(reward_fn)
+    check_resize(resize)
+    mix = reward_mix(reward_fn)
     kwargs = dict(device=device, dtype=as_dtype(dtype), hps_version=hps_version, grad_checkpoint=grad_checkpoint,
-                  sources=validate_sources(sources), resize=resize, **options)
-    parts: dict[str, tuple[float, Reward]] = {name: (weight, AVAILABLE[name](**kwargs)) for name, weight in spec.items()}
-    only = next(iter(parts.values()))
-    reward = only[1] if len(parts) == 1 and only[0] == 1.0 else WeightedReward(parts)
+                  sources=validate_sources(sources), **options)
+    reward = combine_rewards({name: (weight, REWARDS[name].build(resize=resize or REWARDS[name].resize, **kwargs))
+                              for name, weight in mix.items()})
     reward = reward.to(device=device, dtype=as_dtype(dtype)) if any(True for _ in reward.parameters()) else reward
     reward.requires_grad_(False)
     return reward.eval()

@@ -41,8 +41,10 @@ from torch import Tensor, nn
 
 from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES
-from vader.rewards.base import Reward, RewardOutput, as_dtype, check_clip_decode
+from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.rewards.hub import WeightSource, folder_source
 from vader.rewards.kinetics import prompt_key, resolve_label
+from vader.weights import download_command, download_hint
 
 ACTPRED_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
 # (hub repository, file) pairs an offline check needs; None = the repository's model files.
@@ -55,8 +57,11 @@ _INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample cod
 
 
 def check_decode_frame(decode_frame: str) -> None:
-    """VaderError unless `decode_frame` decodes a clip (for config validation before any model loads)."""
-    check_clip_decode("actpred", "classifies a clip", decode_frame)
+    """VaderError unless `decode_frame` decodes a clip (for config validation before any model loads);
+    the rule is the registry record's (`needs_clip`)."""
+    from vader.rewards import check_decode_frame as check_rewards_decode_frame
+
+    check_rewards_decode_frame("actpred", decode_frame)
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ def _load_model(name: str, dtype: torch.dtype) -> nn.Module:
             ) from exc
         raise VaderError(
             f"ActPred model {name!r} could not be loaded ({type(exc).__name__}); download it with "
-            f"`hf download {name}` (huggingface-cli download on older hubs) or pass a local folder"
+            f"{download_hint(download_command(name))} or pass a local folder"
         ) from exc
     check_strict(name, info)
     return model
@@ -392,7 +397,24 @@ def build_actpred(
     return ActPred(module, transform, grad_checkpoint=grad_checkpoint, frames=frames)
 
 
+def actpred_sources(sources: dict | None = None, **_: Any) -> list[WeightSource]:
+    """The classifier folder: `sources['actpred']`, else ACTPRED_WEIGHTS (the registry's `weights`)."""
+    sources = sources or {}
+    if sources.get("actpred"):
+        return [folder_source("actpred", "ActPred video classifier", sources["actpred"], "")]
+    return [WeightSource("actpred", "ActPred video classifier", repo=repo, filename=file,
+                         kind="model" if file is None else "file") for repo, file in ACTPRED_WEIGHTS]
+
+
+def build_actpred_reward(*, sources: dict | None = None, actpred_frames: str = "decoded", **options: Any) -> ActPred:
+    """The registry's factory: `build_actpred` with the run's options (`sources['actpred']` as the
+    model, `actpred_frames` as frames)."""
+    model = (sources or {}).get("actpred")
+    return build_actpred(frames=actpred_frames, **({"model": model} if model else {}), **options)
+
+
 __all__ = [
     "ACTPRED_MODEL", "ACTPRED_WEIGHTS", "CLIP_DECODE_FRAMES", "FRAME_MODES", "ActPred", "ClipTransform",
-    "build_actpred", "check_decode_frame", "check_strict", "preprocess_clip", "sample_indices", "sinusoid_positions",
+    "actpred_sources", "build_actpred", "build_actpred_reward", "check_decode_frame", "check_strict",
+    "preprocess_clip", "sample_indices", "sinusoid_positions",
 ]

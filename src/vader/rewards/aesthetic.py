@@ -36,7 +36,8 @@ AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
 
 
-def aesthetic_sources(sources: dict | None = None) -> tuple[WeightSource, WeightSource]:
+def aesthetic_sources(sources: dict | None = None, **_: object) -> tuple[WeightSource, WeightSource]:
+    """The CLIP folder and the MLP file, with `sources` overrides (the registry's `weights`)."""
     sources = sources or {}
     clip = folder_source("aesthetic_clip", "CLIP ViT-L/14 (aesthetic)", sources.get("aesthetic_clip"), AESTHETIC_CLIP)
     head = file_source("aesthetic_head", "LAION aesthetic MLP", sources.get("aesthetic_head"), *AESTHETIC_HEAD)
@@ -191,3 +192,12 @@ class AestheticReward(Reward):
     def score_images(self, images: Tensor, prompts: list[str]) -> RewardOutput:
         score = self.scores(images)
         return RewardOutput(reward=score, loss=(score - self.target).abs() * self.grad_scale)
+
+
+def build_aesthetic(*, device=None, dtype: torch.dtype | str = torch.float32, sources: dict | None = None,
+                    resize: str, grad_checkpoint: bool = False, **_: object) -> AestheticReward:
+    """The registry's factory: the reward with the weights `sources` names (defaults otherwise); `resize`
+    as resolved by the registry (the run's, else the record's)."""
+    clip, head = aesthetic_sources(sources)
+    return AestheticReward.from_pretrained(clip, head, device=device, dtype=dtype, resize=resize,
+                                           grad_checkpoint=grad_checkpoint)

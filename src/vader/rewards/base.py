@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vader.dtypes import REWARD_DTYPES, parse_dtype
 from vader.errors import VaderError
 
 # OpenAI CLIP normalisation: CLIP ViT-L/14, open_clip ViT-H-14 (HPS) and the LAION ViT-H-14 processor
@@ -215,19 +216,13 @@ def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
         layer._vader_checkpointed = True
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-           "fp16": torch.float16, "float16": torch.float16}
-
-
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """A reward's dtype: a torch dtype as is, a name of `vader.dtypes.REWARD_DTYPES`, None -> fp32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return _DTYPES[str(dtype)]
-    except KeyError:
-        raise VaderError(f"reward dtype={dtype!r} must be one of {', '.join(_DTYPES)}") from None
+    return parse_dtype("reward dtype", str(dtype), REWARD_DTYPES)
 
 
 def freeze(module: nn.Module) -> nn.Module:

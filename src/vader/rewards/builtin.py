@@ -41,3 +41,13 @@ class Brightness(Reward):
         x = self.to_unit(images)
         luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).flatten(1).mean(1)
         return RewardOutput(reward=luma, loss=1 - luma)
+
+
+def build_colorfulness(**_: object) -> Colorfulness:
+    """The registry's factory (no weights: also its skeleton); options are ignored."""
+    return Colorfulness()
+
+
+def build_brightness(**_: object) -> Brightness:
+    """The registry's factory (no weights: also its skeleton); options are ignored."""
+    return Brightness()

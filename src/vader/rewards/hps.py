@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -78,7 +79,8 @@ def _register_arch(arch: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_root_warnings():
+def quiet_root_warnings() -> Iterator[None]:
+    """Drop the root logger's records while open_clip builds a model ("No pretrained weights loaded")."""
     root = logging.getLogger()
     drop = logging.Filter("vader-nothing")  # a filter that matches no logger name: drops every record
     root.addFilter(drop)
@@ -138,7 +140,7 @@ class HPSReward(Reward):
         state = load_checkpoint(path)
         arch = _register_arch(arch)
         try:
-            with _quiet_root_warnings():  # "No pretrained weights loaded": they are loaded just below
+            with quiet_root_warnings():  # "No pretrained weights loaded": they are loaded just below
                 model = open_clip.create_model(arch, pretrained=None, device=device or "cpu")
         except RuntimeError as exc:
             raise VaderError(f"open_clip cannot build {arch!r} (sources['hps_arch']): {str(exc)[:200]}") from exc

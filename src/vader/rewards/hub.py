@@ -20,6 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vader.errors import VaderError
+from vader.weights import (
+    MissingWeight,
+    cached_file,
+    download_command,
+    download_hint,
+    is_repo_id,
+    looks_local,
+    offline,
+)
 
 # sources keys -> what they override (documented in the config reference)
 SOURCE_KEYS: dict[str, str] = {
@@ -66,10 +75,10 @@ class WeightSource:
 
     def download_command(self) -> str:
         if self.kind == "file":
-            return f"hf download {self.repo} {self.filename}"
+            return download_command(self.repo, self.filename)
         if self.kind == "processor":
-            return f'hf download {self.repo} --include "*.json" "*.txt"'
-        return f'hf download {self.repo} --exclude "*.h5" "*.msgpack" "*.onnx"'
+            return download_command(self.repo, "--include", '"*.json"', '"*.txt"')
+        return download_command(self.repo, "--exclude", '"*.h5"', '"*.msgpack"', '"*.onnx"')
 
     def describe(self) -> str:
         if self.local:
@@ -85,7 +94,7 @@ def file_source(key: str, what: str, spec: str | os.PathLike | None, default_rep
         return WeightSource(key, what, repo=default_repo, filename=default_file)
     spec = os.fspath(spec)
     path = Path(spec).expanduser()
-    if path.is_file() or _looks_local(spec) or (spec.count("/") < 2 and spec.endswith(WEIGHT_SUFFIXES)):
+    if path.is_file() or looks_local(spec) or (spec.count("/") < 2 and spec.endswith(WEIGHT_SUFFIXES)):
         return WeightSource(key, what, local=str(path))
     parts = spec.strip("/").split("/")
     if len(parts) == 2:
@@ -102,28 +111,9 @@ def folder_source(key: str, what: str, spec: str | os.PathLike | None, default_r
         return WeightSource(key, what, repo=default_repo, kind=kind)
     spec = os.fspath(spec)
     path = Path(spec).expanduser()
-    if path.is_dir() or _looks_local(spec) or spec.count("/") != 1:
+    if path.is_dir() or looks_local(spec) or not is_repo_id(spec):
         return WeightSource(key, what, local=str(path), kind=kind)
     return WeightSource(key, what, repo=spec, kind=kind)
-
-
-def _looks_local(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec)
-
-
-def offline() -> bool:
-    from huggingface_hub import constants
-
-    env = any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return bool(constants.HF_HUB_OFFLINE) or env
-
-
-def cached_file(repo: str, filename: str, cache_dir: str | os.PathLike | None = None) -> str | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-    return found if isinstance(found, str) else None
 
 
 def is_available(src: WeightSource, cache_dir: str | os.PathLike | None = None) -> bool:
@@ -131,17 +121,17 @@ def is_available(src: WeightSource, cache_dir: str | os.PathLike | None = None) 
     if src.local:
         return Path(src.local).exists()
     if src.kind == "file":
-        return cached_file(src.repo, src.filename, cache_dir) is not None
+        return cached_file(src.repo, src.filename, cache_dir=cache_dir) is not None
     groups = MODEL_FILES if src.kind == "model" else PROCESSOR_FILES
-    return all(any(cached_file(src.repo, name, cache_dir) for name in group) for group in groups)
+    return all(any(cached_file(src.repo, name, cache_dir=cache_dir) for name in group) for group in groups)
 
 
 def problem(src: WeightSource) -> str:
     """What is wrong with an unavailable source, and the fix."""
     if src.local:
         return f"local path {src.local} does not exist (fix the path in reward_sources[{src.key!r}])"
-    return (f"{src.describe()} is not in the Hugging Face cache; run `{src.download_command()}` "
-            f"(huggingface-cli download on huggingface_hub < 1.0), or set reward_sources[{src.key!r}] to a local path")
+    return (f"{src.describe()} is not in the Hugging Face cache; run {download_hint(src.download_command())}, "
+            f"or set reward_sources[{src.key!r}] to a local path")
 
 
 def missing_line(reward: str, src: WeightSource) -> str:
@@ -204,20 +194,6 @@ def validate_sources(sources: dict | None) -> dict[str, str]:
     return {k: os.fspath(v) for k, v in sources.items() if v is not None}
 
 
-@dataclass(frozen=True)
-class MissingWeight:
-    """One model file or folder a run needs that is not on this machine.
-
-    `fetch` is the command that gets it from the hub; None when it cannot be fetched (a local path
-    that does not exist, a folder without weights), and `problem` then says what is wrong.
-    """
-
-    key: str  # the config key that names it, e.g. "model.from_pretrained" or "reward_sources['hps']"
-    name: str  # hub repo id, repo/file, or the local path
-    fetch: str | None = None
-    problem: str | None = None
-
-
 def missing(needed: Iterable[tuple[str, WeightSource]],
             cache_dir: str | os.PathLike | None = None) -> list[MissingWeight]:
     """Every reward source in `needed` that cannot load without network (no network call)."""
@@ -232,51 +208,3 @@ def missing(needed: Iterable[tuple[str, WeightSource]],
             name = f"{src.repo}/{src.filename}" if src.filename else src.repo
             out.append(MissingWeight(key, name, fetch=src.download_command()))
     return out
-
-
-HUB_PROBE_TIMEOUT = 3.0  # seconds; huggingface_hub itself retries for about a minute before giving up
-
-
-def hub_endpoint() -> str:
-    """The hub URL downloads would use: HF_ENDPOINT as the environment says now, else the library's."""
-    from huggingface_hub import constants
-
-    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def probe_hub(repo: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
-    """None when the hub answers as the hub within `timeout` seconds, else why not (a few words).
-
-    Asks `HEAD <endpoint>/api/models/<repo>`: the hub (or a mirror) answers 200, a redirect, or
-    401/403 for a gated or private repo. No answer, a refused connection, a 404 (what an intercepting
-    proxy or captive portal says to any URL) or a 5xx mean downloads would fail, after huggingface_hub's
-    own retries. Runs in a daemon thread joined with the timeout: a socket timeout does not bound a
-    DNS lookup, which can block far longer on a machine without network.
-    """
-    import threading
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    url = f"{hub_endpoint()}/api/models/{urllib.parse.quote(repo or 'openai/clip-vit-large-patch14')}"
-    result: list[str | None] = []
-
-    def probe() -> None:
-        try:
-            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
-                result.append(None)
-        except urllib.error.HTTPError as exc:
-            result.append(None if exc.code in (401, 403) else f"{url} answered HTTP {exc.code}")
-        except (OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            result.append(f"{url}: {getattr(reason, 'strerror', None) or reason}")
-
-    thread = threading.Thread(target=probe, name="vader-hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0] if result else f"{url} did not answer within {timeout:g} s"
-
-
-def hub_reachable(repo: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
-    """True when the hub answers as the hub within `timeout` seconds (see `probe_hub`)."""
-    return probe_hub(repo, timeout) is None

@@ -24,7 +24,8 @@ PICK_MODEL = "yuvalkirstain/PickScore_v1"
 PICK_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
-def pick_sources(sources: dict | None = None) -> tuple[WeightSource, WeightSource]:
+def pick_sources(sources: dict | None = None, **_: object) -> tuple[WeightSource, WeightSource]:
+    """The model and processor folders, with `sources` overrides (the registry's `weights`)."""
     sources = sources or {}
     model = folder_source("pick_score", "PickScore model", sources.get("pick_score"), PICK_MODEL)
     processor = folder_source("pick_score_processor", "PickScore processor (tokenizer, image settings)",
@@ -110,3 +111,12 @@ class PickScoreReward(Reward):
     def score_images(self, images: Tensor, prompts: list[str]) -> RewardOutput:
         score = self.scores(images, prompts)
         return RewardOutput(reward=score, loss=(1.0 - score / 100.0).abs())
+
+
+def build_pick_score(*, device=None, dtype: torch.dtype | str = torch.float32, sources: dict | None = None,
+                     resize: str, grad_checkpoint: bool = False, **_: object) -> PickScoreReward:
+    """The registry's factory: the reward with the weights `sources` names (defaults otherwise); `resize`
+    as resolved by the registry (the run's, else the record's)."""
+    model, processor = pick_sources(sources)
+    return PickScoreReward.from_pretrained(model, processor, device=device, dtype=dtype, resize=resize,
+                                           grad_checkpoint=grad_checkpoint)

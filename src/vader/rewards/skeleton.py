@@ -7,6 +7,9 @@ Face cache: the architectures are written below as data, copied from the publish
 default weights. `vader.memory.materialise(reward, dtype)` inside `with fake_mode():` then gives it
 fake storage, so a plan can run the reward's forward and backward at full size on shapes alone.
 
+Each `*_skeleton` function below is the `skeleton` of its reward's record in `vader.rewards.REWARDS`
+(a weight-free reward's skeleton is its own build); `reward_skeleton` reads the records.
+
 The only files read are package data: open_clip's bundled CLIP BPE vocabulary (HPS's tokenizer, and
 PickScore's offline stand-in below) and the toy classifier's shipped config.json.
 
@@ -22,7 +25,6 @@ give the model the same tensor shapes and dtypes:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +32,13 @@ import torch
 from torch import nn
 
 from vader.errors import VaderError
-from vader.rewards.base import RESIZE_MODES, Reward, WeightedReward, as_dtype
+from vader.rewards.base import Reward, as_dtype
 
 __all__ = [
     "AESTHETIC_VISION_CONFIG", "HPS_OPEN_CLIP_ARCH", "OfflineClipTokenizer", "PICK_SCORE_CONFIG",
-    "PICK_SCORE_PROCESSOR", "VIDEOMAE_CONFIG", "VIDEOMAE_PROCESSOR", "reward_skeleton",
+    "PICK_SCORE_PROCESSOR", "VIDEOMAE_CONFIG", "VIDEOMAE_PROCESSOR", "actpred_skeleton", "aesthetic_hps_skeleton",
+    "aesthetic_skeleton", "hps_skeleton", "pick_score_skeleton", "reward_skeleton", "toy_alignment_skeleton",
+    "toy_size_skeleton",
 ]
 
 # openai/clip-vit-large-patch14 config.json, vision_config (+ the top-level projection_dim): the CLIP
@@ -117,7 +121,7 @@ class OfflineClipTokenizer:
                               "attention_mask": torch.tensor(mask, dtype=torch.long)})
 
 
-def _aesthetic(*, dtype: torch.dtype, resize: str | None, grad_checkpoint: bool, **_: Any) -> Reward:
+def aesthetic_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, **_: Any) -> Reward:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from vader.rewards.aesthetic import AestheticMLP, AestheticReward, quiet_transformers
@@ -125,29 +129,29 @@ def _aesthetic(*, dtype: torch.dtype, resize: str | None, grad_checkpoint: bool,
     with quiet_transformers(), torch.device("meta"):
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**AESTHETIC_VISION_CONFIG))
         head = AestheticMLP(in_dim=AESTHETIC_HEAD_IN)
-    return AestheticReward(vision.to(dtype=dtype), head, resize=resize or "squash", grad_checkpoint=grad_checkpoint)
+    return AestheticReward(vision.to(dtype=dtype), head, resize=resize, grad_checkpoint=grad_checkpoint)
 
 
-def _hps(*, dtype: torch.dtype, resize: str | None, grad_checkpoint: bool, hps_version: str, **_: Any) -> Reward:
+def hps_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, hps_version: str, **_: Any) -> Reward:
     import open_clip
 
-    from vader.rewards.hps import HPSReward, _quiet_root_warnings, hps_version_file
+    from vader.rewards.hps import HPSReward, hps_version_file, quiet_root_warnings
 
     hps_version_file(hps_version)  # the same check (and one-line error) as the real loader
     # built on meta from the start: device="meta" alone first initialises 986M parameters on the CPU
-    with _quiet_root_warnings(), torch.device("meta"):  # "No pretrained weights loaded": none are wanted
+    with quiet_root_warnings(), torch.device("meta"):  # "No pretrained weights loaded": none are wanted
         model = open_clip.create_model(HPS_OPEN_CLIP_ARCH, pretrained=None, device="meta")
     return HPSReward(model.to(dtype=dtype), open_clip.get_tokenizer(HPS_OPEN_CLIP_ARCH),
-                     resize=resize or "squash", grad_checkpoint=grad_checkpoint)
+                     resize=resize, grad_checkpoint=grad_checkpoint)
 
 
-def _aesthetic_hps(**options: Any) -> Reward:
+def aesthetic_hps_skeleton(**options: Any) -> Reward:
     from vader.rewards.hps import AestheticHPSReward
 
-    return AestheticHPSReward(_aesthetic(**options), _hps(**options))
+    return AestheticHPSReward(aesthetic_skeleton(**options), hps_skeleton(**options))
 
 
-def _pick_score(*, dtype: torch.dtype, resize: str | None, grad_checkpoint: bool, **_: Any) -> Reward:
+def pick_score_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, **_: Any) -> Reward:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     from vader.rewards.aesthetic import quiet_transformers
@@ -156,7 +160,7 @@ def _pick_score(*, dtype: torch.dtype, resize: str | None, grad_checkpoint: bool
     with quiet_transformers(), torch.device("meta"):
         model = CLIPModel(CLIPConfig(**PICK_SCORE_CONFIG))
     return PickScoreReward(model.to(dtype=dtype), OfflineClipTokenizer(), CLIPImageProcessor(**PICK_SCORE_PROCESSOR),
-                           resize=resize or "crop", grad_checkpoint=grad_checkpoint, max_length=PICK_SCORE_MAX_LENGTH)
+                           resize=resize, grad_checkpoint=grad_checkpoint, max_length=PICK_SCORE_MAX_LENGTH)
 
 
 def _cpu_positions(n_position: int, dim: int) -> torch.Tensor:
@@ -166,8 +170,8 @@ def _cpu_positions(n_position: int, dim: int) -> torch.Tensor:
         return sinusoid_positions(n_position, dim)
 
 
-def _actpred(*, dtype: torch.dtype, grad_checkpoint: bool, actpred_frames: str, num_frames: int | None,
-             **_: Any) -> Reward:
+def actpred_skeleton(*, dtype: torch.dtype, grad_checkpoint: bool, actpred_frames: str, num_frames: int | None,
+                     **_: Any) -> Reward:
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
     from transformers.models.videomae import modeling_videomae
 
@@ -205,41 +209,16 @@ def _toy_classifier() -> nn.Module:
         return ToyClassifier(config).eval()
 
 
-def _toy_alignment(*, dtype: torch.dtype, **_: Any) -> Reward:
+def toy_alignment_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
     from vader.rewards.toy import ToyAlignment
 
     return ToyAlignment(_toy_classifier().to(dtype=dtype))
 
 
-def _toy_size(*, dtype: torch.dtype, **_: Any) -> Reward:
+def toy_size_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
     from vader.rewards.toy import ToySize
 
     return ToySize(_toy_classifier().to(dtype=dtype))
-
-
-def _colorfulness(**_: Any) -> Reward:
-    from vader.rewards.builtin import Colorfulness
-
-    return Colorfulness()
-
-
-def _brightness(**_: Any) -> Reward:
-    from vader.rewards.builtin import Brightness
-
-    return Brightness()
-
-
-SKELETONS: dict[str, Callable[..., Reward]] = {
-    "colorfulness": _colorfulness,
-    "brightness": _brightness,
-    "aesthetic": _aesthetic,
-    "hps": _hps,
-    "aesthetic_hps": _aesthetic_hps,
-    "pick_score": _pick_score,
-    "actpred": _actpred,
-    "toy_alignment": _toy_alignment,
-    "toy_size": _toy_size,
-}
 
 
 def reward_skeleton(reward_fn: str | dict[str, float], *, dtype: torch.dtype | str, hps_version: str = "v2.1",
@@ -251,25 +230,19 @@ def reward_skeleton(reward_fn: str | dict[str, float], *, dtype: torch.dtype | s
     num_frames: the decoded clip length the plan will feed, when known; ActPred then builds its position
     table for that length now, as a real CPU tensor (as the real run holds it).
     """
-    from vader.rewards import AVAILABLE
+    from vader.rewards import REWARDS, check_resize, combine_rewards, reward_mix
 
     dtype = as_dtype(dtype)
-    if resize is not None and resize not in RESIZE_MODES:
-        raise VaderError(f"reward resize={resize!r} must be one of {', '.join(RESIZE_MODES)}")
-    spec = {reward_fn: 1.0} if isinstance(reward_fn, str) else dict(reward_fn)
-    unknown = [n for n in spec if n not in AVAILABLE]
-    if unknown or not spec:
-        raise VaderError(f"reward_fn={reward_fn!r}: unknown reward {', '.join(map(repr, unknown)) or '(empty)'}; "
-                         f"available: {', '.join(AVAILABLE)}")
-    missing = [n for n in spec if n not in SKELETONS]
-    if missing:  # a reward registered after this module was written: say so rather than guess its model
+    check_resize(resize)
+    mix = reward_mix(reward_fn)
+    missing = [n for n in mix if REWARDS[n].skeleton is None]
+    if missing:  # a reward registered without one: say so rather than guess its model
         raise VaderError(f"reward_fn={reward_fn!r}: no weightless skeleton for {', '.join(map(repr, missing))}; "
-                         f"skeletons exist for: {', '.join(SKELETONS)}")
-    options = dict(dtype=dtype, hps_version=hps_version, resize=resize, grad_checkpoint=grad_checkpoint,
+                         f"skeletons exist for: {', '.join(n for n, spec in REWARDS.items() if spec.skeleton)}")
+    options = dict(dtype=dtype, hps_version=hps_version, grad_checkpoint=grad_checkpoint,
                    actpred_frames=actpred_frames, num_frames=num_frames)
-    parts = {name: (weight, SKELETONS[name](**options)) for name, weight in spec.items()}
-    only = next(iter(parts.values()))
-    reward = only[1] if len(parts) == 1 and only[0] == 1.0 else WeightedReward(parts)
+    reward = combine_rewards({name: (weight, REWARDS[name].skeleton(resize=resize or REWARDS[name].resize, **options))
+                              for name, weight in mix.items()})
     reward = reward.to(dtype=dtype)  # as build_reward: every floating weight in dtype (the aesthetic head too)
     reward.requires_grad_(False)
     return reward.eval()

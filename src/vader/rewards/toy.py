@@ -23,7 +23,8 @@ from torch import Tensor
 
 from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES
-from vader.rewards.base import Reward, RewardOutput, as_dtype, check_clip_decode
+from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.rewards.hub import WeightSource
 from vader.toyworld import WEIGHTS, world
 
 SOURCE_KEY = "toy_classifier"
@@ -44,9 +45,17 @@ def load_classifier(sources: dict | None = None, device=None, dtype: torch.dtype
     return model.to(device=device, dtype=as_dtype(dtype)).requires_grad_(False).eval()
 
 
+def classifier_sources(sources: dict | None = None, **_: object) -> tuple[WeightSource]:
+    """The classifier folder both toy rewards load (the registry's `weights`)."""
+    return (WeightSource(SOURCE_KEY, "toy world classifier", local=classifier_folder(sources), kind="model"),)
+
+
 def check_decode_frame(decode_frame: str) -> None:
-    """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads)."""
-    check_clip_decode("toy_alignment", "judges motion, which needs a clip", decode_frame)
+    """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads);
+    the rule is toy_alignment's registry record's (`needs_clip`)."""
+    from vader.rewards import check_decode_frame as check_rewards_decode_frame
+
+    check_rewards_decode_frame("toy_alignment", decode_frame)
 
 
 def parse_prompt(prompt: str, what: str | None = None) -> world.Attributes:
@@ -148,6 +157,6 @@ def build_toy_size(*, device=None, dtype=torch.float32, sources=None, **_) -> To
 
 __all__ = [
     "CLIP_DECODE_FRAMES", "DEFAULT_FOLDER", "SOURCE_DOC", "SOURCE_KEY", "ToyAlignment", "ToySize",
-    "build_toy_alignment", "build_toy_size", "check_decode_frame", "classifier_folder", "load_classifier",
-    "parse_prompt",
+    "build_toy_alignment", "build_toy_size", "check_decode_frame", "classifier_folder", "classifier_sources",
+    "load_classifier", "parse_prompt",
 ]

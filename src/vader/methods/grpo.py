@@ -1,4 +1,4 @@
-"""GRPO on Open-Sora's rectified flow (Flow-GRPO), beside VADER's reward backpropagation.
+"""GRPO on a rectified-flow sampler (Flow-GRPO), beside VADER's reward backpropagation.
 
 VADER needs a differentiable reward; GRPO only needs scores, so it also trains on rewards without
 gradients (a VLM judge, an OCR check, a lookup) given as `module:function` (`load_callable_reward`).
@@ -29,23 +29,26 @@ stochastic (no SDE/ODE mixing): simple, and every transition has a log-probabili
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, is_dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor
 
+from vader.backends import backend_module
+from vader.backends.base import FlowSampler, FlowState
 from vader.checkpoint import lora_disabled, set_lora_dropout
+from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import select_frames
-from vader.rewards.base import Reward, RewardOutput
-from vader.run import make_generator, set_step_seed
-from vader.sampling import TextCondition, _guided_velocity, conditioning, make_timesteps
-from vader.train import StepResult, _clip, any_process, apply_update, average_gradients, pick_prompts
+from vader.methods.update import StepResult, any_process, apply_update, average_gradients, clip_gradients
+from vader.rewards.base import RewardOutput
+from vader.seeds import make_generator, pick_prompts, set_step_seed
+
+METRICS = ("reward_queries", "clip_fraction", "ratio_max_dev", "kl")  # logged beside the loop's own
+DIFFERENTIABLE_REWARD = False  # scores only: a 'module:function' reward trains it
 
 # t within this of num_timesteps counts as sigma = 1: the timestep shift maps 1000 to 1000 only up to rounding
 _SIGMA_ONE_TOL = 1e-4
@@ -112,7 +115,7 @@ def _is_number(value) -> bool:
 
 def sde_step(v: Tensor, z: Tensor, t: Tensor, t_next: Tensor, noise_level: float,
              generator: torch.Generator | None = None, prev: Tensor | None = None,
-             num_timesteps: int = 1000) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             num_timesteps: float = 1000) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One stochastic step from t to t_next (< t) (formulas in the module docstring).
 
     v: the guided velocity at (z, t) in vader's convention (x0 - eps). t, t_next: [B] timesteps.
@@ -145,55 +148,46 @@ def sde_step(v: Tensor, z: Tensor, t: Tensor, t_next: Tensor, noise_level: float
 class Trajectory:
     """One batch of SDE samples: everything the clipped objective re-evaluates."""
 
-    latents: list[Tensor]  # z_0 (noise, t = 1000) ... z_N (final), each [B, C, T, H, W] fp32
-    timesteps: list[Tensor]  # t_0 .. t_{N-1}, each [B]; the last step goes to t = 0
+    state: FlowState  # the noise z_0, the schedule and the backend's conditioning
+    latents: list[Tensor]  # z_0 (noise, t = num_timesteps) ... z_N (final), each [B, C, T, H, W] fp32
     log_probs: Tensor  # [B, N]: log p(z_{i+1} | z_i) under the policy that sampled
-    text: TextCondition
-    cond: dict[str, Tensor]
-    cfg_scale: float
-    num_timesteps: int
 
     @property
     def final(self) -> Tensor:
         return self.latents[-1]
 
+    @property
+    def timesteps(self) -> list[Tensor]:
+        return self.state.timesteps
+
+    @property
+    def num_timesteps(self) -> float:
+        return self.state.num_timesteps
+
     def next_t(self, i: int) -> Tensor:
-        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else torch.zeros_like(self.timesteps[i])
+        return self.state.next_t(i)
 
 
-def sample_with_logprobs(gen, prompts: list[str], generator: torch.Generator, noise_level: float) -> Trajectory:
-    """The whole SDE trajectory for `prompts` (Open-Sora's VideoGenerator), without gradients.
+def sample_with_logprobs(gen: FlowSampler, prompts: list[str], generator: torch.Generator,
+                         noise_level: float) -> Trajectory:
+    """The whole SDE trajectory for `prompts`, without gradients.
 
-    Same schedule, conditioning, CFG and initial noise draw as `VideoGenerator.sample_latents`; the
-    per-step noise comes from the same `generator`, so a step seed reproduces the trajectory exactly."""
-    n = len(prompts)
-    height, width = gen.cfg.height_width
-    sched = gen.cfg.scheduler
-    cond = conditioning(n, height, width, gen.num_frames, gen.cfg.fps, gen.dtype, gen.device)
-    timesteps = make_timesteps(
-        sched.num_sampling_steps, n, num_timesteps=sched.num_timesteps,
-        use_timestep_transform=sched.use_timestep_transform, use_discrete_timesteps=sched.use_discrete_timesteps,
-        transform_scale=sched.transform_scale, cond=cond, num_frames=gen.num_frames,
-    )
-    z = torch.randn((n, *gen.latent_shape), generator=generator, dtype=torch.float32).to(gen.device)
-    traj = Trajectory([z], timesteps, torch.empty(0), gen.text_condition(prompts), cond, sched.cfg_scale,
-                      sched.num_timesteps)
+    Same schedule, conditioning, guidance and initial noise draw as the generator's `sample_latents`
+    (`gen.flow_start`); the per-step noise comes from the same `generator`, so a step seed reproduces
+    the trajectory exactly."""
+    state = gen.flow_start(prompts, generator)
+    traj = Trajectory(state, [state.noise], torch.empty(0))
+    z = state.noise
     log_probs = []
     with torch.no_grad():
-        for i in range(len(timesteps)):
-            v = _velocity(gen, traj, i)
-            z, log_prob, _, _ = sde_step(v, z, timesteps[i], traj.next_t(i), noise_level, generator,
-                                         num_timesteps=sched.num_timesteps)
+        for i in range(len(state.timesteps)):
+            v = gen.flow_velocity(state, z, i)
+            z, log_prob, _, _ = sde_step(v, z, state.timesteps[i], state.next_t(i), noise_level, generator,
+                                         num_timesteps=state.num_timesteps)
             traj.latents.append(z)
             log_probs.append(log_prob)
     traj.log_probs = torch.stack(log_probs, 1)
     return traj
-
-
-def _velocity(gen, traj: Trajectory, i: int, grad_checkpoint: bool = False) -> Tensor:
-    y = torch.cat([traj.text.y, traj.text.y_null], 0)
-    return _guided_velocity(gen.denoiser, traj.latents[i], traj.timesteps[i], y, traj.text.mask, traj.cond,
-                            traj.cfg_scale, grad_checkpoint)
 
 
 # ---------------------------------------------------------------- advantages and the objective
@@ -244,7 +238,7 @@ def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOS
     """
     t, t_next = traj.timesteps[i], traj.next_t(i)
     z, prev = traj.latents[i], traj.latents[i + 1]
-    v = _velocity(gen, traj, i, grad_checkpoint)
+    v = gen.flow_velocity(traj.state, z, i, grad_checkpoint)
     _, log_prob, mean, std = sde_step(v, z, t, t_next, settings.noise_level, prev=prev,
                                       num_timesteps=traj.num_timesteps)
     policy, ratio = clipped_objective(log_prob, traj.log_probs[:, i], advantages.to(log_prob.device),
@@ -252,7 +246,7 @@ def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOS
     kl = torch.zeros((), device=policy.device)
     if settings.kl_beta > 0:
         with torch.no_grad(), lora_disabled(gen.denoiser):
-            v_ref = _velocity(gen, traj, i)
+            v_ref = gen.flow_velocity(traj.state, z, i)
         _, _, mean_ref, _ = sde_step(v_ref, z, t, t_next, settings.noise_level, prev=prev,
                                      num_timesteps=traj.num_timesteps)
         kl = ((mean - mean_ref) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim))).mean()
@@ -287,22 +281,18 @@ class _Batch:
 def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, prompts: list[str], step: int,
               settings: GRPOSettings | None = None) -> GRPOStepResult:
     """One GRPO step: sample group_size videos per prompt of each micro-step (prompts and seeds as
-    `train.micro_step` picks them), score them, then `inner_epochs` clipped-objective updates.
+    `vader.methods.vader.micro_step` picks them), score them, then `inner_epochs` clipped-objective updates.
 
     LoRA dropout stays off while sampling and training: the ratio compares one deterministic policy
     (with dropout, logp_old would come from another sub-network and the first ratio would not be 1).
-    A non-finite reward, loss or gradient skips the update as `train.train_step` does; so does a batch
+    A non-finite reward, loss or gradient skips the update as VADER's step does; so does a batch
     whose advantages are all zero with kl_beta 0 (no gradient: only AdamW's weight decay would move).
     """
     settings = settings or GRPOSettings.from_config(cfg)
-    if getattr(cfg, "backend", None) is not None:
-        raise VaderError(f"backend={cfg.backend!r}: GRPO runs on the Open-Sora pipeline only; set backend=None "
-                         "or method='vader'")
     optimizer.zero_grad(set_to_none=True)
     set_lora_dropout(gen.denoiser, False)
     rank, world = accelerator.process_index, accelerator.num_processes
     g = settings.group_size
-    num_steps = cfg.scheduler.num_sampling_steps
     batches: list[_Batch] = []
     rewards: list[Tensor] = []
     for micro in range(cfg.gradient_accumulation_steps):
@@ -317,7 +307,7 @@ def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, pro
             video = gen.decode(traj.final, frames)
             scores = _scores(reward, video, gen.reward_prompts(group))
             del video  # the updates need the trajectory and the scores, not the pixels
-        train_steps = _train_steps(num_steps, settings.train_steps_fraction, rng)
+        train_steps = _train_steps(len(traj.timesteps), settings.train_steps_fraction, rng)
         advantages = group_advantages(scores, g).clamp(-settings.adv_clip_max, settings.adv_clip_max)
         batches.append(_Batch(traj, advantages.to(gen.device), train_steps))
         rewards.append(scores)
@@ -347,10 +337,10 @@ def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, pro
                 kls.append(parts.kl.detach().float())
                 ratios.append(parts.ratio)
         average_gradients(params, accelerator)
-        grad_norm = _clip(params, cfg.max_grad_norm, accelerator)
+        grad_norm = clip_gradients(params, cfg.max_grad_norm, accelerator)
         loss_all = accelerator.gather(torch.stack(losses).mean().reshape(1).to(accelerator.device))
         loss_mean = loss_all.mean().item()
-        skipped, nonfinite = apply_update(optimizer, params, cfg, accelerator, step,
+        skipped, nonfinite = apply_update(optimizer, params, cfg.lr, accelerator, step,
                                            bool(torch.isfinite(loss_all).all()), grad_norm)
         ratio = torch.cat(ratios)
         if nonfinite or skipped:
@@ -370,5 +360,19 @@ def _train_steps(num_steps: int, fraction: float, rng: random.Random) -> list[in
     return sorted(rng.sample(range(num_steps), count))
 
 
-__all__ = ["GRPOSettings", "GRPOStepResult", "CallableReward", "Trajectory", "sde_step", "sample_with_logprobs",
-           "group_advantages", "clipped_objective", "grpo_loss", "grpo_step", "load_callable_reward"]
+def check_config(cfg: VaderConfig) -> None:
+    """The grpo keys, and a backend whose sampler has a log-probability (a rectified flow)."""
+    module = backend_module(cfg.backend)
+    if not module.LOG_PROB_SAMPLING:
+        from vader.backends import BACKENDS
+
+        able = [name for name in BACKENDS if backend_module(name).LOG_PROB_SAMPLING]
+        raise VaderError(f"method='grpo' needs a sampler with a log-probability (a rectified flow: "
+                         f"{', '.join(able)}); model.type={cfg.model.type!r} samples with DDIM: use method='vader'")
+    GRPOSettings.from_config(cfg)  # one line naming the bad grpo.* key
+
+
+step = grpo_step  # the MethodModule entry point
+
+__all__ = ["GRPOSettings", "GRPOStepResult", "Trajectory", "check_config", "clipped_objective", "grpo_loss",
+           "grpo_step", "group_advantages", "sample_with_logprobs", "sde_step", "step"]

@@ -1,0 +1,142 @@
+"""The backend seam: what a video-model backend module offers (`BackendModule`), what its generator
+offers the training loop (`VideoBackend`), and what a rectified-flow generator adds so that
+policy-gradient methods can sample with a log-probability (`FlowSampler`).
+
+Protocols only (no implementation inheritance): a backend satisfies them by having the names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class MetaModel:
+    """One part of a backend's stack built on the meta device, and what to say about where it came from."""
+
+    part: str  # denoiser | vae | text_encoder
+    title: str  # e.g. "STDiT3-XL/2"
+    source: str  # hub id / folder, and whether its config.json was read
+    settings: str  # the architecture in one line
+    model: nn.Module
+    dtype: torch.dtype  # the dtype its weights are loaded in for a run
+
+
+@runtime_checkable
+class VideoBackend(Protocol):
+    """What the training loop, validation and inference use of a text-to-video model."""
+
+    denoiser: nn.Module  # where the LoRA goes
+    vae: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    lora_target_modules: list[str]
+    lora_formats: tuple[str, ...]  # what the final LoRA is saved as beside peft's adapter ("diffusers")
+
+    @property
+    def num_frames(self) -> int: ...
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of one video's latents."""
+        ...
+
+    def encode_prompts(self, prompts: list[str], cache=None) -> None:  # type: ignore[no-untyped-def]
+        """Encode every new prompt once (cached per prompt)."""
+        ...
+
+    def release_text_encoder(self) -> None: ...
+
+    def reward_prompts(self, prompts: list[str]) -> list[str]: ...
+
+    def enable_gradient_checkpointing(self, enabled: bool) -> None:
+        """Switch the models' own activation checkpointing for training (where they keep it as state)."""
+        ...
+
+    def sample_latents(self, prompts: list[str], generator: torch.Generator, *, cutoff: int | None = None,
+                       grad_checkpoint: bool = False, progress: Callable | None = None) -> Tensor:
+        """Latents [B, C, T, H, W]; gradients only through sampling steps >= cutoff (None: none)."""
+        ...
+
+    def decode(self, latents: Tensor, frames: list[int] | None = None, *, grad_checkpoint: bool = False) -> Tensor:
+        """Video [B, 3, F, H, W] in [-1, 1]: all output frames, or only `frames`, decoding only what they
+        need; `grad_checkpoint`: the VAE's own activation checkpointing where it has one."""
+        ...
+
+    def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
+        ...
+
+    def save_lora(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:  # type: ignore[no-untyped-def]
+        """The LoRA in each of `lora_formats` under `folder` (peft's adapter is saved by the trainer)."""
+        ...
+
+
+@dataclass
+class FlowState:
+    """One batch's rectified-flow sampling problem, enough to re-evaluate any of its steps: the initial
+    noise, the descending timesteps (in units of `num_timesteps`; sigma = t / num_timesteps) and the
+    backend's own conditioning (text embeddings, size conditioning, guidance)."""
+
+    noise: Tensor
+    timesteps: list[Tensor]  # one [B] fp32 tensor per sampling step
+    num_timesteps: float
+    condition: Any
+
+    def next_t(self, i: int) -> Tensor:
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else torch.zeros_like(self.timesteps[i])
+
+
+@runtime_checkable
+class FlowSampler(Protocol):
+    """A generator whose sampler is a rectified flow, z_next = z + v (t - t_next) / num_timesteps with the
+    guided velocity v ~ x0 - eps: what GRPO's SDE sampling and its log-probabilities are built on."""
+
+    def flow_start(self, prompts: list[str], generator: torch.Generator) -> FlowState:
+        """The initial noise (drawn from `generator` as `sample_latents` draws it), schedule and conditioning."""
+        ...
+
+    def flow_velocity(self, state: FlowState, z: Tensor, i: int, grad_checkpoint: bool = False) -> Tensor:
+        """The guided velocity at step i for latents `z` (fp32), with the graph when grad is enabled."""
+        ...
+
+
+class BackendModule(Protocol):
+    """What a backend module (`vader.backends.<name>`) defines. `cfg` is a `VaderConfig`."""
+
+    Generator: type  # builds a VideoBackend
+    Settings: type  # what Generator.build takes
+    LORA_TARGETS: list[str]
+    LOG_PROB_SAMPLING: bool  # its generator is a FlowSampler (GRPO can train it)
+
+    def check_config(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        """One-line VaderError for keys this backend cannot honour; fills the backend's defaults in place.
+        Runs during config validation, before anything loads."""
+        ...
+
+    def settings(self, cfg) -> object:  # type: ignore[no-untyped-def]
+        ...
+
+    def build(self, cfg, device: torch.device | str, prompts: list[str] | None = None,  # type: ignore[no-untyped-def]
+              cache=None) -> VideoBackend:
+        ...
+
+    def weight_problems(self, cfg) -> tuple[list[str], list]:  # type: ignore[no-untyped-def]
+        """(whole one-line problems, `vader.weights`-style missing records to merge with the rewards')."""
+        ...
+
+    def meta_part(self, cfg, part: str) -> MetaModel:  # type: ignore[no-untyped-def]
+        """`part` (denoiser | vae | text_encoder) on the meta device: no memory, nothing downloaded."""
+        ...
+
+    def resolved(self, cfg) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """The geometry `vader config` shows: frames, height_width, latent_shape_CTHW (and notes)."""
+        ...
+
+
+__all__ = ["BackendModule", "FlowSampler", "FlowState", "MetaModel", "VideoBackend"]
