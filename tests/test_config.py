@@ -244,3 +244,118 @@ def test_clip_rewards_refuse_single_frame_decodes_when_the_config_is_read(tiny_c
     with pytest.raises(VaderError, match="clip"):
         tiny_cfg("--reward_fn", reward, "--decode_frame", "-1")
     tiny_cfg("--reward_fn", reward, "--decode_frame", "fml")  # a clip is fine
+
+
+# ---- _base_: a config file built on another ------------------------------------------------------
+
+
+def _write(folder, name: str, text: str):
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_keys_load_first_and_the_file_overrides_them(tmp_path):
+    from vader.config import load_config_file
+
+    _write(tmp_path, "base.py", "lr = 0.1\nseed = 3\nrun_name = 'base'\n")
+    child = _write(tmp_path, "child.py", "_base_ = 'base.py'\nlr = 0.2\nmax_train_steps = 7\n")
+    assert load_config_file(child) == {"lr": 0.2, "seed": 3, "run_name": "base", "max_train_steps": 7}
+    assert load_config_file(tmp_path / "base.py") == {"lr": 0.1, "seed": 3, "run_name": "base"}  # untouched
+
+
+def test_base_dicts_merge_key_by_key_and_delete_replaces(tmp_path):
+    from vader.config import load_config_file
+
+    _write(tmp_path, "base.py", "scheduler = dict(type='rflow', num_sampling_steps=8, cfg_scale=4.0)\n"
+                                "model = dict(type='STDiT3-tiny', from_pretrained=None, extra=dict(a=1, b=2))\n"
+                                "image_size = (64, 64)\n")
+    child = _write(tmp_path, "child.py", "_base_ = 'base.py'\nscheduler = dict(num_sampling_steps=4)\n"
+                                         "model = dict(extra=dict(b=3))\nimage_size = (32, 32)\n")
+    raw = load_config_file(child)
+    assert raw["scheduler"] == {"type": "rflow", "num_sampling_steps": 4, "cfg_scale": 4.0}
+    assert raw["model"] == {"type": "STDiT3-tiny", "from_pretrained": None, "extra": {"a": 1, "b": 3}}
+    assert raw["image_size"] == (32, 32)  # not a dict: replaced
+    fresh = _write(tmp_path, "fresh.py", "_base_ = 'base.py'\nscheduler = dict(_delete_=True, type='rflow')\n")
+    assert load_config_file(fresh)["scheduler"] == {"type": "rflow"}
+
+
+def test_a_config_built_on_tiny_resolves_like_tiny_with_the_same_overrides(tmp_path):
+    child = _write(tmp_path, "mine.py", f"_base_ = {str(TINY_TRAIN)!r}\nlr = 0.01\nscheduler = dict(num_sampling_steps=4)\n")
+    cfg = load_config(child)
+    assert cfg == load_config(TINY_TRAIN, ["--lr", "0.01", "--scheduler.num_sampling_steps", "4"])
+    assert cfg.prompt_path == str(TINY_TRAIN.parent / "prompts.txt")  # the base's prompt_path: next to the base
+    assert load_config(child, ["--lr", "0.5"]).lr == 0.5  # the command line still wins
+
+
+def test_base_chains_and_lists_apply_in_order(tmp_path):
+    from vader.config import load_config_file
+
+    _write(tmp_path, "a.py", "lr = 1.0\nseed = 1\nrun_name = 'a'\nscheduler = dict(x=1, y=1, z=1)\n")
+    _write(tmp_path, "sub/b.py", "_base_ = '../a.py'\nseed = 2\nscheduler = dict(y=2)\n")
+    _write(tmp_path, "other.py", "run_name = 'other'\nscheduler = dict(z=3)\n")
+    c = _write(tmp_path, "c.py", "_base_ = ['sub/b.py', 'other.py']\nlr = 3.0\n")
+    assert load_config_file(c) == {"lr": 3.0, "seed": 2, "run_name": "other", "scheduler": {"x": 1, "y": 2, "z": 3}}
+
+
+def test_prompt_path_of_a_base_is_read_next_to_the_base(tmp_path, monkeypatch):
+    from vader.config import load_config_file
+
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path, "shared/prompts.txt", "a cat\n")
+    _write(tmp_path, "shared/base.py", "prompt_path = 'prompts.txt'\n")
+    child = _write(tmp_path, "runs/child.py", "_base_ = '../shared/base.py'\n")
+    assert load_config_file(child)["prompt_path"] == str(tmp_path / "runs" / ".." / "shared" / "prompts.txt")
+
+
+def test_missing_base_is_one_line_naming_the_file(tmp_path):
+    child = _write(tmp_path, "child.py", "_base_ = 'nowhere.py'\nlr = 0.1\n")
+    with pytest.raises(VaderError) as info:
+        load_config(child)
+    message = str(info.value)
+    assert str(child) in message and "'nowhere.py'" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("files", [{"a.py": "a.py"}, {"a.py": "b.py", "b.py": "a.py"},
+                                   {"a.py": "b.py", "b.py": "c.py", "c.py": "b.py"}], ids=["self", "two", "three"])
+def test_base_cycle_is_one_line_naming_the_file(tmp_path, files):
+    for name, base in files.items():
+        _write(tmp_path, name, f"_base_ = {base!r}\nlr = 0.1\n")
+    with pytest.raises(VaderError, match="forms a cycle") as info:
+        load_config(tmp_path / "a.py")
+    message = str(info.value)
+    assert message.startswith("config file ") and "\n" not in message
+    assert str(tmp_path / "a.py" if len(files) < 3 else tmp_path / "c.py") in message
+
+
+@pytest.mark.parametrize("value", ["3", "[]", "[1]", "dict(a=1)"])
+def test_base_that_names_no_file_is_refused(tmp_path, value):
+    child = _write(tmp_path, "child.py", f"_base_ = {value}\n")
+    with pytest.raises(VaderError, match=r"_base_=.* must be a config file name"):
+        load_config(child)
+
+
+def test_broken_base_is_named(tmp_path):
+    _write(tmp_path, "base.py", "lr = (\n")
+    child = _write(tmp_path, "child.py", "_base_ = 'base.py'\n")
+    with pytest.raises(VaderError, match=f"could not read config file {tmp_path / 'base.py'}"):
+        load_config(child)
+
+
+def test_shipped_inference_configs_differ_from_training_only_in_what_they_set():
+    """configs/*: inference built on training (tiny, wan, cogvideox), toy training built on inference."""
+    from vader.config import load_config_file
+
+    configs = TINY_TRAIN.parents[1]
+    tiny_train, tiny_infer = load_config_file(TINY_TRAIN), load_config_file(TINY_INFER)
+    assert tiny_infer == {**tiny_train, "is_vader_training": False}
+    for name, sampler in (("wan2.1-t2v-1.3b", {"cfg_scale": 5.0, "shift": 3.0}),
+                          ("cogvideox-2b", {"cfg_scale": 6.0, "use_dynamic_cfg": False})):
+        train, infer = (load_config_file(configs / name / f"vader_{k}.py") for k in ("train", "inference"))
+        assert infer == {**train, "scheduler": {"num_sampling_steps": 50, **sampler}, "is_vader_training": False,
+                         "logger_type": "none", "debug": True, "decode_frame": "-1"}
+    toy_infer, toy_train = (load_config_file(configs / "toy" / f"vader_{k}.py") for k in ("inference", "train"))
+    assert {k: v for k, v in toy_train.items() if k in toy_infer and k not in ("is_vader_training", "num_val_runs")} \
+        == {k: v for k, v in toy_infer.items() if k not in ("is_vader_training", "num_val_runs")}
+    assert toy_train["is_vader_training"] and not toy_infer["is_vader_training"]

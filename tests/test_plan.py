@@ -104,7 +104,7 @@ def test_full_size_open_sora_plan_offline_and_its_weights(tmp_path):
 
 
 def test_text_encoder_offload_builds_t5_on_the_cpu(tiny_cfg, monkeypatch):
-    from vader import video
+    from vader.backends import opensora
 
     seen = []
 
@@ -115,10 +115,10 @@ def test_text_encoder_offload_builds_t5_on_the_cpu(tiny_cfg, monkeypatch):
         seen.append(device.type)
         raise Stop
 
-    monkeypatch.setattr(video, "build_text_encoder", spy)
+    monkeypatch.setattr(opensora, "build_text_encoder", spy)
     for offload in ("False", "True"):
         with pytest.raises(Stop):
-            video.VideoGenerator.build(tiny_cfg("--text_encoder.offload", offload), torch.device("cuda"))
+            opensora.OpenSoraGenerator.build(tiny_cfg("--text_encoder.offload", offload), torch.device("cuda"))
     assert seen == ["cuda", "cpu"]
 
 

@@ -233,6 +233,7 @@ def test_every_record_is_complete(name: str) -> None:
     assert spec.needs_clip is None or (isinstance(spec.needs_clip, str) and spec.needs_clip)
     assert spec.resize in (None, *RESIZE_MODES)
     assert isinstance(spec.differentiable, bool)
+    assert all(rewards.SOURCE_KEYS[key] == doc for key, doc in spec.source_keys.items())
     assert rewards.reward_spec(name) is spec
 
 
@@ -252,7 +253,7 @@ def test_derived_tables_agree_with_the_records() -> None:
             rewards.check_decode_frame(name, clip)
         assert rewards.is_differentiable(name) is spec.differentiable
         weights = list(spec.weights(validate_sources(None), hps_version="v2.1"))
-        assert all(isinstance(w, WeightSource) for w in weights)
+        assert all(isinstance(w, WeightSource) and w.key in spec.source_keys for w in weights)
         assert rewards.reward_sources(name) == [(name, w) for w in weights]
         assert rewards.required_weights(name) == [w.pair for w in weights]
     with pytest.raises(VaderError, match="'actpred' classifies a clip"):  # registry order decides the first
@@ -260,6 +261,7 @@ def test_derived_tables_agree_with_the_records() -> None:
     assert rewards.is_differentiable(dict.fromkeys(REWARDS, 1.0))
     assert rewards.is_differentiable("my_rewards:score") is CallableReward.differentiable is False
     assert rewards.required_weights("colorfulness") == rewards.required_weights("brightness") == []
+    assert set(rewards.SOURCE_KEYS) == {key for spec in REWARDS.values() for key in spec.source_keys}
     with pytest.raises(VaderError, match="unknown reward 'clipscore'; available: colorfulness, brightness"):
         rewards.reward_spec("clipscore")
 

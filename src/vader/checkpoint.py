@@ -33,6 +33,11 @@ def lora_config(rank: int, alpha: float = 8.0, dropout: float = 0.01, *, targets
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets))
 
 
+def lora_on_meta(model: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str]) -> None:
+    """peft's adapters injected into a meta-device model (no memory): what plans and inspection count."""
+    inject_adapter_in_model(lora_config(rank, alpha, dropout, targets=targets), model, low_cpu_mem_usage=True)
+
+
 def add_lora(model: nn.Module, config: LoraConfig) -> list[nn.Parameter]:
     """Inject LoRA in place, freeze everything else; returns the trainable LoRA parameters."""
     model.requires_grad_(False)

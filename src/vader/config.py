@@ -338,7 +338,7 @@ def load_config_file(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[st
             raise VaderError(f"config file {path}: its _base_ {str(name)!r} is not a file (looked for {base})")
         if base.resolve() in chain:
             loop = " -> ".join(str(p) for p in (*chain[chain.index(base.resolve()):], base.resolve()))
-            raise VaderError(f"config file {path}: its _base_ {str(name)!r} leads back to itself: {loop}")
+            raise VaderError(f"config file {path}: its _base_ {str(name)!r} forms a cycle: {loop}")
         merged = _merge_base(merged, load_config_file(base, chain))
     return _merge_base(merged, out)
 

@@ -106,6 +106,26 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class PlannedSteps:
+    """A sampler's `progress` hook for a plan: each sampling step runs under the meter's phase
+    'sampling_nograd' (before `cutoff`; None: every step) or 'sampling' (from it). Without `all_steps`
+    only the first step before the cutoff runs: the others have the same shapes and keep nothing, so the
+    peak is the same, and `nograd_scale` is how many steps its FLOPs stand for."""
+
+    def __init__(self, meter: LiveBytes, cutoff: int | None, all_steps: bool = False) -> None:
+        self.meter, self.cutoff, self.all_steps = meter, cutoff, all_steps
+        self.nograd_scale = 1.0
+
+    def __call__(self, steps: Iterable[int]) -> Iterator[int]:
+        steps = list(steps)
+        first_grad = len(steps) if self.cutoff is None else self.cutoff
+        nograd = steps[:first_grad] if self.all_steps else steps[:min(first_grad, 1)]
+        self.nograd_scale = first_grad / max(1, len(nograd))
+        for i in [*nograd, *steps[first_grad:]]:
+            with self.meter.phase("sampling" if i >= first_grad else "sampling_nograd"):
+                yield i
+
+
 def fake_mode():  # type: ignore[no-untyped-def]
     """A FakeTensorMode that accepts real inputs (small real tensors such as timesteps mix in)."""
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from vader import backends
 from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
+from vader.guards import GUARD_NAMES, guard_drops, guard_warning, guards_of_rows
 from vader.media import finite_number, plot_reward_curve, write_video
 from vader.models.text import EmbeddingCache
 from vader.seeds import step_seed
@@ -217,8 +218,6 @@ class Run:
         rows = [r for r in rows if r.get("step", 0) <= step]
         path.write_text("".join(_json_line(r) for r in rows))
         self.history = [r for r in rows if finite_number(r.get("reward"))]
-        from vader.report import GUARD_NAMES
-
         for r in rows:  # the first validation with guards stays the reference after a resume
             found = {g: r[f"guard_{g}"] for g in GUARD_NAMES if finite_number(r.get(f"guard_{g}"))}
             if finite_number(r.get("val_reward")) and found:
@@ -305,15 +304,13 @@ class Run:
         row: dict = {"step": step, "val_reward": reward}
         if gold is not None:
             row["val_gold_reward"] = gold
-        found = _guards(rows or [])
+        found = guards_of_rows(rows or [])
         row.update({f"guard_{k}": v for k, v in found.items()})
         if found:
             ref = self.reference
             if ref is None:
                 self.reference = {"step": step, "reward": reward, "guards": found}
             elif reward > ref["reward"]:
-                from vader.report import guard_drops
-
                 fallen = guard_drops(ref["guards"], found, self.cfg.guard_drop)
                 if fallen:
                     self._warn_guards(row, f"step {step}: the validation reward rose since step {ref['step']} "
@@ -352,9 +349,7 @@ class Run:
         """Reward-hacking guards on the end-of-run videos (same prompts and seeds for base and LoRA):
         logged beside base_val_reward, and one warning line when the reward rose while a guard fell by
         more than guard_drop (frozen motion, flicker, every seed the same video)."""
-        from vader.report import guard_drops
-
-        base, lora = _guards(before), _guards(after)
+        base, lora = guards_of_rows(before), guards_of_rows(after)
         if not base or not lora:
             return  # single-frame videos: no motion to guard
         row = {"step": step, **{f"guard_{k}_base": v for k, v in base.items()},
@@ -369,8 +364,7 @@ class Run:
     def _warn_guards(self, row: dict, rose: str, fallen: list[str], look_at: Path) -> None:
         """One warning line (stderr and `guard_warning` in the metrics row) for a reward that rose while
         guards fell."""
-        message = (f"warning: {rose} while {'; '.join(fallen)} fell by more than guard_drop={self.cfg.guard_drop:g}: "
-                   f"possible reward hacking, look at {look_at}")
+        message = guard_warning(rose, fallen, self.cfg.guard_drop, look_at)
         row["guard_warning"] = message
         tqdm.write(f"[vader] {message}", file=sys.stderr)
 
@@ -392,18 +386,6 @@ class Run:
                           f"(step {last['step']}); outputs in {self.dir} (open report.html)")
         acc.wait_for_everyone()
         acc.end_training()
-
-
-def _guards(rows: list) -> dict[str, float]:
-    """Guards of (prompt, video, score) rows, videos grouped by prompt; {} for single-frame videos."""
-    from vader.evaluate import guards
-
-    if not rows or min(v.shape[1] for _, v, _ in rows) < 2:
-        return {}
-    groups: dict[str, list[torch.Tensor]] = {}
-    for prompt, video, _ in rows:
-        groups.setdefault(prompt, []).append(video.float())
-    return guards([torch.stack(v) for v in groups.values()])
 
 
 def fresh_name(project_dir: Path, name: str) -> str:

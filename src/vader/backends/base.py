@@ -37,7 +37,9 @@ class VideoBackend(Protocol):
     device: torch.device
     dtype: torch.dtype
     lora_target_modules: list[str]
-    lora_formats: tuple[str, ...]  # what the final LoRA is saved as beside peft's adapter ("diffusers")
+    # what the final LoRA is saved as beside peft's adapter: "diffusers" means the generator also has
+    # save_lora_diffusers(lora, folder, config) -> Path (a file `pipe.load_lora_weights` reads)
+    lora_formats: tuple[str, ...]
 
     @property
     def num_frames(self) -> int: ...
@@ -70,10 +72,6 @@ class VideoBackend(Protocol):
         ...
 
     def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
-        ...
-
-    def save_lora(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:  # type: ignore[no-untyped-def]
-        """The LoRA in each of `lora_formats` under `folder` (peft's adapter is saved by the trainer)."""
         ...
 
 
@@ -113,6 +111,7 @@ class BackendModule(Protocol):
     Settings: type  # what Generator.build takes
     LORA_TARGETS: list[str]
     LOG_PROB_SAMPLING: bool  # its generator is a FlowSampler (GRPO can train it)
+    MEMORY_KNOBS: tuple[str, ...]  # the `vader plan --fit` knobs (config keys) it honours
 
     def check_config(self, cfg) -> None:  # type: ignore[no-untyped-def]
         """One-line VaderError for keys this backend cannot honour; fills the backend's defaults in place.
@@ -136,6 +135,12 @@ class BackendModule(Protocol):
 
     def resolved(self, cfg) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         """The geometry `vader config` shows: frames, height_width, latent_shape_CTHW (and notes)."""
+        ...
+
+    def plan_generator(self, cfg, training: bool) -> tuple[nn.Module, Callable]:  # type: ignore[no-untyped-def]
+        """For `vader plan`: the VAE on meta, and `build(meter, prompts)` which, inside the plan's fake
+        mode, gives the models storage under the meter's phases (denoiser, lora, vae, prompts) and returns
+        the generator with stand-in embeddings for `prompts`; with `training`, the LoRA is on."""
         ...
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vader.backends import from_config
 from vader.backends.common import (
     DIFFUSERS_WEIGHTS,
     SCHEDULER_FILES,
@@ -44,7 +45,6 @@ from vader.backends.common import (
     set_checkpointing,
 )
 from vader.dtypes import parse_dtype
-from vader.backends import from_config
 from vader.errors import VaderError
 
 COGVIDEOX_REPO = "THUDM/CogVideoX-2b"
@@ -361,6 +361,7 @@ class CogVideoXGenerator(PromptsAndVideos):
 
 Generator = CogVideoXGenerator
 Settings = CogVideoXSettings
+MEMORY_KNOBS = from_config.MEMORY_KNOBS
 LOG_PROB_SAMPLING = False  # v-prediction DDIM: no rectified flow for GRPO's SDE
 
 
@@ -392,3 +393,24 @@ def meta_part(cfg, part: str):  # type: ignore[no-untyped-def]
 def resolved(cfg) -> dict:  # type: ignore[no-untyped-def]
     s = settings(cfg)
     return from_config.resolved(cfg, CogVideoXGenerator, s, meta_models(s))
+
+
+def _published_scheduler(s: CogVideoXSettings):  # type: ignore[no-untyped-def]
+    """The checkpoint's CogVideoXDDIMScheduler when its files are on this machine, else the published
+    CogVideoX-2b one (v-prediction, trailing spacing, zero-SNR betas); its values never change memory."""
+    from diffusers import CogVideoXDDIMScheduler
+
+    try:
+        return CogVideoXDDIMScheduler.from_pretrained(s.pretrained, subfolder="scheduler", local_files_only=True)
+    except Exception:  # not on this machine: the plan needs no download
+        return CogVideoXDDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                      prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                      set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing")
+
+
+def plan_generator(cfg, training: bool):  # type: ignore[no-untyped-def]
+    s = settings(cfg)
+    scheduler = _published_scheduler(s)
+    return from_config.plan_generator(
+        cfg, s, meta_models(s), LORA_TARGETS, training,
+        lambda transformer, vae: CogVideoXGenerator.from_components(transformer, vae, None, None, scheduler, s))

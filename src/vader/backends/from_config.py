@@ -5,16 +5,24 @@ geometry `vader config` shows. Each backend module calls these with its own name
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from vader.backends.base import MetaModel
+from vader.checkpoint import lora_on_meta
 from vader.config import ModelConfig, TextEncoderConfig, VaderConfig, VAEConfig
 from vader.dtypes import BACKEND_DTYPES
 from vader.errors import VaderError
+from vader.memory import LiveBytes, materialise
 from vader.models.presets import torch_dtype
 
 # text_encoder.model_max_length's default, Open-Sora's T5 length: for a backend it means "the pipeline's own"
 OPENSORA_TEXT_LENGTH = 300
+# the `vader plan --fit` knobs a diffusers backend honours: diffusers' own attention, no fp8 path, no
+# latent decode shortcut, and its build encodes on the device
+MEMORY_KNOBS = ("reward_grad_checkpoint", "grad_checkpoint", "use_AdamW8bit", "decode_frame", "backprop_mode")
 # scheduler keys only some backends read: key -> (its unset value, whose it is); a backend names those it reads
 SCHEDULER_KEYS = {"scheduler.shift": (None, "Wan's flow shift"), "scheduler.use_dynamic_cfg": (False, "CogVideoX's")}
 
@@ -123,4 +131,31 @@ def resolved(cfg: VaderConfig, generator_class: type, settings: Any, models: dic
     return {"frames": cfg.frames, "height_width": [height, width], "latent_shape_CTHW": list(shell.latent_shape)}
 
 
-__all__ = ["OPENSORA_TEXT_LENGTH", "check_config", "meta_part", "resolved", "settings"]
+def plan_generator(cfg: VaderConfig, settings: Any, models: dict[str, Any], targets: list[str], training: bool,
+                   wrap: Callable[[Any, Any], Any]) -> tuple[Any, Callable]:
+    """For `vader plan`: the VAE on meta and `build(meter, prompts)`, which, inside the plan's fake mode,
+    gives the transformer and the VAE storage as `build` loads them (LoRA in fp32 when training), wraps
+    them with `wrap(transformer, vae)` and gives every prompt (and the negative prompt) an embedding of
+    the encoder's output shape."""
+    transformer, vae = models["transformer"], models["vae"]
+    if training:
+        lora_on_meta(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    width = models["text_encoder"].config.d_model
+
+    def build(meter: LiveBytes, prompts: list[str]) -> Any:
+        dtype = torch_dtype(cfg.dtype)
+        with meter.phase("denoiser"):
+            materialise(transformer, dtype, trainable="lora_")
+        meter.relabel([p for n, p in transformer.named_parameters() if "lora_" in n], "lora")
+        with meter.phase("vae"):
+            materialise(vae, torch_dtype(getattr(settings, "vae_dtype", cfg.dtype)))
+        gen = wrap(transformer, vae)
+        with meter.phase("prompts"):
+            for prompt in dict.fromkeys([*prompts, settings.negative_prompt]):
+                gen.embeddings[prompt] = torch.zeros(1, settings.max_sequence_length, width, dtype=dtype)
+        return gen
+
+    return vae, build
+
+
+__all__ = ["OPENSORA_TEXT_LENGTH", "check_config", "meta_part", "plan_generator", "resolved", "settings"]

@@ -16,11 +16,14 @@ import torch
 from torch import Tensor
 
 from vader.backends.base import FlowState, MetaModel
+from vader.checkpoint import lora_on_meta
 from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import decode_selected
+from vader.memory import LiveBytes, materialise
 from vader.models.loading import build_on_meta, local_config
 from vader.models.presets import (
+    attention_backend,
     build_denoiser,
     build_text_encoder,
     build_vae,
@@ -36,6 +39,9 @@ from vader.sampling import TextCondition, conditioning, guided_velocity, make_ti
 
 LORA_TARGETS = ["qkv", "q_linear", "kv_linear"]  # the denoiser's attention projections, as the original
 LOG_PROB_SAMPLING = True  # a rectified flow: GRPO's SDE sampling applies
+# every knob of `vader plan --fit` (vader.plan.KNOBS): Open-Sora is vader's own stack
+MEMORY_KNOBS = ("model.attention", "text_encoder.offload", "vae.micro_batch_size", "reward_grad_checkpoint",
+                "grad_checkpoint", "use_AdamW8bit", "dtype", "decode_strategy", "decode_frame", "backprop_mode")
 Settings = VaderConfig  # Open-Sora is configured by the whole config (sizes tables, T5 suffixes, ...)
 
 
@@ -129,7 +135,9 @@ class OpenSoraGenerator:
     def text_condition(self, prompts: list[str]) -> TextCondition:
         self.encode_prompts(prompts)
         y = torch.cat([self.embeddings[p][0] for p in prompts])
-        mask = torch.cat([self.embeddings[p][1] for p in prompts])
+        masks = [self.embeddings[p][1] for p in prompts]
+        # no mask: every token attends (the plan's stand-ins, planned at model_max_length tokens)
+        mask = None if any(m is None for m in masks) else torch.cat(masks)
         null = self.denoiser.y_embedder.y_embedding
         y_null = null[None, None].expand(len(prompts), 1, *null.shape).to(y.dtype)
         return TextCondition(y=y, mask=mask, y_null=y_null)
@@ -289,6 +297,56 @@ _PARTS: dict[str, Callable[[VaderConfig], MetaModel]] = {
 def meta_part(cfg: VaderConfig, part: str) -> MetaModel:
     """The preset architecture, or the checkpoint's config.json when it is on this machine."""
     return _PARTS[part](cfg)
+
+
+class _Scalar:
+    """Stands for a [n] size tensor where STDiT3 reads `t.reshape(-1)[0].item()` (data-dependent under
+    FakeTensorMode): the plan knows the pixel size."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def reshape(self, *_: object) -> _Scalar:
+        return self
+
+    def __getitem__(self, _: object) -> _Scalar:
+        return self
+
+    def item(self) -> float:
+        return self.value
+
+
+def plan_generator(cfg: VaderConfig, training: bool) -> tuple[torch.nn.Module, Callable]:
+    """For `vader plan`: the VAE on meta (its geometry picks frames) and `build(meter, prompts)`, which,
+    inside the plan's fake mode, gives the generator's weights storage under the meter's phases (LoRA in
+    fp32 when training) and stands in the prompts' embeddings at model_max_length tokens, unmasked."""
+    denoiser, vae = _denoiser(cfg).model, _vae(cfg).model
+    if training:  # as train.setup: after the fp8 quantisation the meta build did
+        lora_on_meta(denoiser, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, LORA_TARGETS)
+    caption_channels = text_encoder_config(cfg.text_encoder).d_model
+
+    def build(meter: LiveBytes, prompts: list[str]) -> OpenSoraGenerator:
+        dtype = torch_dtype(cfg.dtype)
+        with meter.phase("denoiser"):
+            materialise(denoiser, dtype, trainable="lora_")
+        meter.relabel([p for n, p in denoiser.named_parameters() if "lora_" in n], "lora")
+        with meter.phase("vae"):
+            materialise(vae, dtype)
+        denoiser.set_attention_backend(attention_backend(cfg.model))
+        height, width = cfg.height_width
+        original = denoiser._pos_embed
+        denoiser._pos_embed = (  # type: ignore[method-assign]
+            lambda nh, nw, _h, _w, like: original(nh, nw, _Scalar(float(height)), _Scalar(float(width)), like))
+        gen = OpenSoraGenerator(denoiser, vae, None, cfg, torch.device("cpu"), dtype, {})
+        with meter.phase("prompts"):
+            # every prompt's embedding stays on the device (OpenSoraGenerator.embeddings); fp32 as T5 gives them
+            y = torch.empty(max(cfg.train_batch_size, cfg.val_batch_size), 1, cfg.text_encoder.model_max_length,
+                            caption_channels)
+        for i, prompt in enumerate(dict.fromkeys(prompts)):
+            gen.embeddings[prompt] = (y[i: i + 1], None)
+        return gen
+
+    return vae, build
 
 
 def resolved(cfg: VaderConfig) -> dict[str, Any]:

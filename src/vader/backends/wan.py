@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vader.backends import from_config
+from vader.backends.base import FlowState
 from vader.backends.common import (
     DIFFUSERS_WEIGHTS,
     TOKENIZER_FILES,
@@ -45,8 +47,6 @@ from vader.backends.common import (
     set_checkpointing,
 )
 from vader.dtypes import parse_dtype
-from vader.backends import from_config
-from vader.backends.base import FlowState
 from vader.errors import VaderError
 
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -332,6 +332,7 @@ class WanGenerator(PromptsAndVideos):
 
 Generator = WanGenerator
 Settings = WanSettings
+MEMORY_KNOBS = from_config.MEMORY_KNOBS
 LOG_PROB_SAMPLING = True  # flow-matching Euler: a rectified flow (FlowSampler)
 
 
@@ -361,3 +362,10 @@ def meta_part(cfg, part: str):  # type: ignore[no-untyped-def]
 def resolved(cfg) -> dict:  # type: ignore[no-untyped-def]
     s = settings(cfg)
     return from_config.resolved(cfg, WanGenerator, s, meta_models(s))
+
+
+def plan_generator(cfg, training: bool):  # type: ignore[no-untyped-def]
+    s = settings(cfg)
+    return from_config.plan_generator(cfg, s, meta_models(s), LORA_TARGETS, training,
+                                      lambda transformer, vae: WanGenerator.from_components(transformer, vae, None,
+                                                                                            None, s))

@@ -43,6 +43,8 @@ from vader.checkpoint import lora_disabled, set_lora_dropout
 from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import select_frames
+from vader.memory import LiveBytes
+from vader.methods.base import PlannedStep
 from vader.methods.update import StepResult, any_process, apply_update, average_gradients, clip_gradients
 from vader.rewards.base import RewardOutput
 from vader.seeds import make_generator, pick_prompts, set_step_seed
@@ -372,7 +374,46 @@ def check_config(cfg: VaderConfig) -> None:
     GRPOSettings.from_config(cfg)  # one line naming the bad grpo.* key
 
 
+def plan_step(gen: FlowSampler, reward, cfg: VaderConfig, prompts: list[str], frames: list[int],  # type: ignore[no-untyped-def]
+              meter: LiveBytes, all_steps: bool) -> PlannedStep:
+    """grpo_step: train_batch_size x group_size SDE trajectories without gradients (every step's latents
+    kept), the decode and reward without gradients, then one recorded transition's clipped loss with
+    gradients (the others have the same shapes and are freed in between). `all_steps` is moot: one SDE
+    step is run and the trajectory filled with latents of its shape."""
+    settings = GRPOSettings.from_config(cfg)
+    group = [p for p in prompts for _ in range(settings.group_size)]
+    n = len(group)
+    num_steps = cfg.scheduler.num_sampling_steps
+    trained = len(_train_steps(num_steps, settings.train_steps_fraction, random.Random(0)))
+    set_lora_dropout(gen.denoiser, False)  # grpo_step samples and trains without LoRA dropout
+    with meter.phase("sampling_nograd"), torch.no_grad():
+        state = gen.flow_start(group, torch.Generator().manual_seed(0))
+        traj = Trajectory(state, [state.noise], torch.empty(0))
+        v = gen.flow_velocity(state, state.noise, 0)
+        z, _, _, _ = sde_step(v, state.noise, state.timesteps[0], state.next_t(0), settings.noise_level,
+                              num_timesteps=state.num_timesteps)
+        del v
+        traj.latents += [z] + [torch.empty_like(z) for _ in range(num_steps - 1)]
+        traj.log_probs = torch.empty(n, num_steps)
+    with meter.phase("decode"), torch.no_grad():
+        video = gen.decode(traj.final, frames)
+    with meter.phase("reward"), torch.no_grad():
+        reward(video, gen.reward_prompts(group))
+    del video
+    with meter.phase("sampling"):
+        parts = grpo_loss(gen, traj, torch.ones(n), 0, settings, cfg.grad_checkpoint)
+    per_update = trained * settings.inner_epochs
+    # the sampled steps, plus the base model's velocity per update when there is a KL term
+    nograd = num_steps + (per_update if settings.kl_beta > 0 else 0)
+    how = (f"GRPO: {settings.group_size} samples per prompt, {trained} of {num_steps} recorded steps trained one "
+           f"at a time x {settings.inner_epochs} inner epoch(s)")
+    note = (f"method='grpo': {cfg.train_batch_size} prompt(s) x group_size trajectories sampled without "
+            "gradients, then one recorded step at a time with gradients")
+    return PlannedStep(parts.loss / trained, None, {"sampling_nograd": nograd, "sampling": per_update,
+                                                    "backward": per_update}, how, [note], (traj, parts))
+
+
 step = grpo_step  # the MethodModule entry point
 
 __all__ = ["GRPOSettings", "GRPOStepResult", "Trajectory", "check_config", "clipped_objective", "grpo_loss",
-           "grpo_step", "group_advantages", "sample_with_logprobs", "sde_step", "step"]
+           "grpo_step", "group_advantages", "plan_step", "sample_with_logprobs", "sde_step", "step"]

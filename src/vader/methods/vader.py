@@ -15,6 +15,8 @@ from vader.backends.base import VideoBackend
 from vader.checkpoint import set_lora_dropout
 from vader.config import SPECIFIC_CUTOFF, VaderConfig
 from vader.frames import select_frames
+from vader.memory import LiveBytes, PlannedSteps
+from vader.methods.base import PlannedStep
 from vader.methods.update import StepResult, apply_update, average_gradients, clip_gradients
 from vader.seeds import make_generator, pick_prompts, set_step_seed
 
@@ -39,6 +41,15 @@ def backprop_cutoff(mode: str | int | None, num_steps: int, rng: random.Random) 
     if mode == "specific":
         return SPECIFIC_CUTOFF
     raise ValueError(f"unknown backprop_mode {mode!r}")
+
+
+def worst_cutoff(cfg: VaderConfig) -> int:
+    """The backprop cutoff that keeps the most steps' graphs: what `vader plan` plans for every mode."""
+    steps = cfg.scheduler.num_sampling_steps
+    mode = cfg.backprop_mode
+    if isinstance(mode, int):
+        return steps - mode
+    return {"last": steps - 1, "rand": 0, "specific": SPECIFIC_CUTOFF}[mode]
 
 
 def micro_step(gen: VideoBackend, reward, cfg: VaderConfig, accelerator: Accelerator,  # type: ignore[no-untyped-def]
@@ -85,6 +96,25 @@ def train_step(gen: VideoBackend, reward, optimizer, params, cfg: VaderConfig,  
                       skipped=skipped, nonfinite=nonfinite)
 
 
+def plan_step(gen: VideoBackend, reward, cfg: VaderConfig, prompts: list[str], frames: list[int],  # type: ignore[no-untyped-def]
+              meter: LiveBytes, all_steps: bool) -> PlannedStep:
+    """micro_step's forward at its worst cutoff (the most steps with gradients)."""
+    cutoff = worst_cutoff(cfg)
+    steps = PlannedSteps(meter, cutoff, all_steps)
+    latents = gen.sample_latents(prompts, torch.Generator().manual_seed(0), cutoff=cutoff,
+                                 grad_checkpoint=cfg.grad_checkpoint, progress=steps)
+    with meter.phase("decode"):
+        video = gen.decode(latents, frames, grad_checkpoint=cfg.grad_checkpoint)
+    with meter.phase("reward"):
+        out = reward(video, gen.reward_prompts(prompts))
+    total = cfg.scheduler.num_sampling_steps
+    notes = ["backprop_mode='rand' planned at its worst draw (every step keeps gradients)"] \
+        if cfg.backprop_mode == "rand" else []
+    return PlannedStep(out.loss.mean() / cfg.gradient_accumulation_steps, cutoff,
+                       {"sampling_nograd": steps.nograd_scale},
+                       f"{total - cutoff} of {total} sampling steps with gradients", notes, (latents, video, out))
+
+
 step = train_step  # the MethodModule entry point
 
-__all__ = ["backprop_cutoff", "check_config", "micro_step", "step", "train_step"]
+__all__ = ["backprop_cutoff", "check_config", "micro_step", "plan_step", "step", "train_step", "worst_cutoff"]

@@ -3,14 +3,16 @@
 A record says how to build the reward with its weights (`build`), how to build it with no weights on
 the meta device for `vader plan` (`skeleton`), which weights it loads (`weights`), whether it needs a
 decoded clip rather than single frames (`needs_clip`), its frames -> model-input resize when the run
-gives none (`resize`) and whether gradients flow through it (`differentiable`). Everything else is read
-off the records: `reward_names`, `build_reward` (also {name: weight} mixes),
-`vader.rewards.skeleton.reward_skeleton`, `reward_sources` / `required_weights` /
-`check_reward_weights`, `check_decode_frame`, `is_differentiable`, `describe_rewards`.
+gives none (`resize`), whether gradients flow through it (`differentiable`) and the `sources` keys that
+override its weights (`source_keys`). Everything else is read off the records: `reward_names`,
+`build_reward` (also {name: weight} mixes), `vader.rewards.skeleton.reward_skeleton`, `reward_sources`
+/ `required_weights` / `check_reward_weights`, `check_decode_frame`, `is_differentiable`,
+`describe_rewards`, and the reward keys of `SOURCE_KEYS`.
 
 Adding a reward `foo`: one new file, `vader/rewards/foo.py` (the Reward subclass, its `build` and
-`skeleton` factories, its `weights` function if it loads any), and one `RewardSpec("foo", ...)` line in
-`REWARDS` below.
+`skeleton` factories, its `weights` function and `sources` key docs if it loads weights), and here its
+module in the import line below plus one `RewardSpec("foo", ...)` entry in `REWARDS`. The reward
+modules import no model library at import time (transformers / open_clip load inside the factories).
 
 Model weights come from the Hugging Face hub (cache respected, `HF_HUB_OFFLINE` honoured) or from
 local paths given in `sources` (keys: `vader.rewards.hub.SOURCE_KEYS`); `check_reward_weights`
@@ -20,14 +22,14 @@ says, before anything is generated, which weights are missing offline and how to
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from vader.errors import VaderError
-from vader.rewards import actpred, aesthetic, builtin, pickscore, skeleton, toy
+from vader.rewards import actpred, aesthetic, builtin, hps, pickscore, skeleton, toy
 from vader.rewards.base import (
     RESIZE_MODES,
     Reward,
@@ -38,10 +40,6 @@ from vader.rewards.base import (
 )
 from vader.rewards.callable import CallableReward
 from vader.rewards.hub import SOURCE_KEYS, WeightSource, check_sources, validate_sources
-
-# Registered here, where the toy rewards are: importing vader.rewards.hub always runs this module first,
-# so validate_sources and the config reference see the key.
-SOURCE_KEYS.setdefault(toy.SOURCE_KEY, toy.SOURCE_DOC)
 
 __all__ = [
     "REWARDS", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "RewardSpec", "WeightedReward",
@@ -78,6 +76,8 @@ class RewardSpec:
         none; None for rewards that have no such setting.
     differentiable: gradients reach the frames (VADER can train on it), as the built reward's
         `differentiable` class attribute says (absent = True).
+    source_keys: {key: what it overrides} for every `sources` key `build` and `weights` read (they join
+        SOURCE_KEYS, which validate_sources and the config reference list).
     """
 
     name: str
@@ -88,54 +88,45 @@ class RewardSpec:
     needs_clip: str | None = None
     resize: str | None = None
     differentiable: bool = True
+    source_keys: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
-# HPS's factories: they belong next to HPSReward in hps.py (another owner); here until they move there.
-def _hps_weights(sources: dict, *, hps_version: str = "v2.1", **_: Any) -> tuple[WeightSource, ...]:
-    from vader.rewards.hps import hps_source
-
-    return (hps_source(hps_version, sources),)
-
-
-def _build_hps(*, device=None, dtype=torch.float32, hps_version="v2.1", sources=None, resize: str,
-               grad_checkpoint=False, **_: Any) -> Reward:
-    from vader.rewards.hps import HPS_ARCH, HPSReward
-
-    (source,) = _hps_weights(sources or {}, hps_version=hps_version)
-    return HPSReward.from_pretrained(source, hps_version=hps_version, arch=(sources or {}).get("hps_arch", HPS_ARCH),
-                                     device=device, dtype=dtype, resize=resize, grad_checkpoint=grad_checkpoint)
-
-
-def _aesthetic_hps_weights(sources: dict, **options: Any) -> tuple[WeightSource, ...]:
-    return (*aesthetic.aesthetic_sources(sources), *_hps_weights(sources, **options))
-
-
-def _build_aesthetic_hps(**options: Any) -> Reward:
-    from vader.rewards.hps import AestheticHPSReward
-
-    return AestheticHPSReward(aesthetic.build_aesthetic(**options), _build_hps(**options))
-
-
+# HPS's factories and keys: they belong next to HPSReward in hps.py (another owner); here until they move.
 REWARDS: dict[str, RewardSpec] = {spec.name: spec for spec in (
     RewardSpec("colorfulness", "Hasler & Süsstrunk colourfulness (no weights)",
                builtin.build_colorfulness, builtin.build_colorfulness),
     RewardSpec("brightness", "mean luma (no weights)", builtin.build_brightness, builtin.build_brightness),
     RewardSpec("aesthetic", "LAION aesthetic predictor on CLIP ViT-L/14", aesthetic.build_aesthetic,
-               skeleton.aesthetic_skeleton, aesthetic.aesthetic_sources, resize="squash"),
-    RewardSpec("hps", "HPS v2 / v2.1 human preference score (open_clip ViT-H-14)", _build_hps,
-               skeleton.hps_skeleton, _hps_weights, resize="squash"),
-    RewardSpec("aesthetic_hps", "the original's aesthetic + HPS combination", _build_aesthetic_hps,
-               skeleton.aesthetic_hps_skeleton, _aesthetic_hps_weights, resize="squash"),
+               skeleton.aesthetic_skeleton, aesthetic.aesthetic_sources, resize="squash",
+               source_keys=aesthetic.SOURCE_DOCS),
+    RewardSpec("hps", "HPS v2 / v2.1 human preference score (open_clip ViT-H-14)", hps.build_hps,
+               skeleton.hps_skeleton, hps.hps_weights, resize="squash", source_keys=hps.SOURCE_DOCS),
+    RewardSpec("aesthetic_hps", "the original's aesthetic + HPS combination", hps.build_aesthetic_hps,
+               skeleton.aesthetic_hps_skeleton, hps.aesthetic_hps_weights, resize="squash",
+               source_keys={**aesthetic.SOURCE_DOCS, **hps.SOURCE_DOCS}),
     RewardSpec("pick_score", "PickScore v1 (CLIP-H fine-tuned on Pick-a-Pic)", pickscore.build_pick_score,
-               skeleton.pick_score_skeleton, pickscore.pick_sources, resize="crop"),
+               skeleton.pick_score_skeleton, pickscore.pick_sources, resize="crop",
+               source_keys=pickscore.SOURCE_DOCS),
     RewardSpec("actpred", "p(the prompt's Kinetics action | clip), VideoMAE", actpred.build_actpred_reward,
-               skeleton.actpred_skeleton, actpred.actpred_sources, needs_clip="classifies a clip"),
+               skeleton.actpred_skeleton, actpred.actpred_sources, needs_clip="classifies a clip",
+               source_keys=actpred.SOURCE_DOCS),
     RewardSpec("toy_alignment", "toy world: log p(the prompt's attributes | clip)", toy.build_toy_alignment,
                skeleton.toy_alignment_skeleton, toy.classifier_sources,
-               needs_clip="judges motion, which needs a clip"),
+               needs_clip="judges motion, which needs a clip", source_keys=toy.SOURCE_DOCS),
     RewardSpec("toy_size", "toy world: the object's area in % of the frame", toy.build_toy_size,
-               skeleton.toy_size_skeleton, toy.classifier_sources),
+               skeleton.toy_size_skeleton, toy.classifier_sources, source_keys=toy.SOURCE_DOCS),
 )}
+
+
+def _register_source_keys() -> None:
+    """The records' `sources` keys join SOURCE_KEYS (validate_sources, the config reference): importing
+    vader.rewards.hub always runs this module first, so they are there whenever the hub module is."""
+    for spec in REWARDS.values():
+        for key, doc in spec.source_keys.items():
+            SOURCE_KEYS.setdefault(key, doc)
+
+
+_register_source_keys()
 
 
 def reward_names() -> tuple[str, ...]:

@@ -49,6 +49,10 @@ from vader.weights import download_command, download_hint
 ACTPRED_MODEL = "MCG-NJU/videomae-base-finetuned-kinetics"
 # (hub repository, file) pairs an offline check needs; None = the repository's model files.
 ACTPRED_WEIGHTS = [(ACTPRED_MODEL, None)]
+# the `sources` key it reads -> what it overrides (documented in the config reference)
+SOURCE_DOCS = {
+    "actpred": "ActPred video classifier: hub id or local folder (default MCG-NJU/videomae-base-finetuned-kinetics)",
+}
 # how the decoded frames reach the classifier (see the module docstring)
 FRAME_MODES = ("decoded", "resample")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -414,7 +418,7 @@ def build_actpred_reward(*, sources: dict | None = None, actpred_frames: str = "
 
 
 __all__ = [
-    "ACTPRED_MODEL", "ACTPRED_WEIGHTS", "CLIP_DECODE_FRAMES", "FRAME_MODES", "ActPred", "ClipTransform",
+    "ACTPRED_MODEL", "ACTPRED_WEIGHTS", "CLIP_DECODE_FRAMES", "FRAME_MODES", "SOURCE_DOCS", "ActPred", "ClipTransform",
     "actpred_sources", "build_actpred", "build_actpred_reward", "check_decode_frame", "check_strict",
     "preprocess_clip", "sample_indices", "sinusoid_positions",
 ]

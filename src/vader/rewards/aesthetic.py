@@ -34,6 +34,13 @@ from vader.rewards.hub import (
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
 # the LAION `sac+logos+ava1-l14-linearMSE.pth` MLP, as TRL publishes it for DDPO
 AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
+# the `sources` keys it reads -> what they override (documented in the config reference)
+SOURCE_DOCS = {
+    "aesthetic_clip": "CLIP ViT-L/14 for 'aesthetic': hub id or local save_pretrained folder "
+                      "(default openai/clip-vit-large-patch14; only the vision tower is loaded)",
+    "aesthetic_head": "LAION aesthetic MLP state dict (.pth): local file, hub repo or repo/file "
+                      "(default trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth = sac+logos+ava1-l14-linearMSE)",
+}
 
 
 def aesthetic_sources(sources: dict | None = None, **_: object) -> tuple[WeightSource, WeightSource]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vader.errors import VaderError
-from vader.rewards.aesthetic import AestheticReward
+from vader.rewards.aesthetic import AestheticReward, aesthetic_sources, build_aesthetic
 from vader.rewards.base import (
     CLIP_MEAN,
     CLIP_STD,
@@ -33,6 +33,14 @@ from vader.rewards.hub import WeightSource, file_source, resolve_file
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 HPS_ARCH = "ViT-H-14"
+
+
+SOURCE_DOCS = {
+    "hps": "HPS checkpoint ({'state_dict': ...}): local file, hub repo or repo/file "
+           "(default xswu/HPSv2/HPS_v2.1_compressed.pt, or HPS_v2_compressed.pt for hps_version v2.0)",
+    "hps_arch": "open_clip model name the HPS checkpoint fits, or a path to an open_clip model-config .json "
+                "(default ViT-H-14)",
+}
 
 
 def hps_version_file(hps_version: str) -> str:
@@ -198,3 +206,25 @@ class AestheticHPSReward(Reward):
         a = self.aesthetic.score_images(images, prompts)
         h = self.hps.score_images(images, prompts)
         return RewardOutput(reward=(a.reward + 15 * h.reward) / 2, loss=(1.5 * a.loss + h.loss) / 2)
+
+
+# ---- the registry's record (vader.rewards.REWARDS) --------------------------------------------------
+
+
+def hps_weights(sources: dict, *, hps_version: str = "v2.1", **_: object) -> tuple[WeightSource, ...]:
+    return (hps_source(hps_version, sources),)
+
+
+def build_hps(*, device=None, dtype=torch.float32, hps_version="v2.1", sources=None, resize: str,  # type: ignore[no-untyped-def]
+              grad_checkpoint=False, **_: object) -> HPSReward:
+    (source,) = hps_weights(sources or {}, hps_version=hps_version)
+    return HPSReward.from_pretrained(source, hps_version=hps_version, arch=(sources or {}).get("hps_arch", HPS_ARCH),
+                                     device=device, dtype=dtype, resize=resize, grad_checkpoint=grad_checkpoint)
+
+
+def aesthetic_hps_weights(sources: dict, **options: object) -> tuple[WeightSource, ...]:
+    return (*aesthetic_sources(sources), *hps_weights(sources, **options))  # type: ignore[arg-type]
+
+
+def build_aesthetic_hps(**options: object) -> AestheticHPSReward:
+    return AestheticHPSReward(build_aesthetic(**options), build_hps(**options))  # type: ignore[arg-type]

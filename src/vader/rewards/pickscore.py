@@ -22,6 +22,12 @@ from vader.rewards.hub import WeightSource, folder_source, load_error, pretraine
 
 PICK_MODEL = "yuvalkirstain/PickScore_v1"
 PICK_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+# the `sources` keys it reads -> what they override (documented in the config reference)
+SOURCE_DOCS = {
+    "pick_score": "PickScore CLIPModel: hub id or local folder (default yuvalkirstain/PickScore_v1)",
+    "pick_score_processor": "PickScore tokenizer + image processor: hub id or local folder "
+                            "(default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)",
+}
 
 
 def pick_sources(sources: dict | None = None, **_: object) -> tuple[WeightSource, WeightSource]:

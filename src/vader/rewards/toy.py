@@ -30,6 +30,7 @@ from vader.toyworld import WEIGHTS, world
 SOURCE_KEY = "toy_classifier"
 SOURCE_DOC = ("toy world video classifier for 'toy_alignment' and 'toy_size': a local folder with config.json + "
               "model.safetensors (default: the package's vader/assets/toyworld/classifier)")
+SOURCE_DOCS = {SOURCE_KEY: SOURCE_DOC}  # the `sources` key both toy rewards read -> what it overrides
 DEFAULT_FOLDER = str(Path(WEIGHTS) / "classifier")
 _SCORE_SUFFIX = re.compile(r"\s*aesthetic score:\s*[\d.]+\.?\s*$", re.IGNORECASE)
 
@@ -156,7 +157,7 @@ def build_toy_size(*, device=None, dtype=torch.float32, sources=None, **_) -> To
 
 
 __all__ = [
-    "CLIP_DECODE_FRAMES", "DEFAULT_FOLDER", "SOURCE_DOC", "SOURCE_KEY", "ToyAlignment", "ToySize",
+    "CLIP_DECODE_FRAMES", "DEFAULT_FOLDER", "SOURCE_DOC", "SOURCE_DOCS", "SOURCE_KEY", "ToyAlignment", "ToySize",
     "build_toy_alignment", "build_toy_size", "check_decode_frame", "classifier_folder", "classifier_sources",
     "load_classifier", "parse_prompt",
 ]
