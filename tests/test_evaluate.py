@@ -58,16 +58,16 @@ def _eval_args(tmp: Path, lora: Path, *extra: str) -> list[str]:
 
 
 def test_eval_end_to_end_compares_base_and_lora_on_the_same_seeds(lora_run, tmp_path, capsys, monkeypatch):
-    import vader.media
+    import vader.evaluate
 
     frames: dict[Path, torch.Tensor] = {}  # what each mp4 was made from (H.264 may round differently)
-    write = vader.media.write_video
+    write = vader.evaluate.write_video
 
     def recording_write(path, video, **kwargs):
         frames[Path(path)] = video.clone()
         return write(path, video, **kwargs)
 
-    monkeypatch.setattr(vader.media, "write_video", recording_write)
+    monkeypatch.setattr(vader.evaluate, "write_video", recording_write)  # as evaluate writes them
     prompts = tmp_path / "heldout.txt"
     prompts.write_text("a red ball\na blue cube on grass\na dog running\n")
     args = _eval_args(tmp_path, lora_run / "lora", "--prompts", str(prompts), "--rewards", "colorfulness,brightness")

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+import vader.methods.vader
 import vader.train
 from vader.run import Run, make_accelerator
 from vader.train import Trainer, setup
@@ -90,14 +91,14 @@ def test_fp16_mixed_precision_with_grad_scaler(trainer, monkeypatch: pytest.Monk
     assert scaler.get_scale() == scale  # no overflow: unchanged (growth only after 2000 good steps)
 
     # An inf gradient with finite loss and reward: the scaler skips the update and halves the scale.
-    real_micro_step = vader.train.micro_step
+    real_micro_step = vader.methods.vader.micro_step
 
     def overflowing(*args, **kwargs):
         out = real_micro_step(*args, **kwargs)
         t.params[0].grad.view(-1)[0] = math.inf
         return out
 
-    monkeypatch.setattr(vader.train, "micro_step", overflowing)
+    monkeypatch.setattr(vader.methods.vader, "micro_step", overflowing)
     before = _snapshot(t)
     result = t.step(3)
     assert result.skipped and not result.nonfinite  # an overflow, not a bad run

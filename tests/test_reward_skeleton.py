@@ -15,7 +15,7 @@ import torch
 
 from vader.errors import VaderError
 from vader.memory import LiveBytes, fake_mode, materialise
-from vader.rewards import REWARDS, WeightedReward, build_reward, reward_names
+from vader.rewards import REWARDS, WeightedReward, build_reward, reward_names, reward_skeleton
 from vader.rewards.actpred import ActPred, ClipTransform
 from vader.rewards.aesthetic import AestheticMLP, AestheticReward
 from vader.rewards.base import CLIP_MEAN, CLIP_STD, ImageTransform
@@ -23,7 +23,7 @@ from vader.rewards.builtin import Brightness, Colorfulness
 from vader.rewards.hps import AestheticHPSReward, HPSReward
 from vader.rewards.kinetics import KINETICS_400
 from vader.rewards.pickscore import PickScoreReward
-from vader.rewards.skeleton import PICK_SCORE_PROCESSOR, OfflineClipTokenizer, reward_skeleton
+from vader.rewards.skeleton import PICK_SCORE_PROCESSOR, OfflineClipTokenizer
 from vader.rewards.toy import ToyAlignment, ToySize
 
 CLASSES = {

@@ -284,7 +284,7 @@ class _Foo(Reward):
 def test_one_record_is_all_a_new_reward_needs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registering one record makes every derived table see the reward: names, build, skeleton (plan),
     weights, the clip rule, differentiability."""
-    from vader.rewards.skeleton import reward_skeleton
+    from vader.rewards import reward_skeleton
 
     weights = WeightSource("foo", "foo model", repo="someone/foo", filename="foo.pt")
     spec = RewardSpec("foo", "a test reward", lambda resize, **_: _Foo(resize), lambda resize, **_: _Foo(resize),

@@ -24,7 +24,9 @@ from typing import Any
 from vader.backends import MODEL_TYPES, backend_module, backend_of
 from vader.dtypes import DTYPES
 from vader.errors import VaderError
+from vader.frames import max_decode_index
 from vader.methods import METHODS, method_module
+from vader.sizes import SPATIAL_COMPRESSION, image_size, parse_num_frames
 
 BACKPROP_MODES = ("last", "rand", "specific")
 SPECIFIC_CUTOFF = 15  # the original's `specific` mode: gradients from step 15 (0-based) on
@@ -245,8 +247,6 @@ class VaderConfig:
     # ---- derived values (computed by validate) ----
     @property
     def height_width(self) -> tuple[int, int]:
-        from vader.sizes import image_size
-
         if self.image_size is not None:
             size = self.image_size
             if not (isinstance(size, (tuple, list)) and len(size) == 2
@@ -257,8 +257,6 @@ class VaderConfig:
 
     @property
     def frames(self) -> int:
-        from vader.sizes import parse_num_frames
-
         return parse_num_frames(self.num_frames)
 
     @property
@@ -609,9 +607,7 @@ def _check_rewards(cfg: VaderConfig) -> None:
             raise VaderError(f"reward_fn={cfg.reward_fn!r} is a Python function with no gradient; "
                              f"method={cfg.method!r} backpropagates through the reward: use --method grpo, or a "
                              "registered reward")
-        from vader.rewards.callable import load_callable_reward
-
-        load_callable_reward(cfg.reward_fn)  # imports it now: a typo fails before anything loads
+        _rewards().callable.load_callable_reward(cfg.reward_fn)  # imports it now: a typo fails before anything loads
         return
     validate_reward(cfg.reward_fn)
     validate_reward_inputs(cfg)
@@ -622,9 +618,7 @@ def _check_gold(cfg: VaderConfig) -> None:
     if gold is None:
         return
     if is_callable_spec(gold):  # a Python callable needs no gradient: any method
-        from vader.rewards.callable import load_callable_reward
-
-        load_callable_reward(gold, key="gold_reward")
+        _rewards().callable.load_callable_reward(gold, key="gold_reward")
         return
     try:
         validate_reward(gold)
@@ -633,10 +627,8 @@ def _check_gold(cfg: VaderConfig) -> None:
     if gold == cfg.reward_fn:
         raise VaderError(f"gold_reward={gold!r} is the training reward; the gold reward is one the LoRA is not "
                          "trained on (another registered reward or 'module:function'), or None")
-    from vader.rewards import check_decode_frame
-
     try:
-        check_decode_frame(gold, cfg.decode_frame)
+        _rewards().check_decode_frame(gold, cfg.decode_frame)
     except VaderError as exc:
         raise VaderError(str(exc).replace("reward_fn", "gold_reward")) from None
 
@@ -670,8 +662,6 @@ AFTER_TABLE: tuple[Callable[[VaderConfig], None], ...] = (
 def _validate_image_size(cfg: VaderConfig) -> None:
     """An explicit image_size must be what the VAE can make exactly: a multiple of its spatial
     downsampling in both directions (the denoiser pads its patches itself, so no other factor)."""
-    from vader.sizes import SPATIAL_COMPRESSION
-
     height, width = cfg.height_width
     if height < 16 or width < 16:
         raise VaderError(f"image_size={cfg.image_size!r} must be at least 16x16 pixels")
@@ -710,8 +700,6 @@ def _validate_backprop_mode(mode: Any, num_steps: int) -> str | int:
 def _validate_decode_frame(value: Any, num_frames: int, strategy: str = "exact", micro_frame_size: int = 17) -> str:
     """'-1', 'fml', 'all', 'alt' or an index: of an output frame with decode_strategy 'exact', of a
     latent frame with 'latent' (the original's meaning); the range comes from vader.frames."""
-    from vader.frames import max_decode_index
-
     text = str(value).strip() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
     if text is None:
         raise VaderError(f"decode_frame={value!r}: choose '-1', a frame index like '3', 'fml', 'all' or 'alt'")
@@ -728,10 +716,16 @@ def _validate_decode_frame(value: Any, num_frames: int, strategy: str = "exact",
                      "'fml', 'all' or 'alt'")
 
 
-def validate_reward(reward_fn: Any) -> None:
-    from vader.rewards import reward_names
+def _rewards() -> types.ModuleType:
+    """The reward registry, imported when a config's rewards are checked (it imports torch, which
+    reading and printing a config never needs)."""
+    import vader.rewards
 
-    names = reward_names()
+    return vader.rewards
+
+
+def validate_reward(reward_fn: Any) -> None:
+    names = _rewards().reward_names()
     if isinstance(reward_fn, str):
         _check_choice("reward_fn", reward_fn, names)
         return
@@ -747,11 +741,9 @@ def validate_reward(reward_fn: Any) -> None:
 
 def validate_reward_inputs(cfg: VaderConfig) -> None:
     """Cheap checks that would otherwise fail only after the models are loaded."""
-    from vader.rewards import check_decode_frame
-    from vader.rewards.hub import validate_sources
-
-    validate_sources(cfg.reward_sources)
-    check_decode_frame(cfg.reward_fn, cfg.decode_frame)  # rewards that need a clip (actpred, toy_alignment)
+    rewards = _rewards()
+    rewards.validate_sources(cfg.reward_sources)
+    rewards.check_decode_frame(cfg.reward_fn, cfg.decode_frame)  # rewards that need a clip (actpred, toy_alignment)
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

@@ -32,10 +32,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from vader.config import is_callable_spec
+from vader.checkpoint import (
+    ADAPTER_FILE,
+    add_lora,
+    load_lora,
+    lora_config,
+    lora_disabled,
+    saved_lora_config,
+    set_lora_dropout,
+)
+from vader.config import is_callable_spec, load_config
 from vader.errors import VaderError
 from vader.guards import guards
+from vader.media import write_video
+from vader.models.presets import torch_dtype
+from vader.preflight import preflight
+from vader.prompts import read_prompt_file
 from vader.report import eval_report, format_ci, format_number
+from vader.rewards import build_reward, check_reward_weights, reward_names
+from vader.rewards.callable import load_callable_reward
+from vader.run import build_generator, fresh_name, load_prompts, make_accelerator, step_seed
 
 # ---- statistics ---------------------------------------------------------------------------------
 
@@ -88,8 +104,6 @@ def _reward_label(reward_fn: str | dict[str, float]) -> str:
 
 
 def parse_rewards(text: str) -> list[str]:
-    from vader.rewards import reward_names
-
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise VaderError(f"--rewards={text!r} names no reward; give a comma-separated list, e.g. colorfulness,hps")
@@ -101,8 +115,6 @@ def parse_rewards(text: str) -> list[str]:
 
 
 def check_lora_path(lora: str | Path) -> Path:
-    from vader.checkpoint import ADAPTER_FILE
-
     path = Path(lora)
     file = path / ADAPTER_FILE if path.is_dir() else path
     if not file.is_file():
@@ -112,12 +124,7 @@ def check_lora_path(lora: str | Path) -> Path:
 
 
 def _build_reward(cfg, name: str | dict[str, float], device: torch.device):
-    from vader.models.presets import torch_dtype
-    from vader.rewards import build_reward
-
     if is_callable_spec(name):
-        from vader.rewards.callable import load_callable_reward
-
         return load_callable_reward(name, key="--rewards")
     return build_reward(name, device=device, dtype=torch_dtype(cfg.dtype), hps_version=cfg.hps_version,
                         sources=cfg.reward_sources, resize=cfg.reward_resize)
@@ -130,19 +137,6 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
 
     Seed s of prompt batch b uses generator seed step_seed(cfg.seed, 'eval', s, b) for both models,
     so base and LoRA (and two evals of one config) start from the same noise."""
-    from vader.checkpoint import (
-        add_lora,
-        load_lora,
-        lora_config,
-        lora_disabled,
-        saved_lora_config,
-        set_lora_dropout,
-    )
-    from vader.media import write_video
-    from vader.preflight import preflight
-    from vader.rewards import check_reward_weights
-    from vader.run import build_generator, fresh_name, load_prompts, make_accelerator, step_seed
-
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise VaderError(f"--seeds={seeds!r} must be a whole number >= 1")
     lora_path = check_lora_path(lora_path)
@@ -303,9 +297,6 @@ def _seeds(text: str) -> int:
 
 
 def run_eval(argv: list[str]) -> EvalResult:
-    from vader.config import load_config
-    from vader.prompts import read_prompt_file
-
     args, overrides = _parser().parse_known_args(argv)
     seeds = _seeds(args.seeds)
     check_lora_path(args.lora)

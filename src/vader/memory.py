@@ -106,6 +106,17 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def materialise_generator_models(meter: LiveBytes, denoiser: nn.Module, vae: nn.Module, dtype: torch.dtype,
+                                 vae_dtype: torch.dtype) -> None:
+    """A generator's denoiser (its LoRA parameters, if any, in fp32 and counted as 'lora') and VAE given
+    storage under the meter's 'denoiser' / 'vae' phases, as a build loads them."""
+    with meter.phase("denoiser"):
+        materialise(denoiser, dtype, trainable="lora_")
+    meter.relabel([p for n, p in denoiser.named_parameters() if "lora_" in n], "lora")
+    with meter.phase("vae"):
+        materialise(vae, vae_dtype)
+
+
 class PlannedSteps:
     """A sampler's `progress` hook for a plan: each sampling step runs under the meter's phase
     'sampling_nograd' (before `cutoff`; None: every step) or 'sampling' (from it). Without `all_steps`

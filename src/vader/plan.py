@@ -29,14 +29,18 @@ from torch import nn
 
 from vader.backends import backend_module
 from vader.checkpoint import set_lora_dropout
-from vader.config import VaderConfig
+from vader.config import VaderConfig, load_config
+from vader.dtypes import DTYPES
 from vader.errors import VaderError
 from vader.frames import decode_choices, select_frames
 from vader.memory import LiveBytes, PlannedSteps, fake_mode, materialise
 from vader.methods import method_module
 from vader.methods.base import PlannedStep
 from vader.models.presets import torch_dtype
-from vader.run import load_prompts
+from vader.preflight import preflight
+from vader.rewards import reward_skeleton
+from vader.run import Run, load_prompts, make_accelerator
+from vader.train import setup
 
 GIB = 2**30
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for the step-time estimate.
@@ -106,7 +110,6 @@ class Plan:
 
 
 def _reward_on_meta(cfg: VaderConfig, dtype: torch.dtype, num_frames: int):  # type: ignore[no-untyped-def]
-    from vader.rewards.skeleton import reward_skeleton
 
     return reward_skeleton(cfg.reward_fn, dtype=dtype, hps_version=cfg.hps_version, resize=cfg.reward_resize,
                            grad_checkpoint=cfg.reward_grad_checkpoint, actpred_frames=cfg.actpred_frames,
@@ -321,8 +324,6 @@ def fit(path: str, overrides: list[str], budget: int, *, tflops: float, mfu: flo
         knobs: tuple[tuple[str, str, bool], ...] = KNOBS) -> FitResult:
     """The fastest setting within `budget`: turn knobs on in KNOBS order until the plan fits, then turn
     back off every one the fit does not need (fastest = fewest FLOPs, so recompute is dropped first)."""
-    from vader.config import load_config
-
     base = load_config(path, overrides)
     available = [k for k in knobs if _knob_applies(base, k)]
     chosen: list[tuple[str, str, bool]] = []
@@ -362,8 +363,6 @@ def _knob_applies(cfg: VaderConfig, knob: tuple[str, str, bool]) -> bool:
     if key == "model.attention" and not hasattr(cfg.model, "attention"):
         return False
     if key == "dtype" and value == "fp8":
-        from vader.dtypes import DTYPES
-
         if "fp8" not in DTYPES:
             return False
     return _value(cfg, key) != value
@@ -429,8 +428,6 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
 
 def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bool, gpu: str | None,
               tflops: float | None, mfu: float, all_steps: bool) -> str:
-    from vader.config import load_config
-
     if gpu is not None and gpu not in GPU_TFLOPS:
         raise VaderError(f"--gpu={gpu!r} is not known; choose one of {', '.join(GPU_TFLOPS)} or give --tflops")
     if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
@@ -473,8 +470,6 @@ def measure_real_step(cfg: VaderConfig, seconds: list[float] | None = None) -> P
     `seconds` receives the wall time of a third step, run without the meter."""
     import time
 
-    from vader.run import Run, make_accelerator
-    from vader.train import setup
 
     meter = LiveBytes()
     accelerator = make_accelerator(cfg)
@@ -505,8 +500,6 @@ def bench_main(path: str, overrides: list[str]) -> str:
     import shutil
     import tempfile
 
-    from vader.config import load_config
-    from vader.preflight import preflight
 
     scratch = tempfile.mkdtemp(prefix="vader-bench-")
     try:

@@ -17,8 +17,14 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+from vader import weights
+from vader.backends import backend_module
+from vader.checkpoint import ADAPTER_FILE
 from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
+from vader.models.presets import torch_dtype
+from vader.rewards import hub, reward_sources
+from vader.run import load_prompts
 
 COMMANDS = ("train", "infer")
 WANDB_OFF_MODES = ("offline", "disabled", "dryrun")
@@ -94,8 +100,6 @@ def _folder_problem(target: Path) -> str | None:
 
 def check_prompts(cfg: VaderConfig, command: str) -> list[str]:
     """The prompts must parse, with the one parser train, infer and score use."""
-    from vader.run import load_prompts
-
     load_prompts(cfg)
     return []
 
@@ -104,8 +108,6 @@ def check_lora_files(cfg: VaderConfig, command: str) -> list[str]:
     """A LoRA named by lora_ckpt_path (and, for train, the adapter of a resume_from folder) must be a
     readable weights file: a zero-length, truncated or corrupt file is caught here, not after the
     models are loaded. Reads the safetensors header, or the .pt file's tensors (a LoRA is small)."""
-    from vader.checkpoint import ADAPTER_FILE
-
     problems = []
     if cfg.lora_ckpt_path:
         path = Path(cfg.lora_ckpt_path)
@@ -195,8 +197,6 @@ def _netrc_has(host: str) -> bool:
 
 def check_runtime(cfg: VaderConfig, command: str) -> list[str]:
     """Settings that are valid keys but fail on this machine or in this version."""
-    from vader.models.presets import torch_dtype
-
     problems = []
     try:
         torch_dtype(cfg.dtype)
@@ -214,20 +214,12 @@ def check_runtime(cfg: VaderConfig, command: str) -> list[str]:
 def check_weights(cfg: VaderConfig, command: str) -> list[str]:
     """Every model and reward weight the run needs, in one line: local paths that do not exist always;
     hub weights that are not cached when offline, or when the hub does not answer a short probe."""
-    from vader import weights
-    from vader.backends import backend_module
-    from vader.rewards import hub
-
     # the backend's own lookup: whole lines (every part of a pipeline at once) and records merged below
     problems, found = backend_module(cfg.backend).weight_problems(cfg)
     if command == "train" and not is_callable_spec(cfg.reward_fn):  # a callable has none
-        from vader.rewards import reward_sources
-
         found += hub.missing(reward_sources(cfg.reward_fn, cfg.hps_version, cfg.reward_sources))
     gold = cfg.gold_reward
     if command == "train" and gold is not None and not is_callable_spec(gold):
-        from vader.rewards import reward_sources
-
         seen = {m.name for m in found}
         found += [m for m in hub.missing(reward_sources(gold, cfg.hps_version, cfg.reward_sources)) if m.name not in seen]
     problems += [m.problem if m.problem and m.problem.startswith(m.key) else f"{m.key}={m.name!r}: {m.problem}"

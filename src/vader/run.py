@@ -34,8 +34,13 @@ from vader import backends
 from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
 from vader.guards import GUARD_NAMES, guard_drops, guard_warning, guards_of_rows
-from vader.media import finite_number, plot_reward_curve, write_video
+from vader.media import finite_number, plot_before_after, plot_reward_curve, write_video
+from vader.models.presets import torch_dtype
 from vader.models.text import EmbeddingCache
+from vader.prompts import read_prompt_file, read_prompt_lines
+from vader.report import training_report
+from vader.rewards import build_reward
+from vader.rewards.callable import load_callable_reward
 from vader.seeds import step_seed
 
 
@@ -58,8 +63,6 @@ def make_accelerator(cfg: VaderConfig) -> Accelerator:
 
 def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     """Prompts, and explicit labels given as `prompt<TAB>label` lines (ActPred's target action)."""
-    from vader.prompts import read_prompt_file, read_prompt_lines
-
     if cfg.prompt:
         prompts, labels = read_prompt_lines(cfg.prompt)
     elif cfg.prompt_path:
@@ -82,13 +85,8 @@ def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
 def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn=None, key: str = "reward_fn"):
     """The frozen reward (cfg.reward_fn, or `reward_fn` such as the gold reward), with every prompt's
     text side (and ActPred's target action) prepared once."""
-    from vader.models.presets import torch_dtype
-    from vader.rewards import build_reward
-
     reward_fn = cfg.reward_fn if reward_fn is None else reward_fn
     if is_callable_spec(reward_fn):  # module:function: GRPO's reward, or a gold reward
-        from vader.rewards.callable import load_callable_reward
-
         reward = load_callable_reward(reward_fn, key=key)
     else:
         reward = build_reward(reward_fn, device=device, dtype=torch_dtype(cfg.dtype),
@@ -326,8 +324,6 @@ class Run:
                          base_gold: float | None = None) -> None:
         """The base model's validation reward beside the LoRA's, and before_after.png (same prompts
         and seeds; this process's videos)."""
-        from vader.media import plot_before_after
-
         if not self.accelerator.is_main_process:
             return
         self.previews = (before, after)
@@ -376,8 +372,6 @@ class Run:
             if metrics.is_file() and self.history:
                 plot_reward_curve(metrics, self.dir / "reward_curve.png")
             if self.kind == "train":
-                from vader.report import training_report
-
                 before, after = self.previews or ([], [])
                 training_report(self.dir, before, after, fps=self.cfg.save_fps)
             if metrics.is_file() and self.history:

@@ -21,8 +21,13 @@ from pathlib import Path
 
 import torch
 
+from vader import rewards
+from vader.config import validate_reward
 from vader.dtypes import TORCH_NAMES, parse_dtype
 from vader.errors import VaderError
+from vader.media import read_video
+from vader.prompts import read_prompt_file, read_prompt_lines
+from vader.rewards.base import Reward, WeightedReward
 
 FRAME_CHUNK = 16  # frames per call for per-frame rewards (bounds memory on long videos)
 
@@ -38,16 +43,12 @@ class VideoScore:
 
 def _is_per_frame(reward) -> bool:
     """A reward that scores frames independently (the Reward base forward) may see a video in chunks."""
-    from vader.rewards.base import Reward, WeightedReward
-
     if isinstance(reward, WeightedReward):  # a mix is per frame when every part is
         return all(_is_per_frame(part) for part in reward.parts.values())
     return type(reward).forward is Reward.forward
 
 
 def _read(path: Path) -> torch.Tensor:
-    from vader.media import read_video
-
     if not path.is_file():
         raise VaderError(f"no such video: {str(path)!r}")
     try:
@@ -122,8 +123,6 @@ def match_prompts(prompts: list[str], num_videos: int, source: str = "prompts") 
 def parse_reward(text: str) -> str | dict[str, float]:
     """`--reward`: a reward name or a weighted mix written as a dict, exactly as the config's
     reward_fn accepts it (validated by the config's own check, so the errors are the same)."""
-    from vader.config import validate_reward
-
     value: object = text.strip()
     if isinstance(value, str) and value.startswith("{"):
         try:
@@ -198,8 +197,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prompts_from(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    from vader.prompts import read_prompt_file, read_prompt_lines
-
     if args.prompts is not None:
         prompts, labels = read_prompt_file(args.prompts, key="--prompts")
     elif args.prompt is not None:
@@ -214,8 +211,6 @@ def _prompts_from(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 def run_score(args: argparse.Namespace) -> list[VideoScore]:
     """Build the reward, score the videos and print the table (raises VaderError on user mistakes)."""
-    from vader import rewards
-
     reward_fn = parse_reward(args.reward)
     prompts, labels = _prompts_from(args)
     prompts = match_prompts(prompts, len(args.videos), "prompts in " + repr(args.prompts) if args.prompts else "prompts")

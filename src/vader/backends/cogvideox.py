@@ -15,36 +15,14 @@ image or video conditioning.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from vader.backends import from_config
-from vader.backends.common import (
-    DIFFUSERS_WEIGHTS,
-    SCHEDULER_FILES,
-    TOKENIZER_FILES,
-    TRANSFORMERS_WEIGHTS,
-    Component,
-    PromptEncoder,
-    PromptsAndVideos,
-    adopt,
-    architecture_config,
-    check_frames,
-    decode_until,
-    load_part,
-    missing_weights_message,
-    real_tensors,
-    require_diffusers,
-    save_diffusers_lora,
-    set_checkpointing,
-)
-from vader.dtypes import parse_dtype
+from vader.backends import common, from_config
 from vader.errors import VaderError
 
 COGVIDEOX_REPO = "THUDM/CogVideoX-2b"
@@ -78,42 +56,16 @@ class CogVideoXSettings:
     negative_prompt: str = ""
     max_sequence_length: int = 226  # must equal the transformer's max_text_seq_length
 
-    def components(self) -> dict[str, Component]:
-        def source(value: str | None) -> str:
-            return value if value is not None else self.pretrained
-
-        return {
-            "tokenizer": Component("tokenizer", source(self.tokenizer), "tokenizer", TOKENIZER_FILES[0], ()),
-            "text_encoder": Component("text_encoder", source(self.text_encoder), "text_encoder", "config.json",
-                                      TRANSFORMERS_WEIGHTS),
-            "transformer": Component("transformer", source(self.transformer), "transformer", "config.json",
-                                     DIFFUSERS_WEIGHTS),
-            "vae": Component("vae", source(self.vae), "vae", "config.json", DIFFUSERS_WEIGHTS),
-            "scheduler": Component("scheduler", source(self.scheduler), "scheduler", SCHEDULER_FILES[0], ()),
-        }
+    def components(self) -> dict[str, common.Component]:
+        return common.pipeline_components(
+            self, common.Component("scheduler", self.scheduler or self.pretrained, "scheduler", common.SCHEDULER_FILES[0], ()))
 
     def validate(self, spatial_multiple: int = 16, frame_rule: int = 8) -> None:
-        for key in ("height", "width"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0 or value % spatial_multiple:
-                raise VaderError(f"{key}={value!r} must be a positive multiple of {spatial_multiple} (the VAE "
-                                 f"downsamples 8x and the transformer patches 2x2), e.g. 480 x 720")
+        """One-line errors for sizes and numbers the pipeline cannot run (before anything loads)."""
+        common.check_settings(self, spatial_multiple, "480 x 720")
         if not isinstance(self.num_frames, int) or self.num_frames < 1 or (self.num_frames - 1) % frame_rule:
             raise VaderError(f"num_frames={self.num_frames!r} must be {frame_rule}k + 1 (an odd number of latent "
                              "frames, which the VAE decodes to exactly that many frames), e.g. 33 or 49")
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise VaderError(f"num_steps={self.num_steps!r} must be a positive integer")
-        if not math.isfinite(self.guidance_scale):
-            raise VaderError(f"guidance_scale={self.guidance_scale!r} must be a finite number")
-        if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
-            raise VaderError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
-        parse_dtype("dtype", self.dtype)
-        parse_dtype("vae_dtype", self.vae_dtype)
-
-
-def missing_weights(settings: CogVideoXSettings) -> str | None:
-    """The one-line message `build` would raise for absent weights, or None (for a preflight)."""
-    return missing_weights_message(list(settings.components().values()))
 
 
 def meta_models(settings: CogVideoXSettings | None = None) -> dict[str, nn.Module]:
@@ -123,10 +75,10 @@ def meta_models(settings: CogVideoXSettings | None = None) -> dict[str, nn.Modul
     from transformers import AutoConfig, T5Config, T5EncoderModel
 
     parts = (settings or CogVideoXSettings()).components()
-    transformer = architecture_config(parts["transformer"], CogVideoXTransformer3DModel.load_config,
+    transformer = common.architecture_config(parts["transformer"], CogVideoXTransformer3DModel.load_config,
                                       COGVIDEOX_REPO, {})
-    vae = architecture_config(parts["vae"], AutoencoderKLCogVideoX.load_config, COGVIDEOX_REPO, {})
-    text = architecture_config(parts["text_encoder"], AutoConfig.from_pretrained, COGVIDEOX_REPO,
+    vae = common.architecture_config(parts["vae"], AutoencoderKLCogVideoX.load_config, COGVIDEOX_REPO, {})
+    text = common.architecture_config(parts["text_encoder"], AutoConfig.from_pretrained, COGVIDEOX_REPO,
                                T5Config(**T5_XXL))
     with torch.device("meta"):
         return {"transformer": CogVideoXTransformer3DModel.from_config(transformer),
@@ -147,36 +99,24 @@ class DDIMStep:
 
 
 @dataclass
-class CogVideoXGenerator(PromptsAndVideos):
-    denoiser: nn.Module  # CogVideoXTransformer3DModel
-    vae: nn.Module  # AutoencoderKLCogVideoX
-    text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (T5-XXL is 4.7B parameters)
-    scheduler_config: dict
-    settings: CogVideoXSettings
-    device: torch.device
-    dtype: torch.dtype
-    embeddings: dict[str, Tensor] = field(default_factory=dict)
-    _schedule: tuple | None = field(default=None, repr=False)
+class CogVideoXGenerator(common.PromptsAndVideos):
+    """CogVideoXTransformer3DModel, AutoencoderKLCogVideoX and the T5 encoder with `CogVideoXSettings`, and
+    the checkpoint's DDIM scheduler config."""
+
+    scheduler_config: dict = field(default_factory=dict)
 
     lora_target_modules = LORA_TARGETS
-    lora_formats = ("diffusers",)  # pytorch_lora_weights.safetensors for `pipe.load_lora_weights`
+
+    backend_name, settings_class, pipeline_class = "cogvideox", CogVideoXSettings, "CogVideoXPipeline"
+    model_classes = ("transformers.T5EncoderModel", "diffusers.CogVideoXTransformer3DModel",
+                     "diffusers.AutoencoderKLCogVideoX")
+    diffusers_classes = ("CogVideoXDDIMScheduler",)
 
     @classmethod
-    def build(cls, settings: CogVideoXSettings | None = None, device: torch.device | str = "cpu",
-              prompts: list[str] | None = None, cache=None, **overrides) -> CogVideoXGenerator:
-        """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
-        and release the text encoder before the transformer and the VAE load."""
-        require_diffusers("cogvideox", "AutoencoderKLCogVideoX", "CogVideoXTransformer3DModel", "CogVideoXPipeline",
-                          "CogVideoXDDIMScheduler")
-        from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
-        from transformers import T5EncoderModel
+    def extra_fields(cls, parts: dict[str, common.Component]) -> dict:
+        from diffusers import CogVideoXDDIMScheduler
 
-        def scheduler_config(parts: dict) -> dict:
-            return {"scheduler_config": dict(load_part(parts["scheduler"], CogVideoXDDIMScheduler.from_pretrained).config)}
-
-        settings = dataclasses.replace(settings or CogVideoXSettings(), **overrides)
-        return cls.load(settings, device, prompts, cache, T5EncoderModel, CogVideoXTransformer3DModel,
-                        AutoencoderKLCogVideoX, extra=scheduler_config)
+        return {"scheduler_config": dict(common.load_part(parts["scheduler"], CogVideoXDDIMScheduler.from_pretrained).config)}
 
     @classmethod
     def from_components(cls, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
@@ -186,17 +126,12 @@ class CogVideoXGenerator(PromptsAndVideos):
         settings = settings or CogVideoXSettings()
         settings.validate()
         device = torch.device(device)
-        gen = cls(transformer, vae, None, dict(scheduler.config), settings, device,
-                  transformer.dtype)
-        if text_encoder is not None:
-            gen.text_encoder = gen._prompt_encoder(tokenizer, text_encoder.to(device).eval().requires_grad_(False),
-                                                   name=str(getattr(text_encoder.config, "name_or_path", "t5")))
-        gen._adopt_models()
+        gen = cls(transformer, vae, None, settings, device, transformer.dtype,
+                  scheduler_config=dict(scheduler.config))
+        gen._adopt_components(text_encoder, tokenizer)
         return gen
 
-    def _adopt_models(self) -> None:
-        adopt(self.denoiser, self.device)
-        adopt(self.vae, self.device)
+    def _check_models(self) -> None:
         tcfg = self.denoiser.config
         if tcfg.patch_size_t is not None:
             raise VaderError(f"transformer={self.settings.transformer or self.settings.pretrained!r} is CogVideoX 1.5 "
@@ -209,7 +144,7 @@ class CogVideoXGenerator(PromptsAndVideos):
                                frame_rule=2 * self.vae.config.temporal_compression_ratio)
 
     # ---- text ----
-    def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> PromptEncoder:
+    def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> common.PromptEncoder:
         length = self.settings.max_sequence_length
 
         def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
@@ -220,8 +155,8 @@ class CogVideoXGenerator(PromptsAndVideos):
             hidden = model(tokens.input_ids.to(self.device))[0].to(model.dtype)
             return hidden, tokens.attention_mask.long()
 
-        return PromptEncoder(encode, name=f"cogvideox:{name}", dtype=model.dtype, model_max_length=length,
-                             output_dim=int(model.config.d_model))
+        return common.PromptEncoder(encode, name=f"cogvideox:{name}", dtype=model.dtype, model_max_length=length,
+                                    output_dim=int(model.config.d_model))
 
     @property
     def _spatial(self) -> int:
@@ -243,7 +178,7 @@ class CogVideoXGenerator(PromptsAndVideos):
         key = (self.settings.num_steps, self.settings.guidance_scale, self.settings.use_dynamic_cfg, self.device)
         if self._schedule is not None and self._schedule[0] == key:
             return self._schedule[1]
-        with real_tensors():
+        with common.real_tensors():
             sched = CogVideoXDDIMScheduler.from_config(self.scheduler_config)
             sched.set_timesteps(self.settings.num_steps, device=self.device)
             steps = []
@@ -300,9 +235,9 @@ class CogVideoXGenerator(PromptsAndVideos):
             text = torch.cat([negative, text])
         text = text.to(self.dtype)
         steps = self.schedule()
-        with real_tensors():
+        with common.real_tensors():
             rotary = self.rotary_embeddings()
-        set_checkpointing(self.denoiser, grad_checkpoint)
+        common.set_checkpointing(self.denoiser, grad_checkpoint)
         z = self.initial_noise(n, generator)  # DDIM's init_noise_sigma is 1
         indices = range(len(steps))
         for i in progress(indices) if progress else indices:
@@ -329,9 +264,9 @@ class CogVideoXGenerator(PromptsAndVideos):
         A chosen frame costs its whole chunk (its group norms span the chunk): at 480 x 720 the first
         frame's backward holds 66 GiB of bf16 activations; `grad_checkpoint` (the VAE's own per-block
         checkpointing) brings the step's peak from 74 to 23 GiB (a fake-tensor count, LoRA r16)."""
-        check_frames(frames, self.num_frames)
-        set_checkpointing(self.vae, grad_checkpoint)
-        return decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
+        common.check_frames(frames, self.num_frames)
+        common.set_checkpointing(self.vae, grad_checkpoint)
+        return common.decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
 
     def _decode_chunks(self, latents: Tensor) -> Iterator[Tensor]:
         vae = self.vae
@@ -348,13 +283,6 @@ class CogVideoXGenerator(PromptsAndVideos):
                 chunk = vae.post_quant_conv(chunk)
             chunk, conv_cache = vae.decoder(chunk, conv_cache=conv_cache)
             yield chunk.clamp(-1.0, 1.0)
-
-    # ---- LoRA ----
-    def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:
-        """`pytorch_lora_weights.safetensors` in `folder`, loadable by `CogVideoXPipeline.load_lora_weights`."""
-        from diffusers import CogVideoXPipeline
-
-        return save_diffusers_lora(CogVideoXPipeline, lora, folder, config)
 
 
 # ---- the backend's module functions (vader.backends.base.BackendModule) --------------------------------
@@ -375,26 +303,6 @@ def check_config(cfg) -> None:  # type: ignore[no-untyped-def]
     from_config.check_config(cfg, COGVIDEOX_REPO, (480, 720), ("scheduler.use_dynamic_cfg",), settings)
 
 
-def build(cfg, device: torch.device | str, prompts: list[str] | None = None,  # type: ignore[no-untyped-def]
-          cache=None) -> CogVideoXGenerator:
-    return CogVideoXGenerator.build(settings(cfg), device, prompts=prompts, cache=cache)
-
-
-def weight_problems(cfg) -> tuple[list[str], list]:  # type: ignore[no-untyped-def]
-    message = missing_weights(settings(cfg))
-    return ([message] if message else []), []
-
-
-def meta_part(cfg, part: str):  # type: ignore[no-untyped-def]
-    s = settings(cfg)
-    return from_config.meta_part(cfg, part, s, meta_models(s))
-
-
-def resolved(cfg) -> dict:  # type: ignore[no-untyped-def]
-    s = settings(cfg)
-    return from_config.resolved(cfg, CogVideoXGenerator, s, meta_models(s))
-
-
 def _published_scheduler(s: CogVideoXSettings):  # type: ignore[no-untyped-def]
     """The checkpoint's CogVideoXDDIMScheduler when its files are on this machine, else the published
     CogVideoX-2b one (v-prediction, trailing spacing, zero-SNR betas); its values never change memory."""
@@ -408,9 +316,10 @@ def _published_scheduler(s: CogVideoXSettings):  # type: ignore[no-untyped-def]
                                       set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing")
 
 
-def plan_generator(cfg, training: bool):  # type: ignore[no-untyped-def]
-    s = settings(cfg)
-    scheduler = _published_scheduler(s)
-    return from_config.plan_generator(
-        cfg, s, meta_models(s), LORA_TARGETS, training,
-        lambda transformer, vae: CogVideoXGenerator.from_components(transformer, vae, None, None, scheduler, s))
+# build, weight_problems, meta_part, resolved, plan_generator: what every diffusers backend shares
+_shared = from_config.DiffusersBackend(
+    settings, CogVideoXGenerator, meta_models, common.missing_weights, LORA_TARGETS,
+    lambda s, transformer, vae: CogVideoXGenerator.from_components(transformer, vae, None, None,
+                                                                   _published_scheduler(s), s))
+build, weight_problems, meta_part = _shared.build, _shared.weight_problems, _shared.meta_part
+resolved, plan_generator = _shared.resolved, _shared.plan_generator

@@ -5,12 +5,16 @@ that `EmbeddingCache` accepts, decoding only the chunks a causal VAE needs, and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +120,43 @@ def component_problem(part: Component) -> tuple[str, str | None]:
     if offline():
         return f"{part.name}={part.source!r}", part.source
     return "", None
+
+
+def pipeline_components(settings, *extra: Component) -> dict[str, Component]:  # type: ignore[no-untyped-def]
+    """The parts of a diffusers text-to-video pipeline (tokenizer, text encoder, transformer, VAE, and the
+    backend's `extra` parts), each from the settings field of its name, or `settings.pretrained`."""
+    def source(name: str) -> str:
+        value = getattr(settings, name)
+        return value if value is not None else settings.pretrained
+
+    parts = [Component("tokenizer", source("tokenizer"), "tokenizer", TOKENIZER_FILES[0], ()),
+             Component("text_encoder", source("text_encoder"), "text_encoder", "config.json", TRANSFORMERS_WEIGHTS),
+             Component("transformer", source("transformer"), "transformer", "config.json", DIFFUSERS_WEIGHTS),
+             Component("vae", source("vae"), "vae", "config.json", DIFFUSERS_WEIGHTS), *extra]
+    return {part.name: part for part in parts}
+
+
+def check_settings(settings, spatial_multiple: int, example: str) -> None:  # type: ignore[no-untyped-def]
+    """One-line errors for the sizes and numbers every diffusers pipeline needs (before anything loads);
+    `example`: a valid height x width."""
+    for key in ("height", "width"):
+        value = getattr(settings, key)
+        if not isinstance(value, int) or value <= 0 or value % spatial_multiple:
+            raise VaderError(f"{key}={value!r} must be a positive multiple of {spatial_multiple} (the VAE "
+                             f"downsamples 8x and the transformer patches 2x2), e.g. {example}")
+    if not isinstance(settings.num_steps, int) or settings.num_steps < 1:
+        raise VaderError(f"num_steps={settings.num_steps!r} must be a positive integer")
+    if not math.isfinite(settings.guidance_scale):
+        raise VaderError(f"guidance_scale={settings.guidance_scale!r} must be a finite number")
+    if not isinstance(settings.max_sequence_length, int) or settings.max_sequence_length < 1:
+        raise VaderError(f"max_sequence_length={settings.max_sequence_length!r} must be a positive integer")
+    parse_dtype("dtype", settings.dtype)
+    parse_dtype("vae_dtype", settings.vae_dtype)
+
+
+def missing_weights(settings) -> str | None:  # type: ignore[no-untyped-def]
+    """The one-line message a backend's `build` would raise for absent weights, or None (for a preflight)."""
+    return missing_weights_message(list(settings.components().values()))
 
 
 def missing_weights_message(parts: Sequence[Component]) -> str | None:
@@ -319,11 +360,53 @@ def set_checkpointing(model: nn.Module, enabled: bool) -> None:
         model.disable_gradient_checkpointing()
 
 
+@dataclass
 class PromptsAndVideos:
-    """What the diffusers generators share, once: cached prompt embeddings (the negative prompt too
-    when guidance is on), releasing the encoder, and `generate`. A generator dataclass provides
-    `settings` (guidance_scale, negative_prompt, num_frames), `embeddings`, `text_encoder`, `device`,
-    `sample_latents` and `decode`."""
+    """What the diffusers generators share, once: their fields, cached prompt embeddings (the negative
+    prompt too when guidance is on), releasing the encoder, adopting models, and `generate`. A generator
+    adds `lora_target_modules`, `_check_models`, `_prompt_encoder`, `sample_latents` and `decode`."""
+
+    denoiser: nn.Module  # the pipeline's transformer: where the LoRA goes
+    vae: nn.Module
+    text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (UMT5-XXL / T5-XXL: ~5B parameters)
+    settings: Any  # the backend's settings dataclass (WanSettings, CogVideoXSettings)
+    device: torch.device
+    dtype: torch.dtype
+    embeddings: dict[str, Tensor] = field(default_factory=dict)
+    _schedule: tuple | None = field(default=None, repr=False)
+
+    lora_formats = ("diffusers",)  # pytorch_lora_weights.safetensors for `pipe.load_lora_weights`
+    # what a generator class names: its model.type, settings class, the diffusers pipeline whose sampling
+    # and LoRA format it matches, its (text encoder, transformer, VAE) classes as 'package.Class', and
+    # the other diffusers classes it needs
+    backend_name: ClassVar[str]
+    settings_class: ClassVar[type]
+    pipeline_class: ClassVar[str]
+    model_classes: ClassVar[tuple[str, str, str]]
+    diffusers_classes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def extra_fields(cls, parts: dict[str, Component]) -> dict:
+        """The dataclass fields a backend adds, read from its parts (CogVideoX: its scheduler config)."""
+        return {}
+
+    @classmethod
+    def build(cls, settings=None, device: torch.device | str = "cpu", prompts: list[str] | None = None,  # type: ignore[no-untyped-def]
+              cache=None, **overrides):
+        """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
+        and release the text encoder before the transformer and the VAE load (`load`)."""
+        wanted = [name.split(".")[1] for name in cls.model_classes if name.startswith("diffusers.")]
+        require_diffusers(cls.backend_name, *wanted, cls.pipeline_class, *cls.diffusers_classes)
+        settings = dataclasses.replace(settings or cls.settings_class(), **overrides)
+        classes = [getattr(importlib.import_module(name.split(".")[0]), name.split(".")[1]) for name in cls.model_classes]
+        return cls.load(settings, device, prompts, cache, *classes, extra=cls.extra_fields)
+
+    def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | os.PathLike[str],
+                            config=None) -> Path:  # type: ignore[no-untyped-def]
+        """`pytorch_lora_weights.safetensors` in `folder`, loadable by the pipeline's `load_lora_weights`."""
+        import diffusers
+
+        return save_diffusers_lora(getattr(diffusers, self.pipeline_class), lora, folder, config)
 
     @classmethod
     def load(cls, settings, device: torch.device | str, prompts: list[str] | None, cache,
@@ -358,6 +441,20 @@ class PromptsAndVideos:
         gen.vae = load_part(parts["vae"], vae_class.from_pretrained, torch_dtype=vae_dtype)
         gen._adopt_models()
         return gen
+
+    def _adopt_components(self, text_encoder: nn.Module | None, tokenizer) -> None:  # type: ignore[no-untyped-def]
+        """What `from_components` ends with: the text encoder (if given) wrapped as the pipeline encodes,
+        then the models adopted and checked."""
+        if text_encoder is not None:
+            name = str(getattr(text_encoder.config, "name_or_path", self.backend_name))
+            self.text_encoder = self._prompt_encoder(  # type: ignore[attr-defined]
+                tokenizer, text_encoder.to(self.device).eval().requires_grad_(False), name=name)
+        self._adopt_models()
+
+    def _adopt_models(self) -> None:
+        adopt(self.denoiser, self.device)
+        adopt(self.vae, self.device)
+        self._check_models()  # type: ignore[attr-defined]
 
     def reward_prompts(self, prompts: list[str]) -> list[str]:
         return list(prompts)

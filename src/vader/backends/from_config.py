@@ -15,7 +15,7 @@ from vader.checkpoint import lora_on_meta
 from vader.config import ModelConfig, TextEncoderConfig, VaderConfig, VAEConfig
 from vader.dtypes import BACKEND_DTYPES
 from vader.errors import VaderError
-from vader.memory import LiveBytes, materialise
+from vader.memory import LiveBytes, materialise_generator_models
 from vader.models.presets import torch_dtype
 
 # text_encoder.model_max_length's default, Open-Sora's T5 length: for a backend it means "the pipeline's own"
@@ -131,31 +131,54 @@ def resolved(cfg: VaderConfig, generator_class: type, settings: Any, models: dic
     return {"frames": cfg.frames, "height_width": [height, width], "latent_shape_CTHW": list(shell.latent_shape)}
 
 
-def plan_generator(cfg: VaderConfig, settings: Any, models: dict[str, Any], targets: list[str], training: bool,
-                   wrap: Callable[[Any, Any], Any]) -> tuple[Any, Callable]:
-    """For `vader plan`: the VAE on meta and `build(meter, prompts)`, which, inside the plan's fake mode,
-    gives the transformer and the VAE storage as `build` loads them (LoRA in fp32 when training), wraps
-    them with `wrap(transformer, vae)` and gives every prompt (and the negative prompt) an embedding of
-    the encoder's output shape."""
-    transformer, vae = models["transformer"], models["vae"]
-    if training:
-        lora_on_meta(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
-    width = models["text_encoder"].config.d_model
+class DiffusersBackend:
+    """The BackendModule functions every diffusers backend shares, bound to its own parts: `settings(cfg)`
+    (its config mapping), its generator class, `meta_models(settings)`, `missing_weights(settings)`, its
+    LoRA targets and `wrap(settings, transformer, vae)` (a generator around models already in memory)."""
 
-    def build(meter: LiveBytes, prompts: list[str]) -> Any:
-        dtype = torch_dtype(cfg.dtype)
-        with meter.phase("denoiser"):
-            materialise(transformer, dtype, trainable="lora_")
-        meter.relabel([p for n, p in transformer.named_parameters() if "lora_" in n], "lora")
-        with meter.phase("vae"):
-            materialise(vae, torch_dtype(getattr(settings, "vae_dtype", cfg.dtype)))
-        gen = wrap(transformer, vae)
-        with meter.phase("prompts"):
-            for prompt in dict.fromkeys([*prompts, settings.negative_prompt]):
-                gen.embeddings[prompt] = torch.zeros(1, settings.max_sequence_length, width, dtype=dtype)
-        return gen
+    def __init__(self, settings: Callable[[VaderConfig], Any], generator: type,
+                 meta_models: Callable[[Any], dict[str, Any]], missing_weights: Callable[[Any], str | None],
+                 targets: list[str], wrap: Callable[[Any, Any, Any], Any]) -> None:
+        self.settings, self.generator, self.meta_models = settings, generator, meta_models
+        self.missing_weights, self.targets, self.wrap = missing_weights, targets, wrap
 
-    return vae, build
+    def build(self, cfg: VaderConfig, device: torch.device | str, prompts: list[str] | None = None,
+              cache: Any = None) -> Any:
+        return self.generator.build(self.settings(cfg), device, prompts=prompts, cache=cache)
+
+    def weight_problems(self, cfg: VaderConfig) -> tuple[list[str], list]:
+        message = self.missing_weights(self.settings(cfg))
+        return ([message] if message else []), []
+
+    def meta_part(self, cfg: VaderConfig, part: str) -> MetaModel:
+        s = self.settings(cfg)
+        return meta_part(cfg, part, s, self.meta_models(s))
+
+    def resolved(self, cfg: VaderConfig) -> dict[str, Any]:
+        s = self.settings(cfg)
+        return resolved(cfg, self.generator, s, self.meta_models(s))
+
+    def plan_generator(self, cfg: VaderConfig, training: bool) -> tuple[Any, Callable]:
+        """For `vader plan`: the VAE on meta and `build(meter, prompts)`, which, inside the plan's fake
+        mode, gives the transformer and the VAE storage as `build` loads them (LoRA in fp32 when training),
+        wraps them and gives every prompt (and the negative prompt) an embedding of the encoder's shape."""
+        s = self.settings(cfg)
+        models = self.meta_models(s)
+        transformer, vae = models["transformer"], models["vae"]
+        if training:
+            lora_on_meta(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, self.targets)
+        width = models["text_encoder"].config.d_model
+
+        def build(meter: LiveBytes, prompts: list[str]) -> Any:
+            dtype = torch_dtype(cfg.dtype)
+            materialise_generator_models(meter, transformer, vae, dtype, torch_dtype(getattr(s, "vae_dtype", cfg.dtype)))
+            gen = self.wrap(s, transformer, vae)
+            with meter.phase("prompts"):
+                for prompt in dict.fromkeys([*prompts, s.negative_prompt]):
+                    gen.embeddings[prompt] = torch.zeros(1, s.max_sequence_length, width, dtype=dtype)
+            return gen
+
+        return vae, build
 
 
-__all__ = ["OPENSORA_TEXT_LENGTH", "check_config", "meta_part", "plan_generator", "resolved", "settings"]
+__all__ = ["DiffusersBackend", "OPENSORA_TEXT_LENGTH", "check_config", "meta_part", "resolved", "settings"]

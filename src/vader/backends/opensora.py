@@ -20,7 +20,8 @@ from vader.checkpoint import lora_on_meta
 from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.frames import decode_selected
-from vader.memory import LiveBytes, materialise
+from vader.memory import LiveBytes, materialise_generator_models
+from vader.models.fp8 import quantize_linears
 from vader.models.loading import build_on_meta, local_config
 from vader.models.presets import (
     attention_backend,
@@ -34,7 +35,9 @@ from vader.models.presets import (
     torch_dtype,
     vae_config,
 )
+from vader.models.stdit3 import STDiT3
 from vader.models.text import build_prompt, strip_conditioning
+from vader.models.vae import VideoVAE
 from vader.sampling import TextCondition, conditioning, guided_velocity, make_timesteps, sample
 
 LORA_TARGETS = ["qkv", "q_linear", "kv_linear"]  # the denoiser's attention projections, as the original
@@ -49,7 +52,6 @@ Settings = VaderConfig  # Open-Sora is configured by the whole config (sizes tab
 class OpenSoraCondition:
     """Open-Sora's conditioning of one batch: the text (with the null caption for CFG) and the
     size/fps conditioning, plus the guidance scale."""
-
     text: TextCondition
     sizes: dict[str, Tensor]
     cfg_scale: float
@@ -243,8 +245,6 @@ def _run_dtype(cfg: VaderConfig) -> torch.dtype:
 
 
 def _denoiser(cfg: VaderConfig) -> MetaModel:
-    from vader.models.stdit3 import STDiT3
-
     t5 = text_encoder_config(cfg.text_encoder)
     source, published = _source(cfg.model.from_pretrained)
     config = denoiser_config(cfg.model, t5.d_model, cfg.text_encoder.model_max_length, published)
@@ -254,16 +254,12 @@ def _denoiser(cfg: VaderConfig) -> MetaModel:
             f"{config.caption_channels} x {config.model_max_length}, qk_norm {config.qk_norm}")
     model = build_on_meta(lambda: STDiT3(config))
     if cfg.dtype == "fp8":  # as build_denoiser does: Linear weights stored in float8 e4m3
-        from vader.models.fp8 import quantize_linears
-
         quantize_linears(model)
         line += "; Linear weights in float8 e4m3 with per-channel scales (dtype='fp8')"
     return MetaModel("denoiser", cfg.model.type, source, line, model, _run_dtype(cfg))
 
 
 def _vae(cfg: VaderConfig) -> MetaModel:
-    from vader.models.vae import VideoVAE
-
     source, published = _source(cfg.vae.from_pretrained)
     config = vae_config(cfg.vae, published)
     spatial, temporal = config.spatial, config.temporal
@@ -302,7 +298,6 @@ def meta_part(cfg: VaderConfig, part: str) -> MetaModel:
 class _Scalar:
     """Stands for a [n] size tensor where STDiT3 reads `t.reshape(-1)[0].item()` (data-dependent under
     FakeTensorMode): the plan knows the pixel size."""
-
     def __init__(self, value: float) -> None:
         self.value = value
 
@@ -327,11 +322,7 @@ def plan_generator(cfg: VaderConfig, training: bool) -> tuple[torch.nn.Module, C
 
     def build(meter: LiveBytes, prompts: list[str]) -> OpenSoraGenerator:
         dtype = torch_dtype(cfg.dtype)
-        with meter.phase("denoiser"):
-            materialise(denoiser, dtype, trainable="lora_")
-        meter.relabel([p for n, p in denoiser.named_parameters() if "lora_" in n], "lora")
-        with meter.phase("vae"):
-            materialise(vae, dtype)
+        materialise_generator_models(meter, denoiser, vae, dtype, dtype)
         denoiser.set_attention_backend(attention_backend(cfg.model))
         height, width = cfg.height_width
         original = denoiser._pos_embed

@@ -18,35 +18,15 @@ The sampler is a rectified flow, so the generator is also a `FlowSampler` (`flow
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from vader.backends import from_config
+from vader.backends import common, from_config
 from vader.backends.base import FlowState
-from vader.backends.common import (
-    DIFFUSERS_WEIGHTS,
-    TOKENIZER_FILES,
-    TRANSFORMERS_WEIGHTS,
-    Component,
-    PromptEncoder,
-    PromptsAndVideos,
-    adopt,
-    architecture_config,
-    check_frames,
-    decode_until,
-    missing_weights_message,
-    real_tensors,
-    require_diffusers,
-    save_diffusers_lora,
-    set_checkpointing,
-)
-from vader.dtypes import parse_dtype
 from vader.errors import VaderError
 
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -84,44 +64,17 @@ class WanSettings:
     shift: float = 3.0  # flow shift: 3.0 for 480p, 5.0 for 720p (Wan's recommendation)
     max_sequence_length: int = 512
 
-    def components(self) -> dict[str, Component]:
-        def source(value: str | None) -> str:
-            return value if value is not None else self.pretrained
-
-        return {
-            "tokenizer": Component("tokenizer", source(self.tokenizer), "tokenizer", TOKENIZER_FILES[0], ()),
-            "text_encoder": Component("text_encoder", source(self.text_encoder), "text_encoder", "config.json",
-                                      TRANSFORMERS_WEIGHTS),
-            "transformer": Component("transformer", source(self.transformer), "transformer", "config.json",
-                                     DIFFUSERS_WEIGHTS),
-            "vae": Component("vae", source(self.vae), "vae", "config.json", DIFFUSERS_WEIGHTS),
-        }
+    def components(self) -> dict[str, common.Component]:
+        return common.pipeline_components(self)
 
     def validate(self, spatial_multiple: int = 16, temporal: int = 4) -> None:
         """One-line errors for sizes and numbers the pipeline cannot run (before anything loads)."""
-        for key in ("height", "width"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0 or value % spatial_multiple:
-                raise VaderError(f"{key}={value!r} must be a positive multiple of {spatial_multiple} (the VAE "
-                                 f"downsamples 8x and the transformer patches 2x2), e.g. 480 x 832")
+        common.check_settings(self, spatial_multiple, "480 x 832")
         if not isinstance(self.num_frames, int) or self.num_frames < 1 or (self.num_frames - 1) % temporal:
             raise VaderError(f"num_frames={self.num_frames!r} must be {temporal}k + 1 (the VAE keeps the first "
                              f"frame and packs {temporal} frames per latent frame), e.g. 33, 49 or 81")
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise VaderError(f"num_steps={self.num_steps!r} must be a positive integer")
-        if not math.isfinite(self.guidance_scale):
-            raise VaderError(f"guidance_scale={self.guidance_scale!r} must be a finite number")
         if not (math.isfinite(self.shift) and self.shift > 0):
             raise VaderError(f"shift={self.shift!r} must be a positive number (3.0 for 480p, 5.0 for 720p)")
-        if not isinstance(self.max_sequence_length, int) or self.max_sequence_length < 1:
-            raise VaderError(f"max_sequence_length={self.max_sequence_length!r} must be a positive integer")
-        parse_dtype("dtype", self.dtype)
-        parse_dtype("vae_dtype", self.vae_dtype)
-
-
-def missing_weights(settings: WanSettings) -> str | None:
-    """The one-line message `build` would raise for absent weights, or None (for a preflight)."""
-    return missing_weights_message(list(settings.components().values()))
 
 
 def meta_models(settings: WanSettings | None = None) -> dict[str, nn.Module]:
@@ -131,41 +84,24 @@ def meta_models(settings: WanSettings | None = None) -> dict[str, nn.Module]:
     from transformers import AutoConfig, UMT5Config, UMT5EncoderModel
 
     parts = (settings or WanSettings()).components()
-    transformer = architecture_config(parts["transformer"], WanTransformer3DModel.load_config, WAN_REPO,
+    transformer = common.architecture_config(parts["transformer"], WanTransformer3DModel.load_config, WAN_REPO,
                                       WAN_1_3B_TRANSFORMER)
-    vae = architecture_config(parts["vae"], AutoencoderKLWan.load_config, WAN_REPO, {})
-    text = architecture_config(parts["text_encoder"], AutoConfig.from_pretrained, WAN_REPO, UMT5Config(**UMT5_XXL))
+    vae = common.architecture_config(parts["vae"], AutoencoderKLWan.load_config, WAN_REPO, {})
+    text = common.architecture_config(parts["text_encoder"], AutoConfig.from_pretrained, WAN_REPO, UMT5Config(**UMT5_XXL))
     with torch.device("meta"):
         return {"transformer": WanTransformer3DModel.from_config(transformer),
                 "vae": AutoencoderKLWan.from_config(vae), "text_encoder": UMT5EncoderModel(text)}
 
 
 @dataclass
-class WanGenerator(PromptsAndVideos):
-    denoiser: nn.Module  # WanTransformer3DModel
-    vae: nn.Module  # AutoencoderKLWan
-    text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (UMT5-XXL is 5.7B parameters)
-    settings: WanSettings
-    device: torch.device
-    dtype: torch.dtype
-    embeddings: dict[str, Tensor] = field(default_factory=dict)
-    _schedule: tuple | None = field(default=None, repr=False)
+class WanGenerator(common.PromptsAndVideos):
+    """WanTransformer3DModel, AutoencoderKLWan and the UMT5 encoder with `WanSettings`."""
 
     lora_target_modules = LORA_TARGETS
-    lora_formats = ("diffusers",)  # pytorch_lora_weights.safetensors for `pipe.load_lora_weights`
 
-    @classmethod
-    def build(cls, settings: WanSettings | None = None, device: torch.device | str = "cpu",
-              prompts: list[str] | None = None, cache=None, **overrides) -> WanGenerator:
-        """Load the parts (hub ids or folders); with `prompts`, encode them (and the negative prompt)
-        and release the text encoder before the transformer and the VAE load."""
-        require_diffusers("wan", "AutoencoderKLWan", "WanTransformer3DModel", "WanPipeline",
-                          "FlowMatchEulerDiscreteScheduler")
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
-        from transformers import UMT5EncoderModel
-
-        settings = dataclasses.replace(settings or WanSettings(), **overrides)
-        return cls.load(settings, device, prompts, cache, UMT5EncoderModel, WanTransformer3DModel, AutoencoderKLWan)
+    backend_name, settings_class, pipeline_class = "wan", WanSettings, "WanPipeline"
+    model_classes = ("transformers.UMT5EncoderModel", "diffusers.WanTransformer3DModel", "diffusers.AutoencoderKLWan")
+    diffusers_classes = ("FlowMatchEulerDiscreteScheduler",)
 
     @classmethod
     def from_components(cls, transformer: nn.Module, vae: nn.Module, text_encoder: nn.Module | None, tokenizer,
@@ -175,21 +111,16 @@ class WanGenerator(PromptsAndVideos):
         settings.validate()
         device = torch.device(device)
         gen = cls(transformer, vae, None, settings, device, transformer.dtype)
-        if text_encoder is not None:
-            gen.text_encoder = gen._prompt_encoder(tokenizer, text_encoder.to(device).eval().requires_grad_(False),
-                                                   name=str(getattr(text_encoder.config, "name_or_path", "umt5")))
-        gen._adopt_models()
+        gen._adopt_components(text_encoder, tokenizer)
         return gen
 
-    def _adopt_models(self) -> None:
-        adopt(self.denoiser, self.device)
-        adopt(self.vae, self.device)
+    def _check_models(self) -> None:
         patch = self.denoiser.config.patch_size
         multiple = self.vae.config.scale_factor_spatial * patch[1]
         self.settings.validate(spatial_multiple=multiple, temporal=self.vae.config.scale_factor_temporal)
 
     # ---- text ----
-    def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> PromptEncoder:
+    def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> common.PromptEncoder:
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
         length = self.settings.max_sequence_length
@@ -206,8 +137,8 @@ class WanGenerator(PromptsAndVideos):
             keep = torch.arange(length, device=hidden.device)[None, :] < seq_lens[:, None]
             return torch.where(keep[..., None], hidden, torch.zeros_like(hidden)), mask.long()
 
-        return PromptEncoder(encode, name=f"wan:{name}", dtype=model.dtype, model_max_length=length,
-                             output_dim=int(model.config.d_model))
+        return common.PromptEncoder(encode, name=f"wan:{name}", dtype=model.dtype, model_max_length=length,
+                                    output_dim=int(model.config.d_model))
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -225,7 +156,7 @@ class WanGenerator(PromptsAndVideos):
 
         key = (self.settings.num_steps, self.settings.shift, self.device)
         if self._schedule is None or self._schedule[0] != key:
-            with real_tensors():
+            with common.real_tensors():
                 sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.settings.shift)
                 sched.set_timesteps(self.settings.num_steps, device=self.device)
                 self._schedule = (key, sched.timesteps, sched.sigmas)
@@ -236,18 +167,22 @@ class WanGenerator(PromptsAndVideos):
         shape = (batch, *self.latent_shape)
         return torch.randn(shape, generator=generator, dtype=torch.float32, device=generator.device).to(self.device)
 
+    def _text(self, prompts: list[str]) -> tuple[Tensor, Tensor | None]:
+        """The prompts' embeddings and, with guidance, the negative prompt's, in the transformer's dtype."""
+        self.encode_prompts(prompts)
+        cond = torch.cat([self.embeddings[p] for p in prompts]).to(self.dtype)
+        if not self.uses_guidance:
+            return cond, None
+        return cond, self.embeddings[self.settings.negative_prompt].expand(len(prompts), -1, -1).to(self.dtype)
+
     def sample_latents(self, prompts: list[str], generator: torch.Generator, *, cutoff: int | None = None,
                        grad_checkpoint: bool = False, progress: Callable | None = None) -> Tensor:
         """Latents [B, C, T, H, W] (fp32, normalised as the transformer sees them); gradients only
         through steps >= cutoff (None: no gradients)."""
-        self.encode_prompts(prompts)
         n = len(prompts)
-        cond = torch.cat([self.embeddings[p] for p in prompts]).to(self.dtype)
-        uncond = None
-        if self.uses_guidance:
-            uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(self.dtype)
+        cond, uncond = self._text(prompts)
         timesteps, sigmas = self.schedule()
-        set_checkpointing(self.denoiser, grad_checkpoint)
+        common.set_checkpointing(self.denoiser, grad_checkpoint)
         z = self.initial_noise(n, generator)
         steps = range(len(timesteps))
         for i in progress(steps) if progress else steps:
@@ -269,12 +204,8 @@ class WanGenerator(PromptsAndVideos):
     def flow_start(self, prompts: list[str], generator: torch.Generator) -> FlowState:
         """The noise (drawn as `sample_latents` draws it), the schedule as timesteps sigma * 1000 and the
         prompt embeddings; flow_velocity's steps then equal `sample_latents`' Euler steps."""
-        self.encode_prompts(prompts)
         n = len(prompts)
-        cond = torch.cat([self.embeddings[p] for p in prompts]).to(self.dtype)
-        uncond = None
-        if self.uses_guidance:
-            uncond = self.embeddings[self.settings.negative_prompt].expand(n, -1, -1).to(self.dtype)
+        cond, uncond = self._text(prompts)
         timesteps, sigmas = self.schedule()
         z = self.initial_noise(n, generator)
         flow_t = [(sigmas[i] * 1000).float().expand(n) for i in range(len(timesteps))]
@@ -284,7 +215,7 @@ class WanGenerator(PromptsAndVideos):
         """-(the guided flow prediction): diffusers' flow matching predicts eps - x0 and steps
         z + (sigma_next - sigma) u; vader's convention is v ~ x0 - eps with z + v (sigma - sigma_next)."""
         cond, uncond, timesteps = state.condition
-        set_checkpointing(self.denoiser, grad_checkpoint)
+        common.set_checkpointing(self.denoiser, grad_checkpoint)
         return -self.velocity(z, timesteps[i].expand(z.shape[0]), cond, uncond)
 
     # ---- decoding ----
@@ -294,8 +225,8 @@ class WanGenerator(PromptsAndVideos):
         latent frame (4 output frames) at a time with its feature cache; decoding stops after the
         last latent frame a chosen frame needs. Gradients flow back to `latents`. `grad_checkpoint` is
         accepted for the common interface: AutoencoderKLWan has no activation checkpointing."""
-        check_frames(frames, self.num_frames)
-        return decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
+        common.check_frames(frames, self.num_frames)
+        return common.decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
 
     def _decode_chunks(self, latents: Tensor) -> Iterator[Tensor]:
         from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
@@ -320,13 +251,6 @@ class WanGenerator(PromptsAndVideos):
         finally:
             vae.clear_cache()
 
-    # ---- LoRA ----
-    def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | Path, config=None) -> Path:
-        """`pytorch_lora_weights.safetensors` in `folder`, loadable by `WanPipeline.load_lora_weights`."""
-        from diffusers import WanPipeline
-
-        return save_diffusers_lora(WanPipeline, lora, folder, config)
-
 
 # ---- the backend's module functions (vader.backends.base.BackendModule) --------------------------------
 
@@ -345,27 +269,9 @@ def check_config(cfg) -> None:  # type: ignore[no-untyped-def]
     from_config.check_config(cfg, WAN_REPO, (480, 832), ("scheduler.shift",), settings)
 
 
-def build(cfg, device: torch.device | str, prompts: list[str] | None = None, cache=None) -> WanGenerator:  # type: ignore[no-untyped-def]
-    return WanGenerator.build(settings(cfg), device, prompts=prompts, cache=cache)
-
-
-def weight_problems(cfg) -> tuple[list[str], list]:  # type: ignore[no-untyped-def]
-    message = missing_weights(settings(cfg))
-    return ([message] if message else []), []
-
-
-def meta_part(cfg, part: str):  # type: ignore[no-untyped-def]
-    s = settings(cfg)
-    return from_config.meta_part(cfg, part, s, meta_models(s))
-
-
-def resolved(cfg) -> dict:  # type: ignore[no-untyped-def]
-    s = settings(cfg)
-    return from_config.resolved(cfg, WanGenerator, s, meta_models(s))
-
-
-def plan_generator(cfg, training: bool):  # type: ignore[no-untyped-def]
-    s = settings(cfg)
-    return from_config.plan_generator(cfg, s, meta_models(s), LORA_TARGETS, training,
-                                      lambda transformer, vae: WanGenerator.from_components(transformer, vae, None,
-                                                                                            None, s))
+# build, weight_problems, meta_part, resolved, plan_generator: what every diffusers backend shares
+_shared = from_config.DiffusersBackend(
+    settings, WanGenerator, meta_models, common.missing_weights, LORA_TARGETS,
+    lambda s, transformer, vae: WanGenerator.from_components(transformer, vae, None, None, s))
+build, weight_problems, meta_part = _shared.build, _shared.weight_problems, _shared.meta_part
+resolved, plan_generator = _shared.resolved, _shared.plan_generator

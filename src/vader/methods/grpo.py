@@ -37,7 +37,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from vader.backends import backend_module
+from vader.backends import BACKENDS, backend_module
 from vader.backends.base import FlowSampler, FlowState
 from vader.checkpoint import lora_disabled, set_lora_dropout
 from vader.config import VaderConfig
@@ -366,8 +366,6 @@ def check_config(cfg: VaderConfig) -> None:
     """The grpo keys, and a backend whose sampler has a log-probability (a rectified flow)."""
     module = backend_module(cfg.backend)
     if not module.LOG_PROB_SAMPLING:
-        from vader.backends import BACKENDS
-
         able = [name for name in BACKENDS if backend_module(name).LOG_PROB_SAMPLING]
         raise VaderError(f"method='grpo' needs a sampler with a log-probability (a rectified flow: "
                          f"{', '.join(able)}); model.type={cfg.model.type!r} samples with DDIM: use method='vader'")

@@ -101,8 +101,9 @@ def plan_step(gen: VideoBackend, reward, cfg: VaderConfig, prompts: list[str], f
     """micro_step's forward at its worst cutoff (the most steps with gradients)."""
     cutoff = worst_cutoff(cfg)
     steps = PlannedSteps(meter, cutoff, all_steps)
-    latents = gen.sample_latents(prompts, torch.Generator().manual_seed(0), cutoff=cutoff,
-                                 grad_checkpoint=cfg.grad_checkpoint, progress=steps)
+    with meter.phase("sampling"):  # the noise and the CFG text batch live through the window's steps
+        latents = gen.sample_latents(prompts, torch.Generator().manual_seed(0), cutoff=cutoff,
+                                     grad_checkpoint=cfg.grad_checkpoint, progress=steps)
     with meter.phase("decode"):
         video = gen.decode(latents, frames, grad_checkpoint=cfg.grad_checkpoint)
     with meter.phase("reward"):

@@ -45,7 +45,7 @@ __all__ = [
     "REWARDS", "RESIZE_MODES", "SOURCE_KEYS", "Reward", "RewardOutput", "RewardSpec", "WeightedReward",
     "build_reward", "check_decode_frame", "check_resize", "check_reward_weights", "combine_rewards",
     "describe_rewards", "is_differentiable", "no_weights", "required_weights", "reward_mix", "reward_names",
-    "reward_sources", "reward_spec",
+    "reward_skeleton", "reward_sources", "reward_spec",
 ]
 
 
@@ -108,11 +108,11 @@ REWARDS: dict[str, RewardSpec] = {spec.name: spec for spec in (
                skeleton.pick_score_skeleton, pickscore.pick_sources, resize="crop",
                source_keys=pickscore.SOURCE_DOCS),
     RewardSpec("actpred", "p(the prompt's Kinetics action | clip), VideoMAE", actpred.build_actpred_reward,
-               skeleton.actpred_skeleton, actpred.actpred_sources, needs_clip="classifies a clip",
+               skeleton.actpred_skeleton, actpred.actpred_sources, needs_clip=actpred.NEEDS_CLIP,
                source_keys=actpred.SOURCE_DOCS),
     RewardSpec("toy_alignment", "toy world: log p(the prompt's attributes | clip)", toy.build_toy_alignment,
                skeleton.toy_alignment_skeleton, toy.classifier_sources,
-               needs_clip="judges motion, which needs a clip", source_keys=toy.SOURCE_DOCS),
+               needs_clip=toy.NEEDS_CLIP, source_keys=toy.SOURCE_DOCS),
     RewardSpec("toy_size", "toy world: the object's area in % of the frame", toy.build_toy_size,
                skeleton.toy_size_skeleton, toy.classifier_sources, source_keys=toy.SOURCE_DOCS),
 )}
@@ -179,6 +179,31 @@ def check_decode_frame(reward_fn: str | dict[str, float], decode_frame: str) -> 
     for spec in REWARDS.values():
         if spec.name in names and spec.needs_clip:
             check_clip_decode(spec.name, spec.needs_clip, decode_frame)
+
+
+def reward_skeleton(reward_fn: str | dict[str, float], *, dtype: torch.dtype | str, hps_version: str = "v2.1",
+                    resize: str | None = None, grad_checkpoint: bool = False, actpred_frames: str = "decoded",
+                    num_frames: int | None = None) -> Reward:
+    """The reward `build_reward(reward_fn, dtype=dtype, ...)` builds, with every parameter and buffer on
+    the meta device (frozen, eval mode); no download, no weights file, no Hugging Face cache.
+
+    num_frames: the decoded clip length the plan will feed, when known; ActPred then builds its position
+    table for that length now, as a real CPU tensor (as the real run holds it).
+    """
+    dtype = as_dtype(dtype)
+    check_resize(resize)
+    mix = reward_mix(reward_fn)
+    missing = [n for n in mix if REWARDS[n].skeleton is None]
+    if missing:  # a reward registered without one: say so rather than guess its model
+        raise VaderError(f"reward_fn={reward_fn!r}: no weightless skeleton for {', '.join(map(repr, missing))}; "
+                         f"skeletons exist for: {', '.join(n for n, spec in REWARDS.items() if spec.skeleton)}")
+    options = dict(dtype=dtype, hps_version=hps_version, grad_checkpoint=grad_checkpoint,
+                   actpred_frames=actpred_frames, num_frames=num_frames)
+    reward = combine_rewards({name: (weight, REWARDS[name].skeleton(resize=resize or REWARDS[name].resize, **options))
+                              for name, weight in mix.items()})
+    reward = reward.to(dtype=dtype)  # as build_reward: every floating weight in dtype (the aesthetic head too)
+    reward.requires_grad_(False)
+    return reward.eval()
 
 
 def reward_sources(reward_fn: str | dict[str, float], hps_version: str = "v2.1",

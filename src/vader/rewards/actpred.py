@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES
+from vader.rewards.aesthetic import quiet_transformers
 from vader.rewards.base import Reward, RewardOutput, as_dtype
 from vader.rewards.hub import WeightSource, folder_source
 from vader.rewards.kinetics import prompt_key, resolve_label
@@ -55,17 +56,10 @@ SOURCE_DOCS = {
 }
 # how the decoded frames reach the classifier (see the module docstring)
 FRAME_MODES = ("decoded", "resample")
+NEEDS_CLIP = "classifies a clip"  # why actpred refuses single frames (its record)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _INTERPOLATION = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL resample codes
-
-
-def check_decode_frame(decode_frame: str) -> None:
-    """VaderError unless `decode_frame` decodes a clip (for config validation before any model loads);
-    the rule is the registry record's (`needs_clip`)."""
-    from vader.rewards import check_decode_frame as check_rewards_decode_frame
-
-    check_rewards_decode_frame("actpred", decode_frame)
 
 
 @dataclass(frozen=True)
@@ -324,8 +318,6 @@ def _load_model(name: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForVideoClassification
 
     try:
-        from vader.rewards.aesthetic import quiet_transformers
-
         with quiet_transformers():  # the loading report is checked below instead of printed
             model, info = AutoModelForVideoClassification.from_pretrained(name, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as exc:
@@ -419,6 +411,6 @@ def build_actpred_reward(*, sources: dict | None = None, actpred_frames: str = "
 
 __all__ = [
     "ACTPRED_MODEL", "ACTPRED_WEIGHTS", "CLIP_DECODE_FRAMES", "FRAME_MODES", "SOURCE_DOCS", "ActPred", "ClipTransform",
-    "actpred_sources", "build_actpred", "build_actpred_reward", "check_decode_frame", "check_strict",
+    "actpred_sources", "build_actpred", "build_actpred_reward", "check_strict",
     "preprocess_clip", "sample_indices", "sinusoid_positions",
 ]

@@ -26,6 +26,7 @@ from vader.rewards.hub import (
     WeightSource,
     file_source,
     folder_source,
+    given_sources,
     load_error,
     pretrained_path,
     resolve_file,
@@ -179,11 +180,7 @@ class AestheticReward(Reward):
         """clip: hub id / local folder of a CLIPModel (default openai/clip-vit-large-patch14);
         head: local .pth, hub repo or repo/file (default the LAION MLP from trl-lib/ddpo-aesthetic-predictor)."""
         dtype = as_dtype(dtype)
-        default_clip, default_head = aesthetic_sources()
-        clip_src = clip if isinstance(clip, WeightSource) else (
-            default_clip if clip is None else aesthetic_sources({"aesthetic_clip": clip})[0])
-        head_src = head if isinstance(head, WeightSource) else (
-            default_head if head is None else aesthetic_sources({"aesthetic_head": head})[1])
+        clip_src, head_src = given_sources((clip, head), ("aesthetic_clip", "aesthetic_head"), aesthetic_sources)
         head_path = resolve_file(head_src)
         check_pinned(head_src, head_path)
         mlp = AestheticMLP.from_file(head_path)

@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vader.dtypes import REWARD_DTYPES, parse_dtype
 from vader.errors import VaderError
+from vader.frames import CLIP_DECODE_FRAMES
 
 # OpenAI CLIP normalisation: CLIP ViT-L/14, open_clip ViT-H-14 (HPS) and the LAION ViT-H-14 processor
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -288,8 +289,6 @@ def check_pinned(src, path: str | os.PathLike) -> None:
 def check_clip_decode(reward: str, needs: str, decode_frame: str) -> None:
     """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads);
     `needs` says why `reward` reads several frames."""
-    from vader.frames import CLIP_DECODE_FRAMES
-
     if str(decode_frame) not in CLIP_DECODE_FRAMES:
         raise VaderError(f"reward_fn {reward!r} {needs}, but decode_frame={decode_frame!r} decodes one frame; "
                          f"use decode_frame {', '.join(repr(m) for m in CLIP_DECODE_FRAMES)}")

@@ -15,7 +15,7 @@ hard-coded.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +151,14 @@ def check_sources(needed: Iterable[tuple[str, WeightSource]], cache_dir: str | o
     if lines:
         why = " (HF_HUB_OFFLINE is set, so nothing can be downloaded)" if off else ""
         raise VaderError(f"reward weights are missing{why}; nothing was generated:\n" + "\n".join(lines))
+
+
+def given_sources(values: tuple, keys: tuple[str, ...], sources: Callable[..., tuple]) -> tuple:
+    """Each of a reward's `values` as a WeightSource: one given as such, the default for None, else what
+    `sources({key: value})` (the reward's own override rule) makes of it."""
+    defaults = sources()
+    return tuple(v if isinstance(v, WeightSource) else (d if v is None else sources({k: v})[i])
+                 for i, (v, k, d) in enumerate(zip(values, keys, defaults, strict=True)))
 
 
 def resolve_file(src: WeightSource) -> str:

@@ -18,7 +18,7 @@ from vader.rewards.base import (
     freeze,
     module_dtype,
 )
-from vader.rewards.hub import WeightSource, folder_source, load_error, pretrained_path
+from vader.rewards.hub import WeightSource, folder_source, given_sources, load_error, pretrained_path
 
 PICK_MODEL = "yuvalkirstain/PickScore_v1"
 PICK_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -76,11 +76,7 @@ class PickScoreReward(Reward):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         dtype = as_dtype(dtype)
-        default_model, default_processor = pick_sources()
-        model_src = model if isinstance(model, WeightSource) else (
-            default_model if model is None else pick_sources({"pick_score": model})[0])
-        proc_src = processor if isinstance(processor, WeightSource) else (
-            default_processor if processor is None else pick_sources({"pick_score_processor": processor})[1])
+        model_src, proc_src = given_sources((model, processor), ("pick_score", "pick_score_processor"), pick_sources)
         try:
             proc_path = pretrained_path(proc_src)
             tokenizer = AutoTokenizer.from_pretrained(proc_path)
@@ -121,8 +117,7 @@ class PickScoreReward(Reward):
 
 def build_pick_score(*, device=None, dtype: torch.dtype | str = torch.float32, sources: dict | None = None,
                      resize: str, grad_checkpoint: bool = False, **_: object) -> PickScoreReward:
-    """The registry's factory: the reward with the weights `sources` names (defaults otherwise); `resize`
-    as resolved by the registry (the run's, else the record's)."""
+    """The registry's factory, as `aesthetic.build_aesthetic`."""
     model, processor = pick_sources(sources)
     return PickScoreReward.from_pretrained(model, processor, device=device, dtype=dtype, resize=resize,
                                            grad_checkpoint=grad_checkpoint)

@@ -31,13 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from vader.errors import VaderError
-from vader.rewards.base import Reward, as_dtype
+from vader.rewards.actpred import ActPred, ClipTransform, sinusoid_positions
+from vader.rewards.aesthetic import AestheticMLP, AestheticReward, quiet_transformers
+from vader.rewards.base import Reward
+from vader.rewards.hps import AestheticHPSReward, HPSReward, hps_version_file, quiet_root_warnings
+from vader.rewards.kinetics import KINETICS_400
+from vader.rewards.pickscore import PickScoreReward
+from vader.rewards.toy import DEFAULT_FOLDER, ToyAlignment, ToySize
+from vader.toyworld.classifier import ToyClassifier, ToyClassifierConfig
 
 __all__ = [
     "AESTHETIC_VISION_CONFIG", "HPS_OPEN_CLIP_ARCH", "OfflineClipTokenizer", "PICK_SCORE_CONFIG",
     "PICK_SCORE_PROCESSOR", "VIDEOMAE_CONFIG", "VIDEOMAE_PROCESSOR", "actpred_skeleton", "aesthetic_hps_skeleton",
-    "aesthetic_skeleton", "hps_skeleton", "pick_score_skeleton", "reward_skeleton", "toy_alignment_skeleton",
+    "aesthetic_skeleton", "hps_skeleton", "pick_score_skeleton", "toy_alignment_skeleton",
     "toy_size_skeleton",
 ]
 
@@ -124,8 +130,6 @@ class OfflineClipTokenizer:
 def aesthetic_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, **_: Any) -> Reward:
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from vader.rewards.aesthetic import AestheticMLP, AestheticReward, quiet_transformers
-
     with quiet_transformers(), torch.device("meta"):
         vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**AESTHETIC_VISION_CONFIG))
         head = AestheticMLP(in_dim=AESTHETIC_HEAD_IN)
@@ -134,8 +138,6 @@ def aesthetic_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool
 
 def hps_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, hps_version: str, **_: Any) -> Reward:
     import open_clip
-
-    from vader.rewards.hps import HPSReward, hps_version_file, quiet_root_warnings
 
     hps_version_file(hps_version)  # the same check (and one-line error) as the real loader
     # built on meta from the start: device="meta" alone first initialises 986M parameters on the CPU
@@ -146,16 +148,12 @@ def hps_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, hps_
 
 
 def aesthetic_hps_skeleton(**options: Any) -> Reward:
-    from vader.rewards.hps import AestheticHPSReward
-
     return AestheticHPSReward(aesthetic_skeleton(**options), hps_skeleton(**options))
 
 
 def pick_score_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: bool, **_: Any) -> Reward:
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from vader.rewards.aesthetic import quiet_transformers
-    from vader.rewards.pickscore import PickScoreReward
 
     with quiet_transformers(), torch.device("meta"):
         model = CLIPModel(CLIPConfig(**PICK_SCORE_CONFIG))
@@ -164,8 +162,6 @@ def pick_score_skeleton(*, dtype: torch.dtype, resize: str, grad_checkpoint: boo
 
 
 def _cpu_positions(n_position: int, dim: int) -> torch.Tensor:
-    from vader.rewards.actpred import sinusoid_positions
-
     with torch.device("cpu"):  # a real tensor, as transformers makes it, even while the model is built on meta
         return sinusoid_positions(n_position, dim)
 
@@ -175,9 +171,6 @@ def actpred_skeleton(*, dtype: torch.dtype, grad_checkpoint: bool, actpred_frame
     from transformers import VideoMAEConfig, VideoMAEForVideoClassification
     from transformers.models.videomae import modeling_videomae
 
-    from vader.rewards.actpred import ActPred, ClipTransform
-    from vader.rewards.aesthetic import quiet_transformers
-    from vader.rewards.kinetics import KINETICS_400
 
     config = VideoMAEConfig(**VIDEOMAE_CONFIG, id2label=dict(enumerate(KINETICS_400)),
                             label2id={name: i for i, name in enumerate(KINETICS_400)})
@@ -200,9 +193,6 @@ def actpred_skeleton(*, dtype: torch.dtype, grad_checkpoint: bool, actpred_frame
 
 
 def _toy_classifier() -> nn.Module:
-    from vader.rewards.toy import DEFAULT_FOLDER
-    from vader.toyworld.classifier import ToyClassifier, ToyClassifierConfig
-
     path = Path(DEFAULT_FOLDER) / "config.json"
     config = ToyClassifierConfig.from_dict(json.loads(path.read_text()), where=str(path))
     with torch.device("meta"):
@@ -210,39 +200,10 @@ def _toy_classifier() -> nn.Module:
 
 
 def toy_alignment_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
-    from vader.rewards.toy import ToyAlignment
-
     return ToyAlignment(_toy_classifier().to(dtype=dtype))
 
 
 def toy_size_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
-    from vader.rewards.toy import ToySize
-
     return ToySize(_toy_classifier().to(dtype=dtype))
 
 
-def reward_skeleton(reward_fn: str | dict[str, float], *, dtype: torch.dtype | str, hps_version: str = "v2.1",
-                    resize: str | None = None, grad_checkpoint: bool = False, actpred_frames: str = "decoded",
-                    num_frames: int | None = None) -> Reward:
-    """The reward `build_reward(reward_fn, dtype=dtype, ...)` builds, with every parameter and buffer on
-    the meta device (frozen, eval mode); no download, no weights file, no Hugging Face cache.
-
-    num_frames: the decoded clip length the plan will feed, when known; ActPred then builds its position
-    table for that length now, as a real CPU tensor (as the real run holds it).
-    """
-    from vader.rewards import REWARDS, check_resize, combine_rewards, reward_mix
-
-    dtype = as_dtype(dtype)
-    check_resize(resize)
-    mix = reward_mix(reward_fn)
-    missing = [n for n in mix if REWARDS[n].skeleton is None]
-    if missing:  # a reward registered without one: say so rather than guess its model
-        raise VaderError(f"reward_fn={reward_fn!r}: no weightless skeleton for {', '.join(map(repr, missing))}; "
-                         f"skeletons exist for: {', '.join(n for n, spec in REWARDS.items() if spec.skeleton)}")
-    options = dict(dtype=dtype, hps_version=hps_version, grad_checkpoint=grad_checkpoint,
-                   actpred_frames=actpred_frames, num_frames=num_frames)
-    reward = combine_rewards({name: (weight, REWARDS[name].skeleton(resize=resize or REWARDS[name].resize, **options))
-                              for name, weight in mix.items()})
-    reward = reward.to(dtype=dtype)  # as build_reward: every floating weight in dtype (the aesthetic head too)
-    reward.requires_grad_(False)
-    return reward.eval()

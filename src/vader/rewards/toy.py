@@ -23,9 +23,10 @@ from torch import Tensor
 
 from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES
-from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.rewards.base import Reward, RewardOutput, as_dtype, check_clip_decode
 from vader.rewards.hub import WeightSource
 from vader.toyworld import WEIGHTS, world
+from vader.toyworld.classifier import ToyClassifier
 
 SOURCE_KEY = "toy_classifier"
 SOURCE_DOC = ("toy world video classifier for 'toy_alignment' and 'toy_size': a local folder with config.json + "
@@ -34,14 +35,14 @@ SOURCE_DOCS = {SOURCE_KEY: SOURCE_DOC}  # the `sources` key both toy rewards rea
 DEFAULT_FOLDER = str(Path(WEIGHTS) / "classifier")
 _SCORE_SUFFIX = re.compile(r"\s*aesthetic score:\s*[\d.]+\.?\s*$", re.IGNORECASE)
 
+NEEDS_CLIP = "judges motion, which needs a clip"  # why toy_alignment refuses single frames (its record)
+
 
 def classifier_folder(sources: dict | None = None) -> str:
     return str((sources or {}).get(SOURCE_KEY) or DEFAULT_FOLDER)
 
 
 def load_classifier(sources: dict | None = None, device=None, dtype: torch.dtype | str = torch.float32):
-    from vader.toyworld.classifier import ToyClassifier
-
     model = ToyClassifier.from_pretrained(classifier_folder(sources))
     return model.to(device=device, dtype=as_dtype(dtype)).requires_grad_(False).eval()
 
@@ -49,14 +50,6 @@ def load_classifier(sources: dict | None = None, device=None, dtype: torch.dtype
 def classifier_sources(sources: dict | None = None, **_: object) -> tuple[WeightSource]:
     """The classifier folder both toy rewards load (the registry's `weights`)."""
     return (WeightSource(SOURCE_KEY, "toy world classifier", local=classifier_folder(sources), kind="model"),)
-
-
-def check_decode_frame(decode_frame: str) -> None:
-    """VaderError unless `decode_frame` decodes a clip (config validation, before any model loads);
-    the rule is toy_alignment's registry record's (`needs_clip`)."""
-    from vader.rewards import check_decode_frame as check_rewards_decode_frame
-
-    check_rewards_decode_frame("toy_alignment", decode_frame)
 
 
 def parse_prompt(prompt: str, what: str | None = None) -> world.Attributes:
@@ -113,7 +106,7 @@ class ToyAlignment(Reward):
         if len(prompts) != frames.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {frames.shape[0]} clips")
         if frames.shape[2] < 2:
-            check_decode_frame("one frame")
+            check_clip_decode("toy_alignment", NEEDS_CLIP, "one frame")
         targets = [world.labels(self.target(p)) for p in prompts]
         logits, _ = self.model(frames)
         out = {}
@@ -158,6 +151,6 @@ def build_toy_size(*, device=None, dtype=torch.float32, sources=None, **_) -> To
 
 __all__ = [
     "CLIP_DECODE_FRAMES", "DEFAULT_FOLDER", "SOURCE_DOC", "SOURCE_DOCS", "SOURCE_KEY", "ToyAlignment", "ToySize",
-    "build_toy_alignment", "build_toy_size", "check_decode_frame", "classifier_folder", "classifier_sources",
+    "NEEDS_CLIP", "build_toy_alignment", "build_toy_size", "classifier_folder", "classifier_sources",
     "load_classifier", "parse_prompt",
 ]

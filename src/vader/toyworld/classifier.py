@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vader.errors import VaderError
+from vader.frames import CLIP_DECODE_FRAMES, select_frames
 from vader.toyworld import world
 
 MODEL_TYPE = "vader_toy_classifier"
@@ -158,8 +159,6 @@ class ToyClassifier(nn.Module):
 def frame_indices(decode_frame: str, num_frames: int = world.NUM_FRAMES) -> list[int]:
     """The frames the training loop decodes for a clip decode_frame ('fml', 'alt', 'all'): what
     vader.frames.select_frames picks with the 'exact' strategy (no random draw for these modes)."""
-    from vader.frames import CLIP_DECODE_FRAMES, select_frames
-
     if decode_frame not in CLIP_DECODE_FRAMES:
         raise VaderError(f"decode_frame={decode_frame!r} is not a clip mode; use 'fml', 'alt' or 'all'")
     return select_frames(decode_frame, num_frames, random.Random(0))
