@@ -14,7 +14,6 @@ from vader.rewards.actpred import (
     ACTPRED_WEIGHTS,
     ClipTransform,
     build_actpred,
-    check_decode_frame,
     preprocess_clip,
     sample_indices,
 )
@@ -140,6 +139,11 @@ def test_prompts_file_lines_with_labels() -> None:
 
 
 def test_check_decode_frame() -> None:
+    from vader.rewards import check_decode_frame as check_rewards
+
+    def check_decode_frame(mode: str) -> None:
+        check_rewards("actpred", mode)
+
     for mode in ("all", "alt", "fml"):
         check_decode_frame(mode)
     for mode in ("-1", "0", "5"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from backend_tiny import NEGATIVE, PROMPTS, BackendCase, add_random_lora, backend_case
 
+from vader.backends.common import missing_weights
 from vader.errors import VaderError
 
 BACKENDS = ["wan", "cogvideox"]
@@ -178,11 +179,11 @@ def test_missing_weights_offline_name_every_repo_in_one_line(case, tmp_path):
     assert "\n" not in message
     for needle in needles:
         assert needle in message
-    assert case.module.missing_weights(s) == message  # the same check, for a preflight before anything loads
+    assert missing_weights(s) == message  # the same check, for a preflight before anything loads
 
 
 def test_nothing_missing_for_a_complete_folder(case, folder):
-    assert case.module.missing_weights(case.settings(folder)) is None
+    assert missing_weights(case.settings(folder)) is None
 
 
 def test_folder_lacking_a_part_is_named(case, folder, tmp_path):
