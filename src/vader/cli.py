@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from vader.errors import VaderError
+from vader.errors import ArgumentParser, VaderError
 
 COMMANDS = {
     "train": "train a LoRA by backpropagating the reward through the sampler",
@@ -41,7 +41,7 @@ COMMANDS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vader",
         description="VADER: align text-to-video diffusion models (Open-Sora v1.2) to reward models.",
         epilog="Quick start: vader train configs/tiny/vader_train.py",
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         known, overrides = parser.parse_known_args(argv)
         if "-h" in overrides or "--help" in overrides:
             parser.parse_args(argv)
+        if known.command is None and argv:
+            raise VaderError(f"{argv[0]!r} is not a command; choose one of: {', '.join(COMMANDS)} (see vader --help)")
         if known.command is None:
             parser.print_help()
             return 2

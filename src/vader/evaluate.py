@@ -42,7 +42,7 @@ from vader.checkpoint import (
     set_lora_dropout,
 )
 from vader.config import is_callable_spec, load_config
-from vader.errors import VaderError
+from vader.errors import ArgumentParser, VaderError
 from vader.guards import guards
 from vader.media import write_video
 from vader.models.presets import torch_dtype
@@ -271,7 +271,7 @@ def format_result(result: EvalResult) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a config override such as --seed 7 must not be taken for --seeds
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="vader eval", allow_abbrev=False,
         description="Compare the base model and a LoRA on the same prompts and seeds: per reward the mean "
                     "with 95%% bootstrap intervals and the paired win rate, per-prompt rows, and guards "

@@ -24,7 +24,7 @@ import torch
 from vader import rewards
 from vader.config import validate_reward
 from vader.dtypes import TORCH_NAMES, parse_dtype
-from vader.errors import VaderError
+from vader.errors import ArgumentParser, VaderError
 from vader.media import read_video
 from vader.prompts import read_prompt_file, read_prompt_lines
 from vader.rewards.base import Reward, WeightedReward
@@ -172,7 +172,7 @@ def format_table(rows: list[VideoScore], reward_name: str = "reward", prompt_wid
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="vader score",
         description="Score existing videos with a reward model: prints video, prompt, reward and loss, and the mean. "
                     "Image rewards average over all frames; actpred classifies the whole clip.",
