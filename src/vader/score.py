@@ -232,8 +232,11 @@ def score_main(argv: list[str]) -> int:
     """`vader score ...` (argv: the arguments after `score`). Exit status: 0, or 2 on a user error."""
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2); argparse has printed why
+    except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    except VaderError as exc:  # a usage mistake
+        print(f"vader: error: {exc}", file=sys.stderr)
+        return 2
     try:
         run_score(args)
     except VaderError as exc:
