@@ -27,3 +27,27 @@ def returns_nan(videos, prompts: list[str]) -> np.ndarray:
 
 def returns_text(videos, prompts: list[str]) -> str:
     return "good"
+
+
+def raises(videos, prompts: list[str]) -> list[float]:
+    raise RuntimeError("scorer service unavailable")
+
+
+def no_arguments() -> list[float]:
+    return [0.0]
+
+
+def one_argument(videos) -> list[float]:
+    return [0.0] * len(videos)
+
+
+def keyword_prompts(videos, *, prompts) -> list[float]:
+    return [0.0] * len(videos)
+
+
+def returns_complex(videos, prompts: list[str]) -> list[complex]:
+    return [1 + 2j] * len(prompts)
+
+
+def with_extra_default(videos, prompts, scale: float = 1.0) -> list[float]:
+    return [scale] * len(prompts)

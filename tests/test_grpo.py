@@ -300,6 +300,9 @@ def test_callable_reward_without_gradient_trains_with_grpo(trainer):
     ("no_such_module_xyz:score", "module 'no_such_module_xyz' not found"),
     ("grpo_rewards:missing", "module 'grpo_rewards' has no attribute 'missing'"),
     ("grpo_rewards:NOT_CALLABLE", "'NOT_CALLABLE' is a int, not a callable"),
+    ("grpo_rewards:no_arguments", "no_arguments() cannot be called as fn(videos, prompts)"),
+    ("grpo_rewards:one_argument", "one_argument(videos) cannot be called as fn(videos, prompts)"),
+    ("grpo_rewards:keyword_prompts", "cannot be called as fn(videos, prompts)"),
 ])
 def test_bad_callable_specs_are_one_line_errors(spec, message):
     with pytest.raises(VaderError) as info:
@@ -312,12 +315,20 @@ def test_bad_callable_specs_are_one_line_errors(spec, message):
     ("too_few", "returned (1,) scores for 2 videos"),
     ("returns_nan", "returned a non-finite score (nan) for prompt 'a'"),
     ("returns_text", "returned str; it must return 2 floats"),
+    ("returns_complex", "returned torch.complex64 scores; it must return 2 real floats"),
+    ("raises", "reward_fn='grpo_rewards:raises' raised RuntimeError: scorer service unavailable (called with 2"),
 ])
 def test_bad_callable_scores_are_one_line_errors(name, message):
     reward = load_callable_reward(f"grpo_rewards:{name}")
     with pytest.raises(VaderError) as info:
         reward(torch.zeros(2, 3, 1, 4, 4), ["a", "b"])
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_callable_with_a_default_third_argument_loads():
+    reward = load_callable_reward("grpo_rewards:with_extra_default")
+    assert reward(torch.zeros(2, 3, 1, 4, 4), ["a", "b"]).reward.tolist() == [1.0, 1.0]
+
 
 
 # ---------------------------------------------------------------- the tool: --method grpo

@@ -4,6 +4,7 @@ or as a gold reward; loaded (and checked) when the config is validated."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable
 
@@ -32,14 +33,23 @@ class CallableReward(Reward):
 
     def forward(self, frames: Tensor, prompts: list[str]) -> RewardOutput:
         b = frames.shape[0]
-        with torch.no_grad():
-            out = self.fn(frames.detach().float().clamp(-1, 1), list(prompts))
         where = f"{self.key}={self.spec!r}"
         try:
-            scores = (out.detach().cpu() if isinstance(out, Tensor) else torch.as_tensor(out)).double()
+            with torch.no_grad():
+                out = self.fn(frames.detach().float().clamp(-1, 1), list(prompts))
+        except Exception as exc:  # the user's function failed: its error, on one line, is what to fix
+            first = " ".join(str(exc).split())[:300]
+            raise VaderError(f"{where} raised {type(exc).__name__}{': ' + first if first else ''} (called with "
+                             f"{b} videos {tuple(frames.shape)} and {b} prompts)") from None
+        try:
+            scores = out.detach().cpu() if isinstance(out, Tensor) else torch.as_tensor(out)
         except (TypeError, ValueError, RuntimeError):
             raise VaderError(f"{where} returned {type(out).__name__}; it must return {b} floats (one per video), "
                              "e.g. a list or a 1-D tensor") from None
+        if scores.is_complex() or scores.dtype == torch.bool:
+            raise VaderError(f"{where} returned {scores.dtype} scores; it must return {b} real floats "
+                             "(one per video)")
+        scores = scores.double()
         if scores.ndim != 1 or scores.numel() != b:
             raise VaderError(f"{where} returned {tuple(scores.shape)} scores for {b} videos; it must return "
                              f"{b} floats (one per video)")
@@ -75,4 +85,20 @@ def load_callable_reward(spec: str, key: str = "reward_fn") -> CallableReward:
     if not callable(fn):
         raise VaderError(f"{key}={spec!r}: {attr!r} is a {type(fn).__name__}, not a callable "
                          "fn(videos, prompts) -> scores")
+    check_signature(fn, f"{key}={spec!r}")
     return CallableReward(fn, spec, key)
+
+
+def check_signature(fn: Callable, where: str) -> None:
+    """VaderError unless `fn` can be called as fn(videos, prompts) (checked when the module is loaded,
+    not after the models are built); a callable whose signature Python cannot read is trusted."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins and C extensions
+        return
+    try:
+        signature.bind(object(), object())
+    except TypeError as exc:
+        shown = signature.replace(return_annotation=inspect.Signature.empty)
+        raise VaderError(f"{where}: {getattr(fn, '__name__', 'the callable')}{shown} cannot be called as "
+                         f"fn(videos, prompts) ({exc}); it must take the videos and the prompts") from None
