@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, OPENSORA_INFER, OPENSORA_TRAIN, TINY_INFER, TINY_TRAIN
+from conftest import FAST, OPENSORA_INFER, OPENSORA_TRAIN, REPO, TINY_INFER, TINY_TRAIN
 from safetensors.torch import save_file
 
 from vader.cli import main
@@ -74,6 +74,28 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("empty project_dir", ["train", TRAIN, "--project_dir", ""], ["project_dir=''"]),
     ("empty prompt list", ["infer", INFER, "--prompt", "[]"], ["prompt=[]", "non-empty"]),
     ("stray argument", ["train", TRAIN, "stray"], ["unexpected argument 'stray'"]),
+    # ---- rewards: gold, callables (checked when the config is read) ----
+    ("gold is the training reward", ["train", TRAIN, "--gold_reward", "colorfulness"],
+     ["gold_reward='colorfulness' is the training reward"]),
+    ("gold is the training reward as a dict", ["train", TRAIN, "--gold_reward", "{'colorfulness': 2.0}"],
+     ["is the training reward (reward_fn='colorfulness')"]),
+    ("gold is a mix of the training mix", ["train", TRAIN, "--reward_fn", "{'colorfulness': 1.0, 'brightness': 2.0}",
+                                           "--gold_reward", "{'brightness': 4.0, 'colorfulness': 2.0}"],
+     ["is the training reward"]),
+    ("callable reward_fn without arguments", ["train", TRAIN, "--method", "grpo", "--reward_fn",
+                                              "grpo_rewards:no_arguments"],
+     ["reward_fn='grpo_rewards:no_arguments'", "cannot be called as fn(videos, prompts)"]),
+    ("callable reward_fn with one argument", ["train", TRAIN, "--method", "grpo", "--reward_fn",
+                                              "grpo_rewards:one_argument"], ["one_argument(videos) cannot be called"]),
+    ("callable gold without arguments", ["train", TRAIN, "--gold_reward", "grpo_rewards:no_arguments"],
+     ["gold_reward='grpo_rewards:no_arguments'", "cannot be called as fn(videos, prompts)"]),
+    ("callable gold with one argument", ["train", TRAIN, "--gold_reward", "grpo_rewards:one_argument"],
+     ["gold_reward='grpo_rewards:one_argument'", "cannot be called"]),
+    ("callable reward_fn for VADER", ["train", TRAIN, "--reward_fn", "grpo_rewards:mean_red"],
+     ["is a Python function with no gradient", "--method grpo"]),
+    ("GRPO on a DDIM backend", ["train", str(REPO / "configs" / "cogvideox-2b" / "vader_train.py"), "--method", "grpo",
+                                "--image_size", "(480, 720)", "--reward_fn", "grpo_rewards:mean_red"],
+     ["method='grpo' needs a sampler with a log-probability", "opensora, wan", "model.type='cogvideox'"]),
     # ---- config files ----
     ("missing config file", ["train", "{in}/none.py"], ["config file not found"]),
     ("config --keys of a missing file", ["config", "{in}/none.py", "--keys"], ["config file not found"]),

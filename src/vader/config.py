@@ -624,13 +624,29 @@ def _check_gold(cfg: VaderConfig) -> None:
         validate_reward(gold)
     except VaderError as exc:
         raise VaderError(str(exc).replace("reward_fn", "gold_reward")) from None
-    if gold == cfg.reward_fn:
-        raise VaderError(f"gold_reward={gold!r} is the training reward; the gold reward is one the LoRA is not "
-                         "trained on (another registered reward or 'module:function'), or None")
+    if _same_reward(gold, cfg.reward_fn):
+        raise VaderError(f"gold_reward={gold!r} is the training reward (reward_fn={cfg.reward_fn!r}); the gold "
+                         "reward is one the LoRA is not trained on (another registered reward or "
+                         "'module:function'), or None")
     try:
         _rewards().check_decode_frame(gold, cfg.decode_frame)
     except VaderError as exc:
         raise VaderError(str(exc).replace("reward_fn", "gold_reward")) from None
+
+
+def _same_reward(a: Any, b: Any) -> bool:
+    """Whether two registered-reward specs are one reward in any spelling: 'hps', {'hps': 1.0} and
+    {'hps': 2} are the same reward (a weight only scales it); a mix is the same when its weights are."""
+    if is_callable_spec(a) or is_callable_spec(b):
+        return a == b
+    mix_a, mix_b = _rewards().reward_mix(a), _rewards().reward_mix(b)
+    if set(mix_a) != set(mix_b):
+        return False
+    first = next(iter(mix_a))
+    if mix_b[first] == 0:
+        return all(mix_b[k] == 0 for k in mix_a)
+    ratio = mix_a[first] / mix_b[first]
+    return all(math.isclose(mix_a[k], ratio * mix_b[k], rel_tol=1e-9) for k in mix_a)
 
 
 def _check_method(cfg: VaderConfig) -> None:

@@ -58,7 +58,7 @@ def parse_prompt(prompt: str, what: str | None = None) -> world.Attributes:
     what = what or f"prompt {prompt!r}"
     if attrs is None:
         raise VaderError(
-            f"reward_fn 'toy_alignment' cannot read {what}: it must name a toy clip like "
+            f"the toy_alignment reward cannot read {what}: it must name a toy clip like "
             f"{world.caption(world.all_attributes()[0])!r} (sizes {'/'.join(world.SIZES)}, colours "
             f"{'/'.join(world.COLOURS)}, shapes {'/'.join(world.SHAPES)}, moving {'/'.join(world.MOTIONS[:-1])} "
             f"or standing still, on a {'/'.join(world.BACKGROUNDS)} background)"
