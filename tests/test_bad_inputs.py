@@ -8,7 +8,9 @@ offline, project_dir={pd}) before its own arguments, which win.
 
 from __future__ import annotations
 
+import datetime
 import os
+import random
 import socket
 import stat
 from pathlib import Path
@@ -129,6 +131,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["not a readable weights file"]),
     ("truncated LoRA .pt (train)", ["train", TRAIN, "--lora_ckpt_path", "{in}/truncated.pt"],
      ["not a readable weights file"]),
+    ("LoRA .pt with Python objects", ["infer", INFER, "--lora_ckpt_path", "{in}/objects.pt"],
+     ["holds Python objects besides tensors", "torch.save(model.state_dict(), path)"]),
     ("LoRA folder without adapter", ["infer", INFER, "--lora_ckpt_path", "{in}/emptydir"],
      ["has no adapter_model.safetensors"]),
     ("missing LoRA", ["infer", INFER, "--lora_ckpt_path", "{in}/none.safetensors"], ["no such file or folder"]),
@@ -168,7 +172,7 @@ def _prepare(folder: Path) -> None:
     (folder / "zero.safetensors").write_bytes(b"")
     (folder / "zero.pt").write_bytes(b"")
     (folder / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" * 4)
-    (folder / "corrupt.pt").write_bytes(os.urandom(256))
+    (folder / "corrupt.pt").write_bytes(random.Random(0).randbytes(256))  # fixed: its error must not vary
     tensors = {"base_model.model.a.lora_A.weight": torch.ones(4, 64), "base_model.model.a.lora_B.weight": torch.ones(64, 4)}
     save_file(tensors, str(folder / "whole.safetensors"))
     data = (folder / "whole.safetensors").read_bytes()
@@ -176,6 +180,7 @@ def _prepare(folder: Path) -> None:
     torch.save(tensors, folder / "whole.pt")
     data = (folder / "whole.pt").read_bytes()
     (folder / "truncated.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"weights": tensors, "when": datetime.date(2026, 1, 1)}, folder / "objects.pt")  # not a plain state dict
     (folder / "ckpt").mkdir()
     (folder / "ckpt" / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     torch.save({"step": 1}, folder / "ckpt" / "training_state.pt")

@@ -149,6 +149,10 @@ def weights_file_problem(path: Path) -> str | None:
             # mmap reads only the zip directory and the pickle; a legacy (non-zip) file is read whole
             torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as exc:  # any parse failure of a user file: corrupt, truncated, not weights
+        if "Unsupported global" in str(exc):
+            # torch's advice (weights_only=False) would run the file's pickled code: not for a LoRA
+            return (f"{path} holds Python objects besides tensors, which vader does not unpickle (a LoRA .pt is a "
+                    "state dict of tensors: save it with torch.save(model.state_dict(), path))")
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         return f"{path} is not a readable weights file, it may be truncated or corrupt ({type(exc).__name__}" \
                + (f": {first})" if first else ")")
