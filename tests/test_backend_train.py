@@ -197,13 +197,21 @@ def test_shipped_backend_configs_validate_offline(path, capsys):
     assert out["model"]["from_pretrained"] in ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "THUDM/CogVideoX-2b")
 
 
-def test_settings_from_config_maps_every_key(tmp_path):
-    from vader.backends import settings_from_config
-    from vader.backends.wan import WanSettings
+@pytest.mark.parametrize("backend", ["wan", "cogvideox"])
+def test_settings_from_config_maps_every_key(tmp_path, backend):
+    """Every config key a diffusers backend reads reaches ITS settings (each backend's own mapping)."""
+    from vader.backends import settings_class, settings_from_config
 
-    cfg = load_config(write_config(tmp_path, "wan", tmp_path / "w"), ["--image_size", "(48, 64)", "--num_frames",
-                                                                      "13", "--scheduler.shift", "5.0"])
-    s = settings_from_config(cfg)
-    assert s == WanSettings(pretrained=str(tmp_path / "w"), vae=None, text_encoder=None, dtype="fp32",
-                            vae_dtype="fp32", height=48, width=64, num_frames=13, num_steps=3, guidance_scale=6.0,
-                            negative_prompt="blurry, low quality", shift=5.0, max_sequence_length=16)
+    extra = {"wan": ["--scheduler.shift", "5.0"], "cogvideox": ["--scheduler.use_dynamic_cfg", "True"]}[backend]
+    frames = {"wan": "13", "cogvideox": "25"}[backend]
+    cfg = load_config(write_config(tmp_path, backend, tmp_path / "w"),
+                      ["--image_size", "(48, 64)", "--num_frames", frames, "--scheduler.num_sampling_steps", "7",
+                       "--scheduler.cfg_scale", "4.5", "--negative_prompt", "dull", "--dtype", "bf16",
+                       "--text_encoder.model_max_length", "24", "--vae.from_pretrained", str(tmp_path / "v"),
+                       "--text_encoder.from_pretrained", str(tmp_path / "t"), *extra])
+    expected = dict(pretrained=str(tmp_path / "w"), vae=str(tmp_path / "v"), text_encoder=str(tmp_path / "t"),
+                    dtype="bf16", height=48, width=64, num_frames=int(frames), num_steps=7, guidance_scale=4.5,
+                    negative_prompt="dull", max_sequence_length=24)
+    expected.update({"wan": dict(vae_dtype="fp32", shift=5.0),  # Wan's VAE stays fp32, as diffusers loads it
+                     "cogvideox": dict(vae_dtype="bf16", use_dynamic_cfg=True)}[backend])
+    assert settings_from_config(cfg) == settings_class(backend)(**expected)

@@ -24,6 +24,7 @@ from vader.methods.grpo import (
 from vader.rewards.base import RewardOutput
 from vader.rewards.callable import load_callable_reward
 from vader.run import Run, make_accelerator
+from vader.seeds import pick_prompts
 from vader.train import setup
 
 
@@ -190,6 +191,30 @@ def test_constant_reward_leaves_the_lora_unchanged(trainer):
     # a reward that varies does move it (the test above can fail)
     grpo_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, t.run.prompts, 0, settings)
     assert not all(torch.equal(a, p) for a, p in zip(before, t.params))
+
+
+def test_a_group_is_one_prompts_samples(trainer):
+    """Advantages compare the samples of ONE prompt: the reward sees each picked prompt group_size times in
+    a row, and a reward that depends on the prompt only (different per prompt, equal within a prompt's
+    samples) gives zero advantages everywhere, so the step is skipped and the LoRA stays as it was. Groups
+    that mixed prompts would turn the prompts' difference into a gradient."""
+    t = trainer("--train_batch_size", "2")
+    settings = GRPOSettings(group_size=3)
+    seen: list[list[str]] = []
+    by_prompt: dict[str, float] = {}
+
+    def per_prompt(video, prompts):
+        seen.append(list(prompts))
+        values = [by_prompt.setdefault(p, 0.1 + 0.7 * len(by_prompt)) for p in prompts]
+        return RewardOutput(reward=torch.tensor(values), loss=-torch.tensor(values))
+
+    before = [p.detach().clone() for p in t.params]
+    result = grpo_step(t.gen, per_prompt, t.optimizer, t.params, t.cfg, t.accelerator, t.run.prompts, 0, settings)
+    picked = t.gen.reward_prompts(pick_prompts(t.run.prompts, t.cfg, 0, 0, 0, 1))
+    assert seen == [[p for p in picked for _ in range(3)]]
+    assert len(set(picked)) == 2 and len(by_prompt) == 2  # two prompts, two different rewards
+    assert result.skipped and result.grad_norm == 0.0
+    assert all(torch.equal(a, p) for a, p in zip(before, t.params))
 
 
 def test_grpo_step_depends_only_on_seed_step_and_lora(trainer):
