@@ -64,7 +64,10 @@ def test_eval_end_to_end_compares_base_and_lora_on_the_same_seeds(lora_run, tmp_
     write = vader.evaluate.write_video
 
     def recording_write(path, video, **kwargs):
-        frames[Path(path)] = video.clone()
+        path = Path(path)
+        folder = path.parent.parent  # videos go into the hidden partial folder, renamed at the end
+        assert folder.name.startswith(".") and folder.name.endswith(".partial"), path
+        frames[folder.with_name(folder.name[1:-len(".partial")]) / path.parent.name / path.name] = video.clone()
         return write(path, video, **kwargs)
 
     monkeypatch.setattr(vader.evaluate, "write_video", recording_write)  # as evaluate writes them
@@ -77,6 +80,8 @@ def test_eval_end_to_end_compares_base_and_lora_on_the_same_seeds(lora_run, tmp_
     assert eval_main([*args, "--run_name", "second"]) == 0
 
     first, second = tmp_path / "eval" / "first", tmp_path / "eval" / "second"
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["first", "second"]  # no partial folder left
+    assert not list(first.glob(".*"))  # nor its owner file
     data = json.loads((first / "eval.json").read_text())
     assert data["seeds"] == 2 and data["prompts"] == ["a red ball", "a blue cube on grass", "a dog running"]
     for name in ("colorfulness", "brightness"):

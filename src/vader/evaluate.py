@@ -12,18 +12,27 @@ rising for the wrong reasons: diversity across seeds, motion, temporal consisten
 
 Output: project_dir/eval/<run_name or eval-<time>>/ with base/ and lora/ (mp4s with matching names,
 p<prompt>-s<seed>.mp4), eval.json and report.html (one self-contained page: tables, plots, and the
-base and LoRA videos of each seed side by side); a table is printed.
+base and LoRA videos of each seed side by side); a table is printed. The folder is written as
+project_dir/eval/.<name>.partial and renamed into place once eval.json and report.html are in it: an
+error, Ctrl-C or SIGTERM removes it, and the partial folder of a killed eval (kill -9) is removed by the
+next eval. A --run_name that already has a folder is refused (as `vader train` does).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
+import os
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,7 +60,14 @@ from vader.prompts import read_prompt_file
 from vader.report import eval_report, format_ci, format_number
 from vader.rewards import build_reward, check_reward_weights, reward_names
 from vader.rewards.callable import load_callable_reward
-from vader.run import build_generator, fresh_name, load_prompts, make_accelerator, step_seed
+from vader.run import build_generator, load_prompts, make_accelerator, step_seed
+
+MAX_EVAL_VIDEOS = 10_000  # prompts x seeds per model: beyond it an eval runs for days (and holds every video)
+IGNORED_KEYS = ("lora_ckpt_path", "resume_from")  # config keys eval would ignore: the LoRA is --lora
+PARTIAL_SUFFIX = ".partial"  # project_dir/eval/.<name>.partial: an eval being written
+OWNER_FILE = ".owner"  # in a partial folder: "host pid start-time" of the eval writing it
+SIDES = ("base", "lora")
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # a disk full, read-only, locked
 
 # ---- statistics ---------------------------------------------------------------------------------
 
@@ -104,10 +120,20 @@ def _reward_label(reward_fn: str | dict[str, float]) -> str:
 
 
 def parse_rewards(text: str) -> list[str]:
+    if text.strip().startswith(("{", "[", "(")):
+        raise VaderError(f"--rewards={text!r}: --rewards takes a comma-separated list of reward names (or "
+                         "module:function), each scored on its own, e.g. --rewards colorfulness,hps; a weighted mix "
+                         "such as {'colorfulness': 1.0, 'hps': 0.5} belongs in the config's reward_fn (evaluated "
+                         "when --rewards is left out)")
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise VaderError(f"--rewards={text!r} names no reward; give a comma-separated list, e.g. colorfulness,hps")
     for name in names:
+        module, colon, _ = name.partition(":")
+        if colon and module.strip().strip("'\"") in reward_names():
+            raise VaderError(f"--rewards={text!r}: {name!r} looks like a weight; --rewards takes a comma-separated "
+                             "list of reward names (or module:function), each scored on its own; a weighted mix "
+                             "belongs in the config's reward_fn, e.g. {'colorfulness': 1.0, 'hps': 0.5}")
         if name not in reward_names() and ":" not in name:
             raise VaderError(f"--rewards: {name!r} is not a reward; choose from: {', '.join(reward_names())} "
                              "(or module:function)")
@@ -116,11 +142,181 @@ def parse_rewards(text: str) -> list[str]:
 
 def check_lora_path(lora: str | Path) -> Path:
     path = Path(lora)
+    if path.name == "adapter_config.json" and path.is_file():
+        raise VaderError(f"--lora={str(lora)!r} is the LoRA's settings file, not its weights: give the folder "
+                         f"({str(path.parent)!r}) or its {ADAPTER_FILE}")
     file = path / ADAPTER_FILE if path.is_dir() else path
     if not file.is_file():
         raise VaderError(f"--lora={str(lora)!r}: no such file (expected a LoRA folder holding {ADAPTER_FILE}, "
                          "the file itself, or an original peft_model_<step>.pt)")
     return path
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Config keys that name a LoRA (lora_ckpt_path, resume_from) would be silently ignored by eval:
+    the LoRA it evaluates is --lora."""
+    for token in overrides:
+        if not token.startswith("-") and "=" not in token:
+            continue  # a value
+        key = token.lstrip("-").partition("=")[0].replace("-", "_")
+        if key in IGNORED_KEYS:
+            raise VaderError(f"--{key} is not used by vader eval (the LoRA it evaluates is --lora): give the LoRA "
+                             "as --lora PATH, e.g. --lora <run>/lora or --lora <run>/checkpoints/checkpoint-<step>")
+
+
+def check_video_count(prompts: int, seeds: int) -> None:
+    """prompts x seeds videos per model, at most MAX_EVAL_VIDEOS: an absurd --seeds is refused, not run for days."""
+    if prompts * seeds <= MAX_EVAL_VIDEOS:
+        return
+    hint = (f"e.g. --seeds {MAX_EVAL_VIDEOS // prompts}" if MAX_EVAL_VIDEOS // prompts >= 1
+            else "a shorter prompts file")
+    shown = str(seeds) if seeds < 10**15 else "10**15 or more"
+    total = f"{prompts * seeds:,}" if seeds < 10**15 else "more than 10**15"
+    raise VaderError(f"--seeds={shown} x {prompts} prompt(s) = {total} videos per model (each made twice: base and "
+                     f"LoRA), more than the limit of {MAX_EVAL_VIDEOS:,}; use fewer seeds or prompts ({hint})")
+
+
+def eval_root(cfg) -> Path:
+    """project_dir/eval, checked: it must be (or become) a writable folder. Creates nothing."""
+    root = Path(cfg.project_dir) / "eval"
+    if os.path.lexists(root) and not root.is_dir():
+        what = "a file" if root.is_file() else "a broken link" if root.is_symlink() else "not a folder"
+        raise VaderError(f"project_dir={cfg.project_dir!r}: {root} is {what}, not a folder; vader eval writes its "
+                         f"results in {root}/: move that away or choose another --project_dir")
+    if root.is_dir() and not os.access(root, os.W_OK | os.X_OK):
+        raise VaderError(f"project_dir={cfg.project_dir!r}: the folder {root} is not writable")
+    return root
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time (Linux /proc), so that a reused pid is not taken for the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "-"
+
+
+def _owner_line() -> str:
+    return f"{socket.gethostname()} {os.getpid()} {_start_time(os.getpid())}\n"
+
+
+def partial_owner(partial: Path) -> str | None:
+    """Who is writing `partial` now ('pid 123 on host'), or None when its eval is gone (a stale folder)."""
+    try:
+        host, pid_text, started = (partial / OWNER_FILE).read_text().split()
+        pid = int(pid_text)
+    except (OSError, ValueError):  # no owner line yet: only a folder made a moment ago may still be in use
+        try:
+            return "an eval that is starting" if time.time() - partial.stat().st_mtime < 60 else None
+        except OSError:
+            return None
+    if host != socket.gethostname():
+        return f"pid {pid} on {host}"  # another machine's process: it cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # alive, another user's
+    except OSError:
+        return None
+    if started != "-" and _start_time(pid) not in ("-", started):
+        return None  # the pid now belongs to another process
+    return f"pid {pid}"
+
+
+def partial_path(root: Path, name: str) -> Path:
+    return root / f".{name}{PARTIAL_SUFFIX}"
+
+
+def remove_stale_partials(root: Path) -> list[Path]:
+    """Remove the partial folders of evals that were killed (SIGKILL, power loss); returns them."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for path in sorted(root.glob(f".*{PARTIAL_SUFFIX}")):
+        if path.is_dir() and not path.is_symlink() and partial_owner(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def check_run_name(cfg, root: Path) -> None:
+    """With run_name set, the eval folder is root/run_name: a plain, unused name (as `vader train` refuses
+    to mix two runs in one folder). Without it, a timestamped name is chosen later."""
+    name = cfg.run_name
+    if not name:
+        return
+    if "/" in name or os.sep in name or name.startswith(".") or "\0" in name:
+        raise VaderError(f"run_name={name!r}: an eval's folder name must be a plain name (no '/', not starting "
+                         "with '.', which marks partial folders), e.g. --run_name heldout-eval")
+    final = root / name
+    if os.path.lexists(final):
+        raise VaderError(f"run_name={name!r}: {final} already exists (an earlier eval); choose another run_name or "
+                         "delete that folder")
+    partial = partial_path(root, name)
+    owner = partial_owner(partial) if partial.is_dir() else None
+    if owner is not None:
+        raise VaderError(f"run_name={name!r}: another vader eval ({owner}) is writing {partial} now; wait for it or "
+                         "choose another run_name")
+
+
+def _fresh_eval_name(root: Path) -> str:
+    stem = f"eval-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = stem, 1
+    while os.path.lexists(root / name) or os.path.lexists(partial_path(root, name)):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+def _make_partial(root: Path, run_name: str | None) -> Path:
+    """Create (and own) root/.<name>.partial: run_name, or the first free timestamped name."""
+    while True:
+        name = run_name or _fresh_eval_name(root)
+        partial = partial_path(root, name)
+        try:
+            partial.mkdir(parents=True)
+            return partial
+        except FileExistsError:  # another eval took the name a moment ago
+            if run_name:
+                raise VaderError(f"run_name={run_name!r}: another vader eval is writing {partial} now; wait for it "
+                                 "or choose another run_name") from None
+
+
+class Stopped(SystemExit):
+    """SIGTERM/SIGHUP during an eval: raised in the main thread so that the partial folder is removed;
+    exit status 128 + the signal number, as a shell reports for a killed command."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """For the block's duration, SIGTERM and SIGHUP (unless ignored, as under nohup) raise Stopped (once: a
+    second signal while the cleanup runs is ignored, so the cleanup finishes); the previous handlers are
+    restored after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
+        return
+    raised = []
+
+    def handler(signum, _frame):
+        if not raised:
+            raised.append(signum)
+            raise Stopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's ignored SIGHUP stays ignored
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _build_reward(cfg, name: str | dict[str, float], device: torch.device):
@@ -130,84 +326,161 @@ def _build_reward(cfg, name: str | dict[str, float], device: torch.device):
                         sources=cfg.reward_sources, resize=cfg.reward_resize)
 
 
+def _load_lora(gen, lora_path: Path, saved, cfg) -> None:
+    config = saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets=gen.lora_target_modules)
+    try:
+        add_lora(gen.denoiser, config)
+    except ValueError as exc:  # peft: its target modules are not in this denoiser
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VaderError(f"--lora={str(lora_path)!r} does not fit this config's denoiser ({first}); evaluate it with "
+                         "the config it was trained with") from None
+    load_lora(gen.denoiser, lora_path, key="--lora")
+    gen.denoiser.eval()
+    set_lora_dropout(gen.denoiser, False)
+
+
 def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
              rewards: list[str | dict[str, float]] | None = None, seeds: int = 4,
              labels: dict[str, str] | None = None) -> EvalResult:
     """Generate every prompt × seed with the base model and with the LoRA, score, compare, save.
 
     Seed s of prompt batch b uses generator seed step_seed(cfg.seed, 'eval', s, b) for both models,
-    so base and LoRA (and two evals of one config) start from the same noise."""
+    so base and LoRA (and two evals of one config) start from the same noise.
+
+    The folder is written as project_dir/eval/.<name>.partial and renamed to <name> once eval.json and
+    report.html are in it; an error, Ctrl-C or SIGTERM removes it (and what this eval created), and a
+    partial folder left by a killed eval is removed by the next one."""
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise VaderError(f"--seeds={seeds!r} must be a whole number >= 1")
     lora_path = check_lora_path(lora_path)
+    saved = saved_lora_config(lora_path, key="--lora")
     if prompts is None:
         prompts, labels = load_prompts(cfg)
     prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only duplicate its rows
     if not prompts:
         raise VaderError("--prompts: no prompts to evaluate")
+    check_video_count(len(prompts), seeds)
     labels = labels or {}
     reward_fns = list(rewards) if rewards else [cfg.reward_fn]
     preflight(cfg, "infer")
     for fn in reward_fns:
         if not is_callable_spec(fn):
             check_reward_weights(fn, hps_version=cfg.hps_version, sources=cfg.reward_sources)
+    root = eval_root(cfg)
+    check_run_name(cfg, root)
 
     accelerator = make_accelerator(cfg)
     device = accelerator.device
-    root = Path(cfg.project_dir) / "eval"
-    folder = root / fresh_name(root, cfg.run_name or f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    made_root = not root.exists()
-    folder.mkdir(parents=True)
+    project = Path(cfg.project_dir)
+    made = project if not os.path.lexists(project) else root if not os.path.lexists(root) else None
+    partial: Path | None = None
+    final: Path | None = None
     try:
-        gen = build_generator(cfg, SimpleNamespace(prompts=prompts), device)  # type: ignore[arg-type]
-        saved = saved_lora_config(lora_path)
-        add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
-                                                     targets=gen.lora_target_modules))
-        load_lora(gen.denoiser, lora_path, key="--lora")
-        gen.denoiser.eval()
-        set_lora_dropout(gen.denoiser, False)
+        with stop_on_signals():
+            try:
+                for stale in remove_stale_partials(root):
+                    print(f"[vader] removed {stale}: the partial folder of an eval that was killed")
+                scorers = {_reward_label(fn): _build_reward(cfg, fn, device) for fn in reward_fns}
+                gen = build_generator(cfg, SimpleNamespace(prompts=prompts), device)  # type: ignore[arg-type]
+                _load_lora(gen, lora_path, saved, cfg)
+                reward_prompts = gen.reward_prompts(prompts)
+                for reward in scorers.values():
+                    prepare = getattr(reward, "prepare", None)
+                    if prepare is not None:
+                        prepare(list(dict.fromkeys(reward_prompts)),
+                                {gen.reward_prompts([p])[0]: lab for p, lab in labels.items()})
 
-        reward_prompts = gen.reward_prompts(prompts)
-        scorers = {}
-        for fn in reward_fns:
-            reward = _build_reward(cfg, fn, device)
-            prepare = getattr(reward, "prepare", None)
-            if prepare is not None:
-                prepare(list(dict.fromkeys(reward_prompts)),
-                        {gen.reward_prompts([p])[0]: lab for p, lab in labels.items()})
-            scorers[_reward_label(fn)] = reward
-
-        batch = max(1, cfg.val_batch_size)
-        videos: dict[str, list[list[torch.Tensor]]] = {"base": [[] for _ in prompts], "lora": [[] for _ in prompts]}
-        scores = {name: {"base": [[] for _ in prompts], "lora": [[] for _ in prompts]} for name in scorers}
-        for side in ("base", "lora"):
-            (folder / side).mkdir()
-            context = lora_disabled(gen.denoiser) if side == "base" else contextlib.nullcontext()
-            with context, torch.no_grad():
-                for s in range(seeds):
-                    for b, start in enumerate(range(0, len(prompts), batch)):
-                        idx = list(range(start, min(start + batch, len(prompts))))
-                        seed = step_seed(cfg.seed, "eval", s, b)
-                        with accelerator.autocast():
-                            out = gen.generate([prompts[i] for i in idx], torch.Generator().manual_seed(seed))
-                            for name, reward in scorers.items():
-                                values = reward(out, [reward_prompts[i] for i in idx]).reward.float().cpu()
-                                for i, v in zip(idx, values.tolist()):
-                                    scores[name][side][i].append(v)
-                        out = out.float().cpu()
-                        for i, video in zip(idx, out):
-                            videos[side][i].append(video)
-                            write_video(folder / side / f"p{i:04d}-s{s}.mp4", video, fps=cfg.save_fps,
-                                        quality=cfg.video_quality)
-        result = _summarise(folder, prompts, seeds, scores, videos)
-        (folder / "eval.json").write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
-        eval_report(result, videos, fps=cfg.save_fps, guard_drop=cfg.guard_drop)
-    except BaseException:
-        shutil.rmtree(folder if not made_root else root, ignore_errors=True)  # a failed eval leaves no half folder
-        raise
+                partial = _make_partial(root, cfg.run_name)
+                final = root / partial.name[1:-len(PARTIAL_SUFFIX)]
+                (partial / OWNER_FILE).write_text(_owner_line())
+                for side in SIDES:
+                    (partial / side).mkdir()
+                videos, scores = _generate(cfg, gen, accelerator, scorers, prompts, reward_prompts, seeds, partial,
+                                           lora_path)
+                result = _summarise(final, prompts, seeds, scores, videos)
+                (partial / "eval.json").write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
+                eval_report(result, videos, fps=cfg.save_fps, guard_drop=cfg.guard_drop, path=partial / "report.html")
+                (partial / OWNER_FILE).unlink()
+                if os.path.lexists(final):
+                    raise VaderError(f"run_name={final.name!r}: {final} appeared while this eval ran (another eval "
+                                     "of the same name?); choose another run_name")
+                os.rename(partial, final)
+                partial = None
+            except BaseException as exc:
+                # a failed or stopped eval leaves nothing: its partial folder, and what it created
+                renamed = partial is not None and final is not None and not os.path.lexists(partial) \
+                    and final.is_dir()  # stopped between the rename and `partial = None`: complete, kept
+                if partial is not None and not renamed:
+                    shutil.rmtree(partial, ignore_errors=True)
+                if renamed:
+                    pass
+                elif made is project:
+                    shutil.rmtree(project, ignore_errors=True)
+                elif made is not None:
+                    with contextlib.suppress(OSError):
+                        made.rmdir()  # only if empty: another eval may be writing next to this one
+                if (isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS
+                        and str(exc.filename or "").startswith(str(project))):  # the disk, not a bug: one line
+                    raise VaderError(f"project_dir={cfg.project_dir!r}: cannot write there ({exc.strerror}: "
+                                     f"{exc.filename}); nothing was kept") from None
+                raise
     finally:
         accelerator.end_training()
     return result
+
+
+def _generate(cfg, gen, accelerator, scorers: dict, prompts: list[str], reward_prompts: list[str], seeds: int,
+              folder: Path, lora_path: Path) -> tuple[dict, dict]:
+    """Every prompt x seed, base then LoRA for each batch (same generator seed); videos checked finite and
+    scored, mp4s written. A non-finite video or score stops the eval at the end of that seed's pass."""
+    batch = max(1, cfg.val_batch_size)
+    videos: dict[str, list[list[torch.Tensor]]] = {side: [[] for _ in prompts] for side in SIDES}
+    scores = {name: {side: [[] for _ in prompts] for side in SIDES} for name in scorers}
+    for s in range(seeds):
+        bad_videos = {side: 0 for side in SIDES}
+        bad_scores = {(name, side): 0 for name in scorers for side in SIDES}
+        for b, start in enumerate(range(0, len(prompts), batch)):
+            idx = list(range(start, min(start + batch, len(prompts))))
+            seed = step_seed(cfg.seed, "eval", s, b)
+            for side in SIDES:
+                context = lora_disabled(gen.denoiser) if side == "base" else contextlib.nullcontext()
+                with context, torch.no_grad(), accelerator.autocast():
+                    out = gen.generate([prompts[i] for i in idx], torch.Generator().manual_seed(seed))
+                    finite = torch.isfinite(out.detach().float()).flatten(1).all(dim=1).cpu()
+                    bad_videos[side] += int((~finite).sum())
+                    for name, reward in scorers.items():
+                        values = reward(out, [reward_prompts[i] for i in idx]).reward.float().cpu()
+                        for i, v, ok in zip(idx, values.tolist(), finite.tolist()):
+                            scores[name][side][i].append(v)
+                            bad_scores[name, side] += int(ok and not math.isfinite(v))
+                out = out.float().cpu()
+                for i, video, ok in zip(idx, out, finite.tolist()):
+                    videos[side][i].append(video)
+                    if ok:  # a NaN video is not worth an mp4: the eval stops below
+                        write_video(folder / side / f"p{i:04d}-s{s}.mp4", video, fps=cfg.save_fps,
+                                    quality=cfg.video_quality)
+        _check_finite(bad_videos, bad_scores, len(prompts), s, lora_path)
+    return videos, scores
+
+
+def _check_finite(bad_videos: dict[str, int], bad_scores: dict[tuple[str, str], int], n: int, seed: int,
+                  lora_path: Path) -> None:
+    """Non-finite videos or scores make a mean, interval and win rate meaningless: one clear error."""
+    base, lora = bad_videos["base"], bad_videos["lora"]
+    if base:
+        raise VaderError(f"{base} of {n} base-model videos of seed {seed} are non-finite (NaN or inf) without the "
+                         "LoRA: the base model itself fails in this setting (dtype/mixed_precision overflow?), so "
+                         "nothing can be compared; eval stopped, no folder kept")
+    if lora:
+        raise VaderError(f"--lora={str(lora_path)!r} is broken: {lora} of {n} LoRA videos of seed {seed} are "
+                         "non-finite (NaN or inf) while the base model's videos of the same prompts and seeds are "
+                         "finite (its weights make the sampler overflow; a diverged training?); eval stopped, no "
+                         "folder kept: evaluate an earlier checkpoint")
+    for (name, side), count in bad_scores.items():
+        if count:
+            raise VaderError(f"reward {name!r} gave {count} non-finite score(s) (NaN or inf) for the {n} {side} "
+                             f"videos of seed {seed}, whose frames are finite: the reward fails on these videos; "
+                             "eval stopped, no folder kept")
 
 
 def _summarise(folder: Path, prompts: list[str], seeds: int, scores: dict, videos: dict) -> EvalResult:
@@ -292,12 +565,14 @@ def _seeds(text: str) -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise VaderError(f"--seeds={text!r} must be a whole number >= 1")
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise VaderError(f"--seeds={shown!r} must be a whole number >= 1")
     return value
 
 
 def run_eval(argv: list[str]) -> EvalResult:
     args, overrides = _parser().parse_known_args(argv)
+    check_overrides(overrides)
     seeds = _seeds(args.seeds)
     check_lora_path(args.lora)
     rewards = parse_rewards(args.rewards) if args.rewards is not None else None
@@ -314,8 +589,11 @@ def eval_main(argv: list[str]) -> int:
     """`vader eval ...` (argv: the arguments after `eval`). Exit status: 0, or 2 on a user error."""
     try:
         run_eval(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2); argparse has printed why
-        return int(exc.code or 0)
+    except Stopped as exc:  # SIGTERM/SIGHUP: the partial folder is gone
+        print(f"vader: eval stopped by {exc.signal_name}; its partial folder was removed", file=sys.stderr)
+        return int(exc.code)  # type: ignore[arg-type]
+    except SystemExit as exc:  # --help (0)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
     except VaderError as exc:
         print("vader: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2

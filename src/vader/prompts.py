@@ -45,6 +45,12 @@ def read_prompt_lines(lines: Sequence[str]) -> tuple[list[str], dict[str, str]]:
 def read_prompt_file(path: str | Path, key: str = "prompt_path") -> tuple[list[str], dict[str, str]]:
     """Prompts and labels of a prompts file; `key` names the setting in error messages."""
     path = Path(path)
+    if path.is_dir():
+        raise VaderError(f"{key}={str(path)!r} is a folder, not a prompts file: give a text file with one prompt "
+                         "per line")
+    if path.exists() and not path.is_file():
+        raise VaderError(f"{key}={str(path)!r} is not a regular file (a device, pipe or socket): give a text file "
+                         "with one prompt per line")
     if not path.is_file():
         raise VaderError(f"{key}={str(path)!r}: no such file")
     try:
