@@ -23,7 +23,7 @@ def infer(cfg: VaderConfig) -> list[Path]:
         gen = build_generator(cfg, run, accelerator.device)
         if cfg.lora_ckpt_path:
             # our adapter folders carry their rank/alpha; the original .pt files need lora_rank/lora_alpha
-            saved = saved_lora_config(cfg.lora_ckpt_path)
+            saved = saved_lora_config(cfg.lora_ckpt_path, key="lora_ckpt_path")
             add_lora(gen.denoiser, saved or lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout,
                                                          targets=gen.lora_target_modules))
             load_lora(gen.denoiser, cfg.lora_ckpt_path)
