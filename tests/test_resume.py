@@ -3,6 +3,7 @@ torn metrics, interrupted writes; and failed starts that leave no run folder beh
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 
 import vader.train
 from vader.errors import VaderError
+from vader.report import STOPPED_MARK
 from vader.train import train
 
 STEPS = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--reward_fn", "brightness"]
@@ -205,3 +207,94 @@ def test_an_allowed_lr_change_is_the_lr_the_optimizer_uses(first, tiny_cfg):
     assert _resume(cfg, run / "checkpoints" / "checkpoint-000002", t, {"lr": (0.05, 0.01)})[0] == 2
     assert [g["lr"] for g in t.optimizer.param_groups] == [0.01]
     assert t.optimizer.state_dict()["state"]  # the moments were loaded
+
+
+# ---------------------------------------------------------------------------------------------
+# finished runs, and runs stopped during their end-of-run validation
+
+PREVIEW = [*STEPS, "--is_sample_preview", "True"]
+
+
+def _shape(run: Path) -> list[tuple[int, list[str]]]:
+    """Each metrics row's step and keys: what a redone validation must not double."""
+    return [(r["step"], sorted(r)) for r in _rows(run)]
+
+
+def test_a_finished_run_resumed_says_it_is_finished_and_changes_nothing(tiny_cfg):
+    run = train(tiny_cfg("--run_name", "a", *PREVIEW))
+    files = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    for extra in (["--resume_from", "latest"], ["--run_name", "a", "--resume_from", "latest"],
+                  ["--resume_from", str(run / "checkpoints" / "checkpoint-000002")]):
+        with pytest.raises(VaderError) as info:
+            train(tiny_cfg(*PREVIEW, *extra))
+        message = str(info.value)
+        assert message.startswith(f"run 'a' ({run}) already finished at step 2 of 2; raise max_train_steps (now 2)")
+        assert "\n" not in message
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == files
+    train(tiny_cfg(*PREVIEW, "--max_train_steps", "3", "--resume_from", "latest"))  # more steps: it continues
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in _rows(run) if "base_val_reward" in r] == [2, 3]  # the end at 2 stays history
+
+
+@pytest.mark.parametrize("how", ["interrupted", "killed"])
+def test_a_run_stopped_in_its_end_of_run_validation_redoes_it_once(tiny_cfg, monkeypatch, how):
+    full = train(tiny_cfg("--run_name", "full", *PREVIEW))
+
+    @contextlib.contextmanager
+    def ctrl_c(model):
+        raise KeyboardInterrupt  # in the base model's videos: the LoRA's validation row is written
+
+    with monkeypatch.context() as m:
+        m.setattr(vader.train, "lora_disabled", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_cfg("--run_name", "a", *PREVIEW))
+    run = full.parent / "a"
+    assert [s for s, keys in _shape(run) if "val_reward" in keys] == [2] and (run / "lora").is_dir()
+    if how == "killed":  # kill -9: no report at all
+        (run / "report.html").unlink()
+    else:
+        assert "the run stopped after step 2: interrupted" in (run / "report.html").read_text()
+    assert train(tiny_cfg(*PREVIEW, "--resume_from", "latest")) == run
+    assert _shape(run) == _shape(full)  # the validation redone, no row doubled
+    assert STOPPED_MARK not in (run / "report.html").read_text()
+    with pytest.raises(VaderError, match="already finished at step 2 of 2"):
+        train(tiny_cfg(*PREVIEW, "--resume_from", "latest"))
+    assert _shape(run) == _shape(full)
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO settings are compared by value
+
+
+def test_grpo_settings_compare_by_their_resolved_values():
+    from dataclasses import asdict
+
+    from vader.checkpoint import config_differences, describe_differences
+    from vader.methods.grpo import GRPOSettings
+
+    defaults = asdict(GRPOSettings())
+    base = {"method": "grpo", "lr": 0.05}
+    for a, b in ((None, defaults), (None, {"group_size": 4}), ({"noise_level": 0.7}, {"clip_range": 1e-4}),
+                 (defaults, None), ({"inner_epochs": 1}, {"inner_epochs": 1.0})):
+        assert config_differences({**base, "grpo": a}, {**base, "grpo": b}) == {}, (a, b)
+    diff = config_differences({**base, "grpo": None}, {**base, "grpo": {**defaults, "group_size": 3}})
+    assert describe_differences(diff) == "grpo.group_size: 4 -> 3"
+    diff = config_differences({**base, "grpo": {"kl_beta": 0.1}}, {**base, "grpo": None, "lr": 0.01})
+    assert describe_differences(diff) == "grpo.kl_beta: 0.1 -> 0.0; lr: 0.05 -> 0.01"
+    assert config_differences({"method": "vader", "grpo": None}, {"method": "vader"}) == {}  # older config
+
+
+def test_resuming_grpo_with_the_default_settings_spelled_out_is_not_a_change(tiny_cfg):
+    from dataclasses import asdict
+
+    from vader.methods.grpo import GRPOSettings
+
+    grpo = ["--method", "grpo", "--reward_fn", "grpo_rewards:mean_red", "--checkpointing_steps", "1"]
+    run = train(tiny_cfg("--run_name", "g", *grpo, "--max_train_steps", "1"))
+    spelled = repr({**asdict(GRPOSettings())})
+    with pytest.raises(VaderError, match=r"grpo\.group_size: 4 -> 3"):
+        train(tiny_cfg(*grpo, "--max_train_steps", "2", "--resume_from", "latest", "--run_name", "g",
+                       "--grpo", repr({**asdict(GRPOSettings()), "group_size": 3})))
+    assert train(tiny_cfg(*grpo, "--max_train_steps", "2", "--resume_from", "latest", "--grpo", spelled)) == run
+    assert [r["step"] for r in _rows(run) if "loss" in r] == [1, 2]
+    assert not (run / "config_changes.jsonl").exists()

@@ -232,3 +232,18 @@ def test_diverged_lora_across_processes_is_caught():
         _check_ranks_agree(params, fake)
     fake.gather = lambda t: torch.cat([t, t])
     _check_ranks_agree(params, fake)
+
+
+def test_model_loading_shows_no_library_progress_bar(tiny_cfg):
+    """transformers'/diffusers' "Loading weights" bars would precede vader's own bar or an error line;
+    huggingface_hub's download bars keep their state."""
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    transformers.utils.logging.enable_progress_bar()
+    diffusers.utils.logging.enable_progress_bar()
+    train(tiny_cfg("--max_train_steps", "1"))
+    assert not transformers.utils.logging.is_progress_bar_enabled()
+    assert not diffusers.utils.logging.is_progress_bar_enabled()
+    assert not huggingface_hub.utils.are_progress_bars_disabled()

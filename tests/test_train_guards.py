@@ -355,6 +355,25 @@ def test_nonfinite_steps_are_logged_skipped_and_n_in_a_row_stop_the_run(tiny_cfg
     assert not (run / "lora").exists()  # no final LoRA from a stopped run
 
 
+def test_a_finished_run_with_skipped_steps_says_how_many(tiny_cfg, monkeypatch, capsys):
+    """The final note and report.html's summary count the steps skipped as non-finite: "reward a (step 1)
+    -> b (step 3)" alone would hide them."""
+    from conftest import FAST, TINY_TRAIN
+
+    from vader.cli import main
+
+    real = vader.train.make_reward
+    monkeypatch.setattr(vader.train, "make_reward", lambda *a, **k: NaNAt(real(*a, **k), {2}))
+    project = Path(tiny_cfg().project_dir)
+    assert main(["train", str(TINY_TRAIN), *FAST, "--project_dir", str(project), "--run_name", "nan",
+                 "--max_train_steps", "3", "--verbose", "1"]) == 0
+    out = capsys.readouterr().out
+    (note,) = [line for line in out.splitlines() if line.startswith("[vader] reward ")]
+    assert "(step 1) -> " in note and "(step 3); 1 step(s) skipped as non-finite" in note, note
+    report = (project / "nan" / "report.html").read_text()
+    assert "steps skipped as non-finite" in report and "<td>1 of 3</td>" in report
+
+
 def test_huge_lr_stops_with_one_line_and_saves_no_nonfinite_tensor(tiny_cfg):
     """--lr 1e6: every step from 3 on is NaN on the tiny preset (with the reference attention kernels
     the figures were measured with; under sdpa the rounding differs and the NaN comes a step earlier)."""

@@ -53,13 +53,34 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def saved_lora_config(path: str | Path) -> LoraConfig | None:
-    """The LoraConfig saved beside an adapter (our folders), or None (a bare file, the original .pt)."""
+def saved_lora_config(path: str | Path, key: str | None = None) -> LoraConfig | None:
+    """The LoraConfig saved beside an adapter (our folders), or None (a bare file, the original .pt).
+
+    An adapter_config.json that is not JSON, not an object, or lacks a usable rank or target modules
+    is one VaderError naming the file (and `key`, the setting the path came from, when given)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    if not (folder / "adapter_config.json").is_file():
+    file = folder / "adapter_config.json"
+    if not file.is_file():
         return None
-    return LoraConfig.from_pretrained(str(folder))
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+        config = LoraConfig.from_pretrained(str(folder))
+        targets = config.target_modules
+        if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r < 1:
+            raise ValueError(f"r={config.r!r} is not a rank (a whole number >= 1)")
+        if isinstance(config.lora_alpha, bool) or not isinstance(config.lora_alpha, (int, float)):
+            raise ValueError(f"lora_alpha={config.lora_alpha!r} is not a number")
+        if not targets or not (isinstance(targets, str) or all(isinstance(t, str) for t in targets)):
+            raise ValueError(f"target_modules={targets!r} names no module")
+    except Exception as exc:  # not JSON, not UTF-8, unreadable, or not a LoRA's settings
+        where = f"{key}={str(path)!r}: " if key else ""
+        raise VaderError(f"{where}the LoRA settings file {file} cannot be used ({_first_line(exc)}); it must be the "
+                         "adapter_config.json saved with the adapter: restore it, or point at a complete LoRA "
+                         "folder") from None
+    return config
 
 
 def _check_scale(model: nn.Module, saved: LoraConfig | None, path: Path) -> None:
@@ -268,9 +289,27 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """{key: (saved, current)} for result-changing keys that differ; keys one side lacks (another
-    vader version) are not compared."""
+    vader version) are not compared. `grpo` is compared by the settings it resolves to, key by key
+    (None and a dict of the defaults are the same run; a difference reads `grpo.group_size: 4 -> 8`)."""
     old, new = result_config(saved), result_config(current)
+    if "grpo" in old and "grpo" in new and old["grpo"] != new["grpo"]:
+        old, new = _resolved_grpo(old), _resolved_grpo(new)
     return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
+
+
+def _resolved_grpo(flat: dict[str, Any]) -> dict[str, Any]:
+    """`grpo` (None or a partial dict) replaced by one `grpo.<key>` per GRPO setting, the defaults filled in."""
+    value = flat["grpo"]
+    if value is not None and not isinstance(value, dict):
+        return flat  # not a config vader would have run: compared as written
+    from dataclasses import asdict
+
+    from vader.methods.grpo import GRPOSettings  # here, not at the top: vader.methods imports this module
+
+    settings = {**json.loads(json.dumps(asdict(GRPOSettings()))), **(value or {})}
+    out = {k: v for k, v in flat.items() if k != "grpo"}
+    out.update({f"grpo.{k}": v for k, v in settings.items()})
+    return out
 
 
 def describe_differences(diff: dict[str, tuple[Any, Any]]) -> str:

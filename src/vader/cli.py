@@ -17,9 +17,13 @@ Open-Sora's hyphenated flags (`--num-frames 2s --resolution 240p --aspect-ratio 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 from vader.errors import ArgumentParser, VaderError
 
@@ -78,16 +82,23 @@ _OVERRIDE_HELP = (
 )
 
 
+class Terminated(SystemExit):
+    """SIGTERM during train/infer/run, raised where the program is: the run's failure path cleans up as
+    for any exception (a folder with nothing of value goes), then the exit status is 143 (128 + 15)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "score":  # its own arguments: videos and prompts, not a config file
             from vader.score import score_main
 
+            quiet_loading_bars()
             return score_main(argv[1:])
         if argv and argv[0] == "eval":  # its own arguments: --lora, --prompts, --rewards, --seeds, then overrides
             from vader.evaluate import eval_main
 
+            quiet_loading_bars()
             return eval_main(argv[1:])
         parser = _parser()
         known, overrides = parser.parse_known_args(argv)
@@ -102,9 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe must fail here, where it is handled, not at interpreter exit
         return code
     except VaderError as exc:
+        _close_progress_bars()
         print(f"vader: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except Terminated:
+        _close_progress_bars()
+        print("vader: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("vader: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
@@ -117,6 +134,64 @@ def main(argv: list[str] | None = None) -> int:
 def one_line(exc: BaseException) -> str:
     """The message on one line, whatever the raiser wrote (a list of problems becomes one sentence)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def _close_progress_bars() -> None:
+    """Close every live tqdm bar (it ends its line) so that the message printed next starts a line of
+    its own and no bar is redrawn after it. The run's failure path already closed its own bar; this
+    catches any other (a library's) that an error interrupted."""
+    std = sys.modules.get("tqdm.std")  # no tqdm imported: no bar
+    if std is None:
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+
+
+def quiet_loading_bars() -> None:
+    """Switch off transformers' and diffusers' weight-loading bars ("Loading weights", "Loading
+    checkpoint shards") for the commands that load models: vader reports its own progress, and such a
+    bar left on the terminal precedes (or swallows the start of) an error line that follows.
+    huggingface_hub's download bars keep their state (transformers' switch turns them off too): a
+    multi-GB download without progress looks like a hang. diffusers is only switched when already
+    imported (importing it costs seconds; vader's backends import it before they load anything)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    downloads_shown = not are_progress_bars_disabled()
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        with contextlib.suppress(ImportError):
+            import diffusers.utils.logging
+
+            diffusers.utils.logging.disable_progress_bar()
+    if downloads_shown and are_progress_bars_disabled():
+        enable_progress_bars()
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` (exit status 143) in the main thread, so a run
+    killed by `kill`, a job scheduler or a container stop goes through the same cleanup as an error;
+    a second SIGTERM during that cleanup kills at once (the previous handler is back). The previous
+    handler is restored on leaving. Outside the main thread (signals cannot be caught there) a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        raise Terminated(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _silence_stdout() -> None:
@@ -140,6 +215,7 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.command == "bench":
         from vader.plan import bench_main
 
+        quiet_loading_bars()
         print(bench_main(args.config, overrides))
         return 0
     if args.command == "plan":
@@ -161,14 +237,16 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     training = args.command == "train" or (args.command == "run" and cfg.is_vader_training)
-    if training:
-        from vader.train import train
+    with sigterm_raises():
+        quiet_loading_bars()
+        if training:
+            from vader.train import train
 
-        train(cfg)
-    else:
-        from vader.infer import infer
+            train(cfg)
+        else:
+            from vader.infer import infer
 
-        infer(cfg)
+            infer(cfg)
     return 0
 
 

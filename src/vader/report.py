@@ -29,6 +29,7 @@ from vader.media import finite_number, pyplot, read_metrics, reward_curve_points
 GIF_SIDE = 192  # longest side of a GIF in the page: enough to judge a video, small enough to inline 16 of them
 GIF_FRAMES = 32  # at most this many frames per GIF (longer videos are subsampled evenly)
 MAX_PAIRS = 12  # base/LoRA pairs shown; eval.json and the mp4s hold all of them
+STOPPED_MARK = 'data-status="stopped"'  # in the report of a run that stopped before its end (not finished)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1100px; }
@@ -199,8 +200,9 @@ def _guard_bars(base: dict[str, float], lora: dict[str, float], title: str) -> s
 
 
 def eval_report(result, videos: dict[str, list[list[torch.Tensor]]], fps: int = 8, guard_drop: float = 0.5,
-                title: str | None = None) -> Path:
-    """<eval folder>/report.html for an EvalResult; `videos[side][prompt][seed]` as generated."""
+                title: str | None = None, path: str | Path | None = None) -> Path:
+    """<eval folder>/report.html for an EvalResult; `videos[side][prompt][seed]` as generated. `path`: where
+    to write the page instead (eval writes into a partial folder that is renamed to result.folder)."""
     sections = [f'<p>{len(result.prompts)} prompt(s) × {result.seeds} seed(s); base and LoRA from the same '
                 f'seeds. Folder: <code>{_e(result.folder)}</code></p>']
     rows = []
@@ -235,7 +237,8 @@ def eval_report(result, videos: dict[str, list[list[torch.Tensor]]], fps: int = 
     pairs.sort(key=lambda p: p["seed"])
     label = f" ({first})" if first else ""
     sections.append(f"<h2>Videos: base (left) vs LoRA (right), same seed{_e(label)}</h2>" + pairs_grid(pairs, fps))
-    return write_page(Path(result.folder) / "report.html", page(title or "vader eval: base vs LoRA", sections))
+    out = Path(path) if path is not None else Path(result.folder) / "report.html"
+    return write_page(out, page(title or "vader eval: base vs LoRA", sections))
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -292,17 +295,25 @@ def _guard_curves(rows: list[dict]) -> str | None:
 
 
 def training_report(run_dir: str | Path, before: list | None = None, after: list | None = None,
-                    fps: int = 8) -> Path:
+                    fps: int = 8, stopped: str | None = None) -> Path:
     """<run>/report.html from metrics.jsonl and, when given, the end-of-run base/LoRA previews
-    ((prompt, video, reward or None) lists in the same order, same seeds)."""
+    ((prompt, video, reward or None) lists in the same order, same seeds). `stopped`: why a run that
+    did not reach its end stopped (shown first; the page is then marked with STOPPED_MARK)."""
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     rows = read_metrics(metrics) if metrics.is_file() else []
     sections = [f"<p>Run folder: <code>{_e(run_dir)}</code></p>"]
+    if stopped:
+        sections.insert(0, f'<div class="warn" {STOPPED_MARK}>{_e(stopped)}</div>')
     summary = []
     steps = [r for r in rows if finite_number(r.get("reward"))]
     if steps:
         summary.append(["training reward (first → last step)", f"{steps[0]['reward']:.4f} → {steps[-1]['reward']:.4f}"])
+    counts = [r["nonfinite_steps"] for r in rows if "loss" in r and finite_number(r.get("nonfinite_steps"))]
+    if counts and counts[-1]:
+        logged = len({r.get("step") for r in rows if "loss" in r})
+        summary.append(["steps skipped as non-finite (loss, reward or gradient; LoRA not updated)",
+                        f"{int(counts[-1])} of {logged}"])
     vals = [r for r in rows if finite_number(r.get("val_reward"))]
     base = [r["base_val_reward"] for r in rows if finite_number(r.get("base_val_reward"))]
     if vals:

@@ -38,7 +38,7 @@ from vader.media import finite_number, plot_before_after, plot_reward_curve, wri
 from vader.models.presets import torch_dtype
 from vader.models.text import EmbeddingCache
 from vader.prompts import read_prompt_file, read_prompt_lines
-from vader.report import training_report
+from vader.report import STOPPED_MARK, training_report
 from vader.rewards import build_reward
 from vader.rewards.callable import load_callable_reward
 from vader.seeds import step_seed
@@ -75,9 +75,18 @@ def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     return prompts, {p: labels[p] for p in prompts if p in labels}
 
 
+def quiet_loading_bars() -> None:
+    """transformers'/diffusers' weight-loading bars off (`vader.cli.quiet_loading_bars`), also for
+    train()/infer() called from Python."""
+    from vader.cli import quiet_loading_bars as quiet
+
+    quiet()
+
+
 def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
     """The pipeline the config's backend builds, with every prompt encoded once (cached on disk under
     project_dir) and the text encoder released."""
+    quiet_loading_bars()
     cache = EmbeddingCache(Path(cfg.project_dir) / ".cache" / "text")
     return backends.build_generator(cfg, device, prompts=run.prompts, cache=cache)
 
@@ -86,6 +95,7 @@ def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn
     """The frozen reward (cfg.reward_fn, or `reward_fn` such as the gold reward), with every prompt's
     text side (and ActPred's target action) prepared once."""
     reward_fn = cfg.reward_fn if reward_fn is None else reward_fn
+    quiet_loading_bars()
     if is_callable_spec(reward_fn):  # module:function: GRPO's reward, or a gold reward
         reward = load_callable_reward(reward_fn, key=key)
     else:
@@ -116,6 +126,8 @@ class Run:
     gold: object | None = None  # cfg.gold_reward built: scored at each validation, never trained on
     reference: dict | None = None  # the run's first validation (step, reward, guards): what later ones compare with
     previews: tuple[list, list] | None = None  # end-of-run (base, LoRA) rows for report.html
+    training: bool = False  # log_start ran: a failure from here on writes the report of the steps logged
+    trackers_closed: bool = False
 
     @classmethod
     def create(cls, cfg: VaderConfig, accelerator: Accelerator, kind: str) -> Run:
@@ -146,17 +158,49 @@ class Run:
 
     @contextlib.contextmanager
     def discard_on_failure(self) -> Iterator[None]:
-        """On any exception, remove the run folder if this invocation created it and it holds nothing
-        of value (a resumed or pre-existing folder is never removed)."""
+        """The one failure path of a run (an error, Ctrl-C, SIGTERM through the CLI): the progress bar
+        is closed first, so that the error line the CLI prints next stands on a line of its own; the
+        trackers are flushed; then the run folder is removed if this invocation created it and it holds
+        nothing of value (a resumed or pre-existing folder is never removed), or, once the training
+        loop has begun, report.html and reward_curve.png are written for the steps logged, marked as
+        stopped. The exception always goes on to the caller."""
         try:
             yield
-        except BaseException:
-            if self.created and self.accelerator.is_main_process and self.dir.is_dir() and not self.has_output():
-                if self.accelerator.trackers:
-                    with contextlib.suppress(Exception):
-                        self.accelerator.end_training()  # close event files before their folder goes
-                shutil.rmtree(self.dir, ignore_errors=True)
+        except BaseException as exc:
+            self.close_bar()
+            if self.accelerator.is_main_process and self.dir.is_dir():
+                self._close_trackers()  # event files closed before their folder goes, flushed if it stays
+                if self.created and not self.has_output():
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                elif self.kind == "train" and self.training:
+                    self._report_stopped(exc)
             raise
+
+    def _report_stopped(self, exc: BaseException) -> None:
+        """report.html and reward_curve.png of a run that stopped on `exc`, when it logged a step. Never
+        raises: the error that stopped the run is the one the user must see."""
+        metrics = self.dir / "metrics.jsonl"
+        steps = [r["step"] for r in _read_rows(metrics) if "loss" in r and isinstance(r.get("step"), int)]
+        if not steps:
+            return
+        reason = _stop_reason(exc)
+        try:
+            plot_reward_curve(metrics, self.dir / "reward_curve.png")  # every step skipped: the red crosses
+            before, after = self.previews or ([], [])
+            training_report(self.dir, before, after, fps=self.cfg.save_fps,
+                            stopped=f"the run stopped after step {max(steps)}: {reason}")
+        except Exception as report_exc:  # a second failure must not hide the first
+            with contextlib.suppress(Exception):
+                tqdm.write(f"[vader] could not write {self.dir / 'report.html'} ({type(report_exc).__name__}: "
+                           f"{report_exc})", file=sys.stderr)
+
+    def _close_trackers(self) -> None:
+        if self.trackers_closed:
+            return
+        self.trackers_closed = True
+        for tracker in list(self.accelerator.trackers):
+            with contextlib.suppress(Exception):
+                tracker.finish()
 
     # ---- trackers ----
     def _trackers(self) -> list[str]:
@@ -194,11 +238,15 @@ class Run:
     def log_start(self, total: int, trainable: int, start: int = 0) -> None:
         self.note(f"run folder {self.dir} | {len(self.prompts)} prompts | {trainable:,} trainable LoRA parameters "
                   f"| {total} optimizer steps on {self.accelerator.num_processes} process(es)")
+        self.training = True
         if self.accelerator.is_main_process and self.cfg.verbose:
             self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
-    def keep_history_until(self, step: int) -> None:
-        """On resume into the same folder: drop metrics logged after the checkpoint, keep the rest."""
+    def keep_history_until(self, step: int, redo_end: bool = False) -> None:
+        """On resume into the same folder: drop metrics logged after the checkpoint, keep the rest.
+
+        `redo_end`: the checkpoint is the run's last step and its end-of-run validation runs again (it
+        was interrupted): that step's validation, base-model and guard rows go too, so none is doubled."""
         path = self.dir / "metrics.jsonl"
         if not self.accelerator.is_main_process or not path.is_file():
             return
@@ -214,6 +262,8 @@ class Run:
             if isinstance(row, dict):
                 rows.append(row)
         rows = [r for r in rows if r.get("step", 0) <= step]
+        if redo_end:
+            rows = [r for r in rows if r.get("step") != step or "loss" in r or "config_change" in r]
         path.write_text("".join(_json_line(r) for r in rows))
         self.history = [r for r in rows if finite_number(r.get("reward"))]
         for r in rows:  # the first validation with guards stays the reference after a resume
@@ -246,8 +296,8 @@ class Run:
     def abort(self) -> None:
         """A run stopping early on purpose: flush what was logged (progress bar, trackers)."""
         self.close_bar()
-        if self.accelerator.trackers:
-            self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            self._close_trackers()
 
     # ---- validation / inference videos ----
     def sample_videos(self, gen, reward, folder: Path, tag: str = "val",
@@ -376,10 +426,55 @@ class Run:
                 training_report(self.dir, before, after, fps=self.cfg.save_fps)
             if metrics.is_file() and self.history:
                 first, last = self.history[0], self.history[-1]
+                skipped = nonfinite_steps(_read_rows(metrics))
+                also = (f"; {skipped} step(s) skipped as non-finite (loss, reward or gradient; see "
+                        "metrics.jsonl)" if skipped else "")
                 self.note(f"reward {first['reward']:.4f} (step {first['step']}) -> {last['reward']:.4f} "
-                          f"(step {last['step']}); outputs in {self.dir} (open report.html)")
+                          f"(step {last['step']}){also}; outputs in {self.dir} (open report.html)")
         acc.wait_for_everyone()
+        self.trackers_closed = True
         acc.end_training()
+
+
+def nonfinite_steps(rows: list[dict]) -> int:
+    """Steps skipped as non-finite over the whole run (resumes included): the last step row's count."""
+    counts = [r["nonfinite_steps"] for r in rows if "loss" in r and isinstance(r.get("nonfinite_steps"), int)]
+    return counts[-1] if counts else 0
+
+
+def is_stopped_report(run_dir: Path) -> bool:
+    """Whether <run>/report.html is the report of a run that stopped before its end (see
+    Run.discard_on_failure)."""
+    try:
+        return STOPPED_MARK in (Path(run_dir) / "report.html").read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a torn or unreadable line (a kill while appending) is skipped."""
+    rows: list[dict] = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            row = json.loads(line)
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _stop_reason(exc: BaseException) -> str:
+    if isinstance(exc, VaderError):
+        return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(exc, SystemExit):
+        return "terminated (SIGTERM)" if exc.code == 143 else f"exited with status {exc.code}"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def fresh_name(project_dir: Path, name: str) -> str:

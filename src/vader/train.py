@@ -38,7 +38,7 @@ from vader.methods import method_module
 from vader.methods.base import MethodModule
 from vader.methods.update import StepResult
 from vader.preflight import preflight
-from vader.run import Run, build_generator, make_accelerator, make_reward
+from vader.run import Run, build_generator, is_stopped_report, load_prompts, make_accelerator, make_reward
 
 DIFFUSERS_LORA = Path("lora") / "diffusers"  # in the run folder: the final LoRA in diffusers' format (backends)
 
@@ -115,9 +115,9 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
            changes: dict[str, tuple]) -> Path:
     t = setup(cfg, accelerator, run)
     start, nonfinite_total, in_a_row = 0, 0, 0
-    if resume_dir is not None:
-        start, nonfinite_total, in_a_row = _resume(cfg, resume_dir, t, changes)
     total = total_train_steps(cfg, len(run.prompts), accelerator.num_processes)
+    if resume_dir is not None:
+        start, nonfinite_total, in_a_row = _resume(cfg, resume_dir, t, changes, total)
     run.log_start(total=total, trainable=sum(p.numel() for p in t.params), start=start)
 
     for step in range(start, total):
@@ -198,12 +198,53 @@ def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | 
                          f"({describe_differences(changes)}); resume with the same values, set "
                          "allow_config_change=True to change them (logged in the run folder), or start a new run "
                          "with lora_ckpt_path to only reuse the LoRA")
+    _refuse_finished(cfg, accelerator, resume_dir)
     if changes and accelerator.is_main_process and cfg.run_name is not None:
         old = project / cfg.run_name / "config.json"
         if old.is_file():  # Run.create overwrites config.json: keep the one the earlier steps ran with
             step = int(resume_dir.name.rsplit("-", 1)[-1]) if resume_dir.name.rsplit("-", 1)[-1].isdigit() else 0
             old.replace(old.with_name(f"config-{step:06d}.json"))
     return resume_dir, changes
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else None
+
+
+def _finished_step(run_dir: Path) -> int | None:
+    """The step a run finished at: its final LoRA (lora/state.json) is at its latest checkpoint's step and
+    report.html is the end-of-run one (not a stopped run's); None when the run did not finish (killed or
+    failed during its end-of-run validation, or earlier)."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None or not (run_dir / "report.html").is_file() or is_stopped_report(run_dir):
+        return None
+    try:
+        final = json.loads((run_dir / "lora" / "state.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return final if isinstance(final, int) and final == _checkpoint_step(latest) else None
+
+
+def _refuse_finished(cfg: VaderConfig, accelerator: Accelerator, resume_dir: Path) -> None:
+    """Resuming a finished run into its own folder would redo its end-of-run validation and append its
+    rows again: refused (nothing written). A run stopped during that validation resumes and redoes it."""
+    if resume_dir.parent.name != "checkpoints" or cfg.run_name is None:
+        return
+    run_dir = resume_dir.parent.parent
+    if (Path(cfg.project_dir) / cfg.run_name).resolve() != run_dir.resolve():
+        return  # continuing into another folder: this one is not written
+    done = _finished_step(run_dir)
+    if done is None or _checkpoint_step(resume_dir) != done:
+        return
+    total = total_train_steps(cfg, len(load_prompts(cfg)[0]), accelerator.num_processes)
+    if done < total:
+        return
+    knob, now = ("max_train_steps", cfg.max_train_steps) if cfg.max_train_steps else \
+        ("num_train_epochs", cfg.num_train_epochs)
+    where = f"step {done} of {total}" if done == total else f"step {done}, beyond the {total} steps asked"
+    raise VaderError(f"run {run_dir.name!r} ({run_dir}) already finished at {where}; raise {knob} (now {now}) "
+                     "to continue it, or start a new run_name")
 
 
 def _logged_steps(run_dir: Path) -> bool:
@@ -244,8 +285,10 @@ def _save_checkpoint(t: Trainer, step: int, counters: dict[str, int]) -> None:
     accelerator.wait_for_everyone()
 
 
-def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple]) -> tuple[int, int, int]:
-    """Load a checkpoint; returns (step, non-finite steps so far, of which in a row at the end)."""
+def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple],
+            total: int | None = None) -> tuple[int, int, int]:
+    """Load a checkpoint; returns (step, non-finite steps so far, of which in a row at the end). A
+    checkpoint at the last step (`total`) resumes the end-of-run validation: its rows are redone."""
     state = load_training_state(folder)
     saved = {k: state[k] for k in _layout(cfg, t.accelerator) if k in state}
     now = {k: v for k, v in _layout(cfg, t.accelerator).items() if k in saved}
@@ -263,7 +306,7 @@ def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple
         group["lr"] = cfg.lr
     step = int(state["step"])
     run = t.run
-    run.keep_history_until(step)
+    run.keep_history_until(step, redo_end=total is not None and step >= total)
     if changes and t.accelerator.is_main_process:
         row = {"step": step, "resumed_from": str(folder), "changes": {k: [a, b] for k, (a, b) in changes.items()}}
         with open(run.dir / "config_changes.jsonl", "a") as fh:
