@@ -95,6 +95,8 @@ CASES: list[tuple[str, list[str], list[str]]] = [
      ["gold_reward='grpo_rewards:one_argument'", "cannot be called"]),
     ("callable reward_fn for VADER", ["train", TRAIN, "--reward_fn", "grpo_rewards:mean_red"],
      ["is a Python function with no gradient", "--method grpo"]),
+    ("GRPO group_size huge", ["train", TRAIN, "--method", "grpo", "--grpo", "{'group_size': 100000}"],
+     ["grpo.group_size=100000 is invalid", "from 2 to 1024"]),
     ("GRPO on a DDIM backend", ["train", str(REPO / "configs" / "cogvideox-2b" / "vader_train.py"), "--method", "grpo",
                                 "--image_size", "(480, 720)", "--reward_fn", "grpo_rewards:mean_red"],
      ["method='grpo' needs a sampler with a log-probability", "opensora, wan", "model.type='cogvideox'"]),

@@ -21,6 +21,7 @@ def _cfg(tmp_path, *extra: str):
     pytest.param([*XL_WIDTH_2_BLOCKS, "--grad_checkpoint", "True"], id="xl-width-2-blocks-grad-checkpoint"),
     pytest.param(["--method", "grpo"], id="tiny-grpo"),
     pytest.param([*XL_WIDTH_2_BLOCKS, "--method", "grpo", "--grpo", "{'group_size': 3}"], id="xl-width-grpo"),
+    pytest.param(["--method", "grpo", "--reward_fn", "grpo_rewards:mean_red"], id="tiny-grpo-callable-reward"),
 ])
 def test_plan_peak_is_within_10_percent_of_the_real_step(tmp_path, extra):
     """Calibration: the plan on fake tensors vs vader.train's own second step on real CPU tensors
@@ -155,7 +156,7 @@ def test_cli_plan_of_grpo_plans_the_group_and_its_updates(tmp_path, capsys):
     (["--budget", "lots"], "--budget='lots' is not a memory size"),
     (["--fit"], "--fit needs --budget"),
     (["--gpu", "H900"], "--gpu='H900' is not known"),
-    (["--mfu", "2"], "--mfu=2.0 must be in (0, 1]"),
+    (["--mfu", "2"], "--mfu=2.0 must be a number from 0.001 to 1"),
 ])
 def test_cli_plan_bad_flags_are_one_line(tmp_path, capsys, argv, message):
     from vader.cli import main
@@ -179,6 +180,144 @@ def test_fit_finds_knobs_that_fit_and_they_do(tmp_path):
     assert again.peak <= budget
     nothing = fit(str(TINY_TRAIN), argv, 2**20, tflops=989, mfu=0.35, knobs=(("grad_checkpoint", "True", False),))
     assert nothing.plan is None and nothing.overrides == [("grad_checkpoint", "True")]  # 1 MiB: nothing fits
+    # the config as given, then every knob at once: nothing fits after two plans, not one per knob
+    with_knob = make_plan(load_config(TINY_TRAIN, [*argv, "--grad_checkpoint", "True"]))
+    assert nothing.tried == 2 and nothing.lowest_peak == with_knob.peak > 2**20
+
+
+def test_fit_with_nothing_that_fits_is_a_one_line_error_not_exit_0(tmp_path, monkeypatch):
+    """plan --fit used to print 'no setting fits' and exit 0; it is a VaderError (exit 2) naming the
+    budget, the knobs tried, the lowest peak they reach and that peak as the smallest budget."""
+    from vader.errors import VaderError
+    from vader.plan import KNOBS, fit, plan_main
+
+    knobs = (KNOBS[4],)  # grad_checkpoint only: two plans
+    assert knobs[0][0] == "grad_checkpoint"
+    monkeypatch.setitem(fit.__kwdefaults__, "knobs", knobs)
+    with pytest.raises(VaderError) as caught:
+        plan_main(str(TINY_TRAIN), [*FAST, "--project_dir", str(tmp_path)], budget="1MiB", do_fit=True, gpu=None,
+                  tflops=None, mfu=0.35, all_steps=False)
+    message = str(caught.value)
+    assert "\n" not in message
+    for text in ("--budget='1MiB' (1.00 MiB): nothing fits", "(--grad_checkpoint True)", "(2 plans)",
+                 "give a budget of at least"):
+        assert text in message
+
+
+@pytest.mark.parametrize("method, ignored", [("vader", ()), ("grpo", ("backprop_mode", "reward_grad_checkpoint"))])
+def test_fit_turns_only_the_knobs_the_method_uses(tmp_path, method, ignored):
+    """GRPO trains recorded steps one at a time (no backprop cutoff) and scores under no_grad (no
+    reward checkpointing to do): --fit must not suggest those knobs for it; VADER uses every knob."""
+    from vader.methods import method_module
+    from vader.plan import KNOBS, _knob_applies
+
+    cfg = _cfg(tmp_path, "--method", method)
+    assert method_module(method).IGNORED_KNOBS == ignored
+    applies = {key for key, value, alg in KNOBS if _knob_applies(cfg, (key, value, alg))}
+    assert {"backprop_mode", "reward_grad_checkpoint", "grad_checkpoint"} - set(ignored) <= applies
+    assert not applies & set(ignored)
+
+
+def test_callable_reward_is_planned_weightless_and_never_called(tmp_path, monkeypatch, capsys):
+    """reward_fn='module:function' (what `vader train --method grpo` accepts) plans: no reward model,
+    no reward FLOPs, a note; the function itself is never called on fake tensors. Only the fp32 copy of
+    the frames vader hands it is counted, so the plan equals the registered 'colorfulness' GRPO plan
+    up to what colorfulness computes."""
+    import grpo_rewards
+
+    from vader.cli import main
+    from vader.plan import make_plan
+
+    def never(videos, prompts):
+        raise AssertionError("the plan called the user's reward function")
+
+    monkeypatch.setattr(grpo_rewards, "mean_red", never)
+    plan = make_plan(_cfg(tmp_path, "--method", "grpo", "--reward_fn", "grpo_rewards:mean_red"))
+    assert plan.train.at_peak.get("reward_model", 0) == 0
+    assert "reward" not in plan.train.flops
+    assert any("is a Python function" in note and "not counted" in note for note in plan.notes)
+    assert main(["plan", str(TINY_TRAIN), *FAST, "--project_dir", str(tmp_path), "--method", "grpo",
+                 "--reward_fn", "grpo_rewards:mean_red"]) == 0
+    out = capsys.readouterr().out
+    assert "reward grpo_rewards:mean_red" in out and "the memory the function itself uses is not counted" in out
+
+
+def test_gpu_names_any_case_and_tflops_is_custom(tmp_path):
+    from vader.plan import gpu_tflops
+
+    assert gpu_tflops("h100", None) == ("H100", 989.0)
+    assert gpu_tflops(" rtx4090 ", None) == ("RTX4090", 165.0)
+    assert gpu_tflops(None, None) == ("H100", 989.0)
+    assert gpu_tflops(None, 5.0) == ("custom", 5.0)
+
+
+@pytest.mark.parametrize("text, size", [("24GiB", 24 * 2**30), ("24GB", 24 * 2**30), ("24", 24 * 2**30),
+                                        ("800MiB", 800 * 2**20), ("1MiB", 2**20), ("1.5 t", int(1.5 * 2**40)),
+                                        ("1024TiB", 2**50)])
+def test_budget_sizes(text, size):
+    from vader.plan import parse_bytes
+
+    assert parse_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["-1GiB", "0", "0.0000000001", "0.99MiB", "1025TiB", "9" * 400, "24XB", ""])
+def test_budget_below_1mib_or_not_a_size_is_refused(text):
+    from vader.errors import VaderError
+    from vader.plan import parse_bytes
+
+    with pytest.raises(VaderError, match="from 1 MiB to 1024 TiB"):
+        parse_bytes(text)
+
+
+def test_plan_size_limits_are_checked_before_any_work(tmp_path, monkeypatch):
+    """Sizes past PLAN_LIMITS are refused before the text phase runs (it would take minutes: the
+    tiny preset at batch 100000 ran past 120 s); at the limit the check passes."""
+    import vader.plan as plan
+    from vader.errors import VaderError
+
+    def no_work(cfg):
+        raise AssertionError("the plan started")
+
+    monkeypatch.setattr(plan, "_text_phase", no_work)
+    for extra, key in ((["--train_batch_size", "100000"], "train_batch_size=100000"),
+                       (["--num_frames", "2049", "--train_batch_size", "1", "--val_batch_size", "1"], "num_frames=2049"),
+                       (["--scheduler.num_sampling_steps", "1001", "--backprop_mode", "last"],
+                        "scheduler.num_sampling_steps=1001")):
+        with pytest.raises(VaderError, match=key):
+            plan.make_plan(_cfg(tmp_path, *extra))
+    plan.check_plan_size(_cfg(tmp_path, "--train_batch_size", "120", "--val_batch_size", "120"))  # 2040 frames
+
+
+def test_the_phase_that_sets_the_peak(tmp_path):
+    """Which phase sets the plan's peak, pinned: the tiny step without checkpointing peaks in backward
+    (so does it with checkpointing, lower); GRPO's in its recorded step with gradients; a long text
+    context makes T5 the device's peak, which offload removes; without training, the inference decode."""
+    from vader.plan import make_plan
+
+    plain = make_plan(_cfg(tmp_path))
+    assert (plain.text.peak_phase, plain.train.peak_phase, plain.infer.peak_phase) == \
+        ("encode", "backward", "infer_decode")
+    assert plain.peak == plain.train.peak == max(plain.text.peak, plain.train.peak, plain.infer.peak)
+    assert plain.train.peak > plain.infer.peak > plain.text.peak
+
+    ckpt = make_plan(_cfg(tmp_path, "--grad_checkpoint", "True"))
+    assert ckpt.train.peak_phase == "backward" and ckpt.peak == ckpt.train.peak < plain.train.peak
+
+    grpo = make_plan(_cfg(tmp_path, "--method", "grpo"))
+    assert grpo.train.peak_phase == "sampling" and grpo.peak == grpo.train.peak
+
+    long_text = ["--text_encoder.model_max_length", "4096"]
+    t5 = make_plan(_cfg(tmp_path, *long_text))
+    assert t5.text.peak_phase == "encode" and t5.peak == t5.text.peak > max(t5.train.peak, t5.infer.peak)
+    assert t5.train.peak_phase == "sampling"  # 4096-token prompt embeddings kept for the gradient window
+
+    offloaded = make_plan(_cfg(tmp_path, *long_text, "--text_encoder.offload", "True"))
+    assert offloaded.text.peak == t5.text.peak  # still planned (host memory), not on the device
+    assert offloaded.peak == max(offloaded.train.peak, offloaded.infer.peak) == offloaded.train.peak < t5.text.peak
+
+    infer_only = make_plan(_cfg(tmp_path, "--is_vader_training", "False"))
+    assert infer_only.train is None and infer_only.infer.peak_phase == "infer_decode"
+    assert infer_only.peak == infer_only.infer.peak == max(infer_only.text.peak, infer_only.infer.peak)
 
 
 def _bench(tmp_path, capsys, *extra: str) -> str:

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -64,12 +65,19 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--part", choices=["denoiser", "vae", "text_encoder"], help="only this model")
             p.add_argument("--keys", action="store_true", help="print every state-dict key<TAB>shape")
         if name == "plan":
-            p.add_argument("--budget", help="GPU memory to fit, e.g. 24GiB (GB and a bare number mean GiB)")
-            p.add_argument("--fit", action="store_true", help="find the fastest knob settings within --budget")
-            p.add_argument("--gpu", help="card for the step-time estimate: H200, H100 (default), A100, L40S, "
-                                         "A6000, RTX4090, A10G, V100")
-            p.add_argument("--tflops", type=float, help="the card's dense bf16 TFLOP/s instead of --gpu")
-            p.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation for the estimate")
+            # '--budget -1GiB', '--mfu -inf' reach their flags (and their one-line range messages) instead
+            # of argparse's "expected one argument": '-' and a number is a value, as argparse treats '-1'
+            p._negative_number_matcher = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
+            p.add_argument("--budget", help="GPU memory to fit, from 1MiB to 1024TiB, e.g. 24GiB or 800MiB (GB and a "
+                                            "bare number mean GiB)")
+            p.add_argument("--fit", action="store_true", help="find the fastest knob settings within --budget; "
+                                                              "exit status 2 when none fits")
+            p.add_argument("--gpu", help="card for the step-time estimate (any case): H200, H100 (default), A100, "
+                                         "L40S, A6000, RTX4090, A10G, V100; not with --tflops")
+            p.add_argument("--tflops", type=float, help="for a card not in --gpu's list: its dense bf16 TFLOP/s "
+                                                        "(0.001 to 1e6; printed as 'custom'); not with --gpu")
+            p.add_argument("--mfu", type=float, default=0.35, help="model FLOP utilisation for the estimate "
+                                                                   "(0.001 to 1, default 0.35)")
             p.add_argument("--all-steps", action="store_true", dest="all_steps",
                            help="run every sampling step (default: one no-gradient step, FLOPs multiplied)")
     return parser

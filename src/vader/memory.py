@@ -24,6 +24,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from vader.errors import VaderError
+
 __all__ = ["LiveBytes", "fake_mode", "materialise"]
 
 
@@ -121,7 +123,12 @@ class PlannedSteps:
     """A sampler's `progress` hook for a plan: each sampling step runs under the meter's phase
     'sampling_nograd' (before `cutoff`; None: every step) or 'sampling' (from it). Without `all_steps`
     only the first step before the cutoff runs: the others have the same shapes and keep nothing, so the
-    peak is the same, and `nograd_scale` is how many steps its FLOPs stand for."""
+    peak is the same, and `nograd_scale` is how many steps its FLOPs stand for.
+
+    Every step with gradients runs (each keeps its own graph), so a plan's time grows with the window:
+    more than MAX_RUN steps in all is refused in one line before the first one runs."""
+
+    MAX_RUN = 100  # the Open-Sora v1.2 step with gradients took 9 s to plan (30 of them, 'rand': 270 s)
 
     def __init__(self, meter: LiveBytes, cutoff: int | None, all_steps: bool = False) -> None:
         self.meter, self.cutoff, self.all_steps = meter, cutoff, all_steps
@@ -131,6 +138,12 @@ class PlannedSteps:
         steps = list(steps)
         first_grad = len(steps) if self.cutoff is None else self.cutoff
         nograd = steps[:first_grad] if self.all_steps else steps[:min(first_grad, 1)]
+        run = len(nograd) + len(steps[first_grad:])
+        if run > self.MAX_RUN:
+            raise VaderError(f"vader plan would run {run} of scheduler.num_sampling_steps={len(steps)} sampling steps "
+                             f"({len(steps) - first_grad} with gradients{', all with --all-steps' if self.all_steps else ''}"
+                             f"); it runs at most {self.MAX_RUN}: plan a backprop window of at most {self.MAX_RUN} "
+                             "steps (memory grows linearly with it) or fewer sampling steps")
         self.nograd_scale = first_grad / max(1, len(nograd))
         for i in [*nograd, *steps[first_grad:]]:
             with self.meter.phase("sampling" if i >= first_grad else "sampling_nograd"):

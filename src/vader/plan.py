@@ -13,7 +13,12 @@ Exactness: sampling steps before the cutoff run without autograd, so they keep n
 one of them for memory and multiplies its FLOPs (`all_steps=True` runs every step; the peaks are equal,
 tested). Captions are planned at model_max_length tokens (the longest prompt possible); a real run
 trims to its longest prompt. backprop_mode='rand' and decode_frame='-1' are planned at their worst
-case (every step with gradients; the costliest frame).
+case (every step with gradients; the costliest frame). A 'module:function' reward is a Python function
+with no model and no gradient: it is planned as such (a weightless stand-in, never the function itself).
+
+Bounded in time: fake tensors make a plan's cost independent of tensor sizes, but not of the number of
+model calls, which grows with videos x frames (the VAE decodes frame micro-batches) and with the
+sampling steps. `check_plan_size` refuses, in one line and before any work, sizes past PLAN_LIMITS.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import nn
 
 from vader.backends import backend_module
 from vader.checkpoint import set_lora_dropout
-from vader.config import VaderConfig, load_config
+from vader.config import VaderConfig, is_callable_spec, load_config
 from vader.dtypes import DTYPES
 from vader.errors import VaderError
 from vader.frames import decode_choices, select_frames
@@ -39,6 +44,7 @@ from vader.methods.base import PlannedStep
 from vader.models.presets import torch_dtype
 from vader.preflight import preflight
 from vader.rewards import reward_skeleton
+from vader.rewards.skeleton import callable_skeleton
 from vader.run import Run, load_prompts, make_accelerator
 from vader.train import setup
 
@@ -110,7 +116,10 @@ class Plan:
 
 
 def _reward_on_meta(cfg: VaderConfig, dtype: torch.dtype, num_frames: int):  # type: ignore[no-untyped-def]
-
+    """The reward with no weights: a registered reward's skeleton, or for a 'module:function' reward a
+    weightless stand-in that returns zeros (the user's function is never called on fake tensors)."""
+    if is_callable_spec(cfg.reward_fn):
+        return callable_skeleton(cfg.reward_fn)
     return reward_skeleton(cfg.reward_fn, dtype=dtype, hps_version=cfg.hps_version, resize=cfg.reward_resize,
                            grad_checkpoint=cfg.reward_grad_checkpoint, actpred_frames=cfg.actpred_frames,
                            num_frames=num_frames)
@@ -259,14 +268,50 @@ def _dtype(cfg: VaderConfig) -> torch.dtype:
     return torch_dtype(cfg.dtype)
 
 
+# What one plan runs, at most (see check_plan_size). Measured on a shared 2-core CPU: Open-Sora v1.2
+# at 16s 720p with val_batch_size 4 (1632 frames) plans in 37 s; the tiny preset at batches of 120
+# (2040 frames through its VAE's 4-frame micro-batches) in 27 s, at batch 100000 it ran past 120 s;
+# the sampler builds each step's timesteps (about 2 ms a step per phase on fake tensors: 100000 steps
+# ran past 120 s, 1000 plan in 10 s).
+PLAN_LIMITS = {
+    "frames": 2048,  # videos x frames in one batch (the larger of train_batch_size and val_batch_size)
+    "side": 16384,  # pixels, height or width (16K; at 2**31 torch's storage sizes overflow: a traceback)
+    "steps": 1000,  # scheduler.num_sampling_steps
+}
+
+
+def check_plan_size(cfg: VaderConfig) -> None:
+    """One line, before any work, for sizes a plan cannot run in minutes (PLAN_LIMITS): the plan's
+    time grows with videos x frames and with the sampling steps, not with tensor sizes."""
+    height, width = cfg.height_width
+    if max(height, width) > PLAN_LIMITS["side"]:
+        raise VaderError(f"image_size=({height}, {width}) is beyond what vader plan covers: height and width "
+                         f"at most {PLAN_LIMITS['side']} pixels each")
+    batch_key = "val_batch_size" if cfg.val_batch_size >= cfg.train_batch_size else "train_batch_size"
+    batch = getattr(cfg, batch_key)
+    if batch * cfg.frames > PLAN_LIMITS["frames"]:
+        raise VaderError(f"{batch_key}={batch} x num_frames={cfg.frames} is {batch * cfg.frames} frames in one "
+                         f"batch; vader plan runs at most {PLAN_LIMITS['frames']} (the VAE decodes them in "
+                         "micro-batches, about 20 s per thousand on fake tensors): plan a smaller batch or fewer "
+                         "frames (memory grows linearly with the batch)")
+    steps = cfg.scheduler.num_sampling_steps
+    if steps > PLAN_LIMITS["steps"]:
+        raise VaderError(f"scheduler.num_sampling_steps={steps} is more than vader plan runs: at most "
+                         f"{PLAN_LIMITS['steps']} (the sampler builds every step's timesteps)")
+
+
 def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | None = None) -> Plan:
     """Plan the config's text encoding, training step (when it trains) and inference batch."""
+    check_plan_size(cfg)
     training = cfg.is_vader_training if training is None else training
     text = _text_phase(cfg)
     train, planned, frames = _train_phase(cfg, all_steps) if training else (None, None, [])
     notes = list(planned.notes) if planned is not None else []
     if training and cfg.decode_frame == "-1":
         notes.append("decode_frame='-1' planned at the costliest frame (the last)")
+    if training and is_callable_spec(cfg.reward_fn):
+        notes.append(f"reward_fn={cfg.reward_fn!r} is a Python function: planned with no model, no FLOPs and no "
+                     "gradient; the memory the function itself uses is not counted")
     return Plan(cfg, text, train, _infer_phase(cfg, all_steps), planned.cutoff if planned else None, frames,
                 notes, planned.how if planned else "")
 
@@ -276,13 +321,18 @@ def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | Non
 # ---------------------------------------------------------------------------------------------
 
 
+MIN_BUDGET, MAX_BUDGET = 2**20, 2**50  # 1 MiB .. 1024 TiB
+
+
 def parse_bytes(text: str, key: str = "--budget") -> int:
-    """'24GiB', '24GB' (taken as GiB, as nvidia-smi and most users mean it), '24' (GiB), '800MiB'."""
+    """'24GiB', '24GB' (taken as GiB, as nvidia-smi and most users mean it), '24' (GiB), '800MiB':
+    a positive size from 1 MiB to 1024 TiB."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([GMT]i?B?)?\s*", str(text), re.IGNORECASE)
-    if not m or float(m.group(1)) <= 0:
-        raise VaderError(f"{key}={text!r} is not a memory size; write e.g. 24GiB, 80GB or 16")
-    unit = (m.group(2) or "G")[0].upper()
-    return int(float(m.group(1)) * {"M": 2**20, "G": 2**30, "T": 2**40}[unit])
+    size = float(m.group(1)) * {"M": 2**20, "G": 2**30, "T": 2**40}[(m.group(2) or "G")[0].upper()] if m else 0.0
+    if not MIN_BUDGET <= size <= MAX_BUDGET:  # also what is not a number, negative, zero or rounds to 0 bytes
+        raise VaderError(f"{key}={text!r} is not a memory size from 1 MiB to 1024 TiB; write a positive size "
+                         "such as 24GiB, 80GB, 800MiB or 16 (GiB)")
+    return int(size)
 
 
 def step_seconds(flops: float, tflops: float, mfu: float) -> float:
@@ -307,10 +357,11 @@ KNOBS: tuple[tuple[str, str, bool], ...] = (
 
 @dataclass
 class FitResult:
-    overrides: list[tuple[str, str]]
-    plan: Plan | None
+    overrides: list[tuple[str, str]]  # the knobs to add; when nothing fits: every knob that applies
+    plan: Plan | None  # None: no setting of the knobs fits the budget
     tried: int
     changes_algorithm: list[str]
+    lowest_peak: int | None = None  # when nothing fits: the peak with every knob on
 
 
 def _value(cfg: VaderConfig, key: str) -> str:
@@ -323,26 +374,33 @@ def _value(cfg: VaderConfig, key: str) -> str:
 def fit(path: str, overrides: list[str], budget: int, *, tflops: float, mfu: float,
         knobs: tuple[tuple[str, str, bool], ...] = KNOBS) -> FitResult:
     """The fastest setting within `budget`: turn knobs on in KNOBS order until the plan fits, then turn
-    back off every one the fit does not need (fastest = fewest FLOPs, so recompute is dropped first)."""
+    back off every one the fit does not need (fastest = fewest FLOPs, so recompute is dropped first).
+    When the config does not fit as given, every knob at once is planned first: if even that does not
+    fit, the search stops there (two plans, not one per knob)."""
     base = load_config(path, overrides)
     available = [k for k in knobs if _knob_applies(base, k)]
     chosen: list[tuple[str, str, bool]] = []
     tried = 0
+    plans: dict[tuple[tuple[str, str, bool], ...], Plan] = {}
 
     def plan_for(extra: list[tuple[str, str, bool]]) -> Plan:
         nonlocal tried
-        tried += 1
-        cfg = load_config(path, [*overrides, *[x for k, v, _ in extra for x in (f"--{k}", v)]])
-        return make_plan(cfg)
+        if tuple(extra) not in plans:
+            tried += 1
+            cfg = load_config(path, [*overrides, *[x for k, v, _ in extra for x in (f"--{k}", v)]])
+            plans[tuple(extra)] = make_plan(cfg)
+        return plans[tuple(extra)]
 
     plan = plan_for([])
+    if plan.peak > budget:
+        everything = plan_for(available)
+        if everything.peak > budget:
+            return FitResult([(k, v) for k, v, _ in available], None, tried, [], everything.peak)
     for knob in available:
         if plan.peak <= budget:
             break
         chosen.append(knob)
         plan = plan_for(chosen)
-    if plan.peak > budget:
-        return FitResult([(k, v) for k, v, _ in chosen], None, tried, [])
     for knob in list(reversed(chosen)):  # drop what is not needed, costliest-in-time first
         trial = [k for k in chosen if k is not knob]
         candidate = plan_for(trial)
@@ -357,8 +415,10 @@ def _knobs(cfg: VaderConfig) -> tuple[str, ...]:
 
 
 def _knob_applies(cfg: VaderConfig, knob: tuple[str, str, bool]) -> bool:
+    """The backend honours the knob (MEMORY_KNOBS), the method uses it (not in its IGNORED_KNOBS), and
+    the config does not already have its value."""
     key, value, _ = knob
-    if key not in _knobs(cfg):
+    if key not in _knobs(cfg) or key in method_module(cfg.method).IGNORED_KNOBS:
         return False
     if key == "model.attention" and not hasattr(cfg.model, "attention"):
         return False
@@ -426,16 +486,36 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
     return "\n".join(lines)
 
 
+TFLOPS_RANGE = (0.001, 1e6)  # --tflops: from a slow CPU to far past any card
+MFU_RANGE = (0.001, 1.0)
+
+
+def gpu_tflops(gpu: str | None, tflops: float | None) -> tuple[str, float]:
+    """The card's name and dense bf16 TFLOP/s for the step-time estimate: --gpu (a name from GPU_TFLOPS,
+    any case), or --tflops for a card not listed (named 'custom'); not both."""
+    if gpu is not None and tflops is not None:
+        raise VaderError(f"--gpu={gpu!r} and --tflops={tflops!r} both give the card's speed; give --gpu (one of "
+                         f"{', '.join(GPU_TFLOPS)}) or --tflops for another card, not both")
+    if tflops is not None:
+        low, high = TFLOPS_RANGE
+        if not (math.isfinite(tflops) and low <= tflops <= high):
+            raise VaderError(f"--tflops={tflops!r} must be a number from {low:g} to {high:g} (the card's dense "
+                             "bf16 TFLOP/s, e.g. 989 for an H100)")
+        return "custom", tflops
+    names = {name.upper(): name for name in GPU_TFLOPS}
+    name = names.get((DEFAULT_GPU if gpu is None else gpu).strip().upper())
+    if name is None:
+        raise VaderError(f"--gpu={gpu!r} is not known; choose one of {', '.join(GPU_TFLOPS)} or give --tflops")
+    return name, GPU_TFLOPS[name]
+
+
 def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bool, gpu: str | None,
               tflops: float | None, mfu: float, all_steps: bool) -> str:
-    if gpu is not None and gpu not in GPU_TFLOPS:
-        raise VaderError(f"--gpu={gpu!r} is not known; choose one of {', '.join(GPU_TFLOPS)} or give --tflops")
-    if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
-        raise VaderError(f"--tflops={tflops!r} must be a positive number (the card's dense bf16 TFLOP/s)")
-    if not (math.isfinite(mfu) and 0 < mfu <= 1):
-        raise VaderError(f"--mfu={mfu!r} must be in (0, 1]")
-    name = gpu or ("custom" if tflops else DEFAULT_GPU)
-    peak_tflops = tflops or GPU_TFLOPS[gpu or DEFAULT_GPU]
+    name, peak_tflops = gpu_tflops(gpu, tflops)
+    low, high = MFU_RANGE
+    if not (math.isfinite(mfu) and low <= mfu <= high):
+        raise VaderError(f"--mfu={mfu!r} must be a number from {low:g} to {high:g} (the share of the card's "
+                         "peak the step reaches, e.g. 0.35)")
     limit = parse_bytes(budget) if budget is not None else None
     if do_fit and limit is None:
         raise VaderError("--fit needs --budget (e.g. --budget 24GiB)")
@@ -446,8 +526,11 @@ def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bo
     result = fit(path, overrides, limit, tflops=peak_tflops, mfu=mfu)
     flags = " ".join(f"--{k} {v}" for k, v in result.overrides)
     if result.plan is None:
-        return (f"no setting of the memory knobs fits {_gib(limit)} ({result.tried} plans); with all of them "
-                f"({flags}) the peak is still above it: lower train_batch_size, the resolution or num_frames")
+        assert result.lowest_peak is not None
+        every = f"with every memory knob ({flags})" if flags else "with no memory knob left to turn"
+        raise VaderError(f"--budget={budget!r} ({_gib(limit)}): nothing fits; {every} the peak is "
+                         f"{_gib(result.lowest_peak)} ({result.tried} plans): give a budget of at least "
+                         f"{_gib(result.lowest_peak)}, or lower train_batch_size, the resolution or num_frames")
     lines = [describe(result.plan, budget=limit, tflops=peak_tflops, mfu=mfu, gpu=name), ""]
     if not result.overrides:
         lines.append(f"fit: the config as given fits {_gib(limit)} ({result.tried} plan(s))")

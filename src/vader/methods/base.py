@@ -32,6 +32,7 @@ class PlannedStep:
 class MethodModule(Protocol):
     METRICS: tuple[str, ...]  # what its StepResult adds to the loop's logged row
     DIFFERENTIABLE_REWARD: bool  # True: the reward's gradient is used, so a callable reward cannot train it
+    IGNORED_KNOBS: tuple[str, ...]  # `vader plan --fit` knobs (vader.plan.KNOBS keys) this method's step does not use
 
     def check_config(self, cfg) -> None:  # type: ignore[no-untyped-def]
         """One-line VaderError for settings this method cannot run with (before anything loads)."""

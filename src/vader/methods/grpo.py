@@ -49,8 +49,12 @@ from vader.methods.update import StepResult, any_process, apply_update, average_
 from vader.rewards.base import RewardOutput
 from vader.seeds import make_generator, pick_prompts, set_step_seed
 
+MAX_GROUP_SIZE = 1024  # samples of one prompt per step: beyond it a step (and its plan) would run for hours
 METRICS = ("reward_queries", "clip_fraction", "ratio_max_dev", "kl")  # logged beside the loop's own
 DIFFERENTIABLE_REWARD = False  # scores only: a 'module:function' reward trains it
+# `vader plan --fit` knobs with no effect here: recorded steps train one at a time (no backprop cutoff),
+# and the reward runs under no_grad (nothing for its checkpointing to save)
+IGNORED_KNOBS = ("backprop_mode", "reward_grad_checkpoint")
 
 # t within this of num_timesteps counts as sigma = 1: the timestep shift maps 1000 to 1000 only up to rounding
 _SIGMA_ONE_TOL = 1e-4
@@ -73,8 +77,9 @@ class GRPOSettings:
         def bad(key: str, value, valid: str) -> VaderError:
             return VaderError(f"grpo.{key}={value!r} is invalid: {valid}")
 
-        if not _is_int(self.group_size) or self.group_size < 2:
-            raise bad("group_size", self.group_size, "an integer >= 2 (advantages compare samples of one prompt)")
+        if not _is_int(self.group_size) or not 2 <= self.group_size <= MAX_GROUP_SIZE:
+            raise bad("group_size", self.group_size, f"an integer from 2 to {MAX_GROUP_SIZE} (advantages compare "
+                      "samples of one prompt; Flow-GRPO's recipes use 12-24)")
         if not _is_int(self.inner_epochs) or self.inner_epochs < 1:
             raise bad("inner_epochs", self.inner_epochs, "an integer >= 1")
         for key in ("noise_level", "clip_range", "adv_clip_max"):

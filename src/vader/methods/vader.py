@@ -22,6 +22,7 @@ from vader.seeds import make_generator, pick_prompts, set_step_seed
 
 METRICS: tuple[str, ...] = ()
 DIFFERENTIABLE_REWARD = True
+IGNORED_KNOBS: tuple[str, ...] = ()  # every `vader plan --fit` knob changes this step's memory
 
 
 def check_config(cfg: VaderConfig) -> None:

@@ -20,6 +20,9 @@ give the model the same tensor shapes and dtypes:
   ids only index the embedding table: they change no tensor's size, so no memory figure.
 - PickScore's and ActPred's image processors (preprocessor_config.json) -> the published settings as
   data, going through the same `from_hf_processor` / `from_processor` paths as the loaded files.
+
+A 'module:function' reward (`vader.rewards.callable.CallableReward`) has no model: `callable_skeleton`
+stands in for it with what vader's wrapper itself does on the device, and never calls the function.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from torch import nn
 
 from vader.rewards.actpred import ActPred, ClipTransform, sinusoid_positions
 from vader.rewards.aesthetic import AestheticMLP, AestheticReward, quiet_transformers
-from vader.rewards.base import Reward
+from vader.rewards.base import Reward, RewardOutput
 from vader.rewards.hps import AestheticHPSReward, HPSReward, hps_version_file, quiet_root_warnings
 from vader.rewards.kinetics import KINETICS_400
 from vader.rewards.pickscore import PickScoreReward
@@ -43,7 +46,7 @@ from vader.toyworld.classifier import ToyClassifier, ToyClassifierConfig
 __all__ = [
     "AESTHETIC_VISION_CONFIG", "HPS_OPEN_CLIP_ARCH", "OfflineClipTokenizer", "PICK_SCORE_CONFIG",
     "PICK_SCORE_PROCESSOR", "VIDEOMAE_CONFIG", "VIDEOMAE_PROCESSOR", "actpred_skeleton", "aesthetic_hps_skeleton",
-    "aesthetic_skeleton", "hps_skeleton", "pick_score_skeleton", "toy_alignment_skeleton",
+    "aesthetic_skeleton", "callable_skeleton", "hps_skeleton", "pick_score_skeleton", "toy_alignment_skeleton",
     "toy_size_skeleton",
 ]
 
@@ -207,3 +210,25 @@ def toy_size_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
     return ToySize(_toy_classifier().to(dtype=dtype))
 
 
+class CallableSkeleton(Reward):
+    """A 'module:function' reward in a plan: CallableReward's own work on the device (the fp32 copy of the
+    frames it hands the function, under no_grad) and a [B] float32 score of zeros; no weights, no FLOPs
+    beyond that copy, no gradient. The user's function is not called: it would see fake tensors, and
+    its own memory (on the CPU or the GPU) is its business."""
+
+    differentiable = False
+
+    def __init__(self, spec: str) -> None:
+        super().__init__()
+        self.spec = self.name = spec
+
+    def forward(self, frames: torch.Tensor, prompts: list[str]) -> RewardOutput:
+        with torch.no_grad():
+            frames.detach().float().clamp(-1, 1)  # what CallableReward passes the function, freed after it
+        reward = torch.zeros(frames.shape[0], device=frames.device)
+        return RewardOutput(reward=reward, loss=-reward)
+
+
+def callable_skeleton(spec: str) -> Reward:
+    """The weightless stand-in for reward_fn='module:function' (see CallableSkeleton)."""
+    return CallableSkeleton(spec).eval()
