@@ -271,17 +271,18 @@ def test_grpo_settings_compare_by_their_resolved_values():
 
     from vader.checkpoint import config_differences, describe_differences
     from vader.methods.grpo import GRPOSettings
+    from vader.train import SETTINGS_DEFAULTS
 
     defaults = asdict(GRPOSettings())
     base = {"method": "grpo", "lr": 0.05}
     for a, b in ((None, defaults), (None, {"group_size": 4}), ({"noise_level": 0.7}, {"clip_range": 1e-4}),
                  (defaults, None), ({"inner_epochs": 1}, {"inner_epochs": 1.0})):
-        assert config_differences({**base, "grpo": a}, {**base, "grpo": b}) == {}, (a, b)
-    diff = config_differences({**base, "grpo": None}, {**base, "grpo": {**defaults, "group_size": 3}})
+        assert config_differences({**base, "grpo": a}, {**base, "grpo": b}, SETTINGS_DEFAULTS) == {}, (a, b)
+    diff = config_differences({**base, "grpo": None}, {**base, "grpo": {**defaults, "group_size": 3}}, SETTINGS_DEFAULTS)
     assert describe_differences(diff) == "grpo.group_size: 4 -> 3"
-    diff = config_differences({**base, "grpo": {"kl_beta": 0.1}}, {**base, "grpo": None, "lr": 0.01})
+    diff = config_differences({**base, "grpo": {"kl_beta": 0.1}}, {**base, "grpo": None, "lr": 0.01}, SETTINGS_DEFAULTS)
     assert describe_differences(diff) == "grpo.kl_beta: 0.1 -> 0.0; lr: 0.05 -> 0.01"
-    assert config_differences({"method": "vader", "grpo": None}, {"method": "vader"}) == {}  # older config
+    assert config_differences({"method": "vader", "grpo": None}, {"method": "vader"}, SETTINGS_DEFAULTS) == {}
 
 
 def test_resuming_grpo_with_the_default_settings_spelled_out_is_not_a_change(tiny_cfg):

@@ -287,28 +287,27 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in RESUME_FREE_KEYS}
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       defaults: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[Any, Any]]:
     """{key: (saved, current)} for result-changing keys that differ; keys one side lacks (another
-    vader version) are not compared. `grpo` is compared by the settings it resolves to, key by key
-    (None and a dict of the defaults are the same run; a difference reads `grpo.group_size: 4 -> 8`)."""
+    vader version) are not compared. A key of `defaults` (a settings dict such as `grpo`) is compared by
+    the settings it resolves to, key by key: None, a partial dict and the full defaults are the same run,
+    and a difference reads `grpo.group_size: 4 -> 8`."""
     old, new = result_config(saved), result_config(current)
-    if "grpo" in old and "grpo" in new and old["grpo"] != new["grpo"]:
-        old, new = _resolved_grpo(old), _resolved_grpo(new)
+    for key, values in (defaults or {}).items():
+        if key in old and key in new and old[key] != new[key]:
+            old, new = _resolved(old, key, values), _resolved(new, key, values)
     return {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
 
 
-def _resolved_grpo(flat: dict[str, Any]) -> dict[str, Any]:
-    """`grpo` (None or a partial dict) replaced by one `grpo.<key>` per GRPO setting, the defaults filled in."""
-    value = flat["grpo"]
+def _resolved(flat: dict[str, Any], key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """`key` (None or a partial dict) replaced by one `key.<name>` per setting, the defaults filled in."""
+    value = flat[key]
     if value is not None and not isinstance(value, dict):
         return flat  # not a config vader would have run: compared as written
-    from dataclasses import asdict
-
-    from vader.methods.grpo import GRPOSettings  # here, not at the top: vader.methods imports this module
-
-    settings = {**json.loads(json.dumps(asdict(GRPOSettings()))), **(value or {})}
-    out = {k: v for k, v in flat.items() if k != "grpo"}
-    out.update({f"grpo.{k}": v for k, v in settings.items()})
+    settings = {**json.loads(json.dumps(defaults)), **(value or {})}
+    out = {k: v for k, v in flat.items() if k != key}
+    out.update({f"{key}.{k}": v for k, v in settings.items()})
     return out
 
 
@@ -329,9 +328,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def find_resume_run(project_dir: Path, run_name: str | None, config: dict[str, Any]) -> Path:
+def find_resume_run(project_dir: Path, run_name: str | None, config: dict[str, Any],
+                    defaults: dict[str, dict[str, Any]] | None = None) -> Path:
     """The run folder `resume_from='latest'` continues: the one named by run_name, else the newest
-    run (by its latest checkpoint) whose saved config matches `config` in every result-changing key."""
+    run (by its latest checkpoint) whose saved config matches `config` in every result-changing key
+    (settings dicts compared by value with `defaults`, as `config_differences`)."""
     if run_name is not None:
         run_dir = project_dir / run_name
         if latest_checkpoint(run_dir) is None:
@@ -344,21 +345,21 @@ def find_resume_run(project_dir: Path, run_name: str | None, config: dict[str, A
     runs.sort(key=lambda r: latest_checkpoint(r).stat().st_mtime, reverse=True)  # type: ignore[union-attr]
     for run_dir in runs:
         saved = read_run_config(run_dir)
-        if saved is not None and not config_differences(saved, config):
+        if saved is not None and not config_differences(saved, config, defaults):
             return run_dir
     newest = runs[0]
     saved = read_run_config(newest)
-    why = describe_differences(config_differences(saved, config)) if saved is not None else "no config.json"
+    why = describe_differences(config_differences(saved, config, defaults)) if saved is not None else "no config.json"
     raise VaderError(f"resume_from='latest': no run under {project_dir} has this config (newest, "
                      f"{newest.name!r}: {why}); name the run with run_name (and allow_config_change=True to "
                      "change those keys)")
 
 
 def find_resume_dir(resume_from: str, project_dir: Path, run_name: str | None = None,
-                    config: dict[str, Any] | None = None) -> Path:
+                    config: dict[str, Any] | None = None, defaults: dict[str, dict[str, Any]] | None = None) -> Path:
     """A checkpoint folder: the path given, or for 'latest' the latest checkpoint of `find_resume_run`."""
     if resume_from == "latest":
-        folder = latest_checkpoint(find_resume_run(project_dir, run_name, config or {}))
+        folder = latest_checkpoint(find_resume_run(project_dir, run_name, config or {}, defaults))
         assert folder is not None  # find_resume_run only returns runs with a checkpoint
         return folder
     path = Path(resume_from)

@@ -27,6 +27,7 @@ import threading
 from collections.abc import Iterator
 
 from vader.errors import ArgumentParser, VaderError
+from vader.weights import quiet_loading_bars
 
 COMMANDS = {
     "train": "train a LoRA by backpropagating the reward through the sampler",
@@ -156,28 +157,6 @@ def _close_progress_bars() -> None:
             bar.close()
     with contextlib.suppress(Exception):
         sys.stderr.flush()
-
-
-def quiet_loading_bars() -> None:
-    """Switch off transformers' and diffusers' weight-loading bars ("Loading weights", "Loading
-    checkpoint shards") for the commands that load models: vader reports its own progress, and such a
-    bar left on the terminal precedes (or swallows the start of) an error line that follows.
-    huggingface_hub's download bars keep their state (transformers' switch turns them off too): a
-    multi-GB download without progress looks like a hang. diffusers is only switched when already
-    imported (importing it costs seconds; vader's backends import it before they load anything)."""
-    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
-
-    downloads_shown = not are_progress_bars_disabled()
-    import transformers.utils.logging
-
-    transformers.utils.logging.disable_progress_bar()
-    if "diffusers" in sys.modules:
-        with contextlib.suppress(ImportError):
-            import diffusers.utils.logging
-
-            diffusers.utils.logging.disable_progress_bar()
-    if downloads_shown and are_progress_bars_disabled():
-        enable_progress_bars()
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ from vader.report import STOPPED_MARK, training_report
 from vader.rewards import build_reward
 from vader.rewards.callable import load_callable_reward
 from vader.seeds import step_seed
+from vader.weights import quiet_loading_bars
 
 
 def make_accelerator(cfg: VaderConfig) -> Accelerator:
@@ -73,14 +74,6 @@ def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     if not prompts:
         raise VaderError(f"no prompts left after start_index={cfg.start_index}, end_index={cfg.end_index}")
     return prompts, {p: labels[p] for p in prompts if p in labels}
-
-
-def quiet_loading_bars() -> None:
-    """transformers'/diffusers' weight-loading bars off (`vader.cli.quiet_loading_bars`), also for
-    train()/infer() called from Python."""
-    from vader.cli import quiet_loading_bars as quiet
-
-    quiet()
 
 
 def build_generator(cfg: VaderConfig, run: Run, device: torch.device):

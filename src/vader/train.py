@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -36,10 +36,13 @@ from vader.config import VaderConfig
 from vader.errors import VaderError
 from vader.methods import method_module
 from vader.methods.base import MethodModule
+from vader.methods.grpo_settings import GRPOSettings
 from vader.methods.update import StepResult
 from vader.preflight import preflight
 from vader.run import Run, build_generator, is_stopped_report, load_prompts, make_accelerator, make_reward
 
+# settings dicts a resume compares by the values they resolve to (None == the defaults)
+SETTINGS_DEFAULTS = {"grpo": asdict(GRPOSettings())}
 DIFFUSERS_LORA = Path("lora") / "diffusers"  # in the run folder: the final LoRA in diffusers' format (backends)
 
 
@@ -174,7 +177,7 @@ def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | 
     current = cfg.to_dict()
     run_dir = project / cfg.run_name if cfg.run_name else None
     if cfg.resume_from == "latest":
-        run_dir = find_resume_run(project, cfg.run_name, current)
+        run_dir = find_resume_run(project, cfg.run_name, current, SETTINGS_DEFAULTS)
     elif cfg.resume_from:
         folder = Path(cfg.resume_from)
         if folder.parent.name == "checkpoints":
@@ -187,12 +190,12 @@ def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | 
                              "resume_from='latest', or choose another run_name (a new run there would mix two "
                              "runs in one metrics file)")
         return None, {}
-    resume_dir = find_resume_dir(cfg.resume_from, project, cfg.run_name, current)
+    resume_dir = find_resume_dir(cfg.resume_from, project, cfg.run_name, current, SETTINGS_DEFAULTS)
     source_run = resume_dir.parent.parent
     if cfg.run_name is None and resume_dir.parent.name == "checkpoints" and source_run.parent.resolve() == project.resolve():
         cfg.run_name = source_run.name  # continue in the resumed run's folder, metrics and curve included
     saved = read_run_config(source_run) if resume_dir.parent.name == "checkpoints" else None
-    changes = config_differences(saved, current) if saved is not None else {}
+    changes = config_differences(saved, current, SETTINGS_DEFAULTS) if saved is not None else {}
     if changes and not cfg.allow_config_change:
         raise VaderError(f"resume_from={cfg.resume_from!r}: the config differs from the run's "
                          f"({describe_differences(changes)}); resume with the same values, set "

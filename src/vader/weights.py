@@ -172,3 +172,28 @@ def probe_hub(repo: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> st
 def hub_reachable(repo: str | None = None, timeout: float = HUB_PROBE_TIMEOUT) -> bool:
     """True when the hub answers as the hub within `timeout` seconds (see `probe_hub`)."""
     return probe_hub(repo, timeout) is None
+
+
+def quiet_loading_bars() -> None:
+    """Switch off transformers' and diffusers' weight-loading bars ("Loading weights", "Loading
+    checkpoint shards") for the commands that load models: vader reports its own progress, and such a
+    bar left on the terminal precedes (or swallows the start of) an error line that follows.
+    huggingface_hub's download bars keep their state (transformers' switch turns them off too): a
+    multi-GB download without progress looks like a hang. diffusers is only switched when already
+    imported (importing it costs seconds; vader's backends import it before they load anything)."""
+    import contextlib
+    import sys
+
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    downloads_shown = not are_progress_bars_disabled()
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        with contextlib.suppress(ImportError):
+            import diffusers.utils.logging
+
+            diffusers.utils.logging.disable_progress_bar()
+    if downloads_shown and are_progress_bars_disabled():
+        enable_progress_bars()
