@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, OPENSORA_INFER, OPENSORA_TRAIN, REPO, TINY_INFER, TINY_TRAIN
+from one_line import assert_one_line_error, tree
 from safetensors.torch import save_file
 
 from vader.cli import main
@@ -195,10 +196,6 @@ def _prepare(folder: Path) -> None:
     (folder / "readonly").chmod(stat.S_IRUSR | stat.S_IXUSR)
 
 
-def _tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
 @pytest.fixture
 def no_wandb_credentials(monkeypatch, tmp_path):
     for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
@@ -215,16 +212,10 @@ def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, needles, tmp_pat
     argv = [a.replace("{in}", str(inputs)).replace("{pd}", str(project)) for a in argv]
     if argv[0] in ("train", "infer") and len(argv) > 1:
         argv = [argv[0], argv[1], *[a.replace("{pd}", str(project)) for a in BASE], *argv[2:]]
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("vader: error: "), err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert _tree(tmp_path) == before, "a failed start left files behind"
+    assert_one_line_error(code, capsys.readouterr().err, needles)
+    assert tree(tmp_path) == before, "a failed start left files behind"
 
 
 def test_the_table_is_large():

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, TINY_TRAIN
+from one_line import assert_one_line_error, sigterm_when, tree
 from safetensors.torch import load_file, save_file
 
 import vader.evaluate
@@ -163,25 +164,15 @@ def _prepare(folder: Path, lora: Path) -> None:
     (busy / OWNER_FILE).write_text(vader.evaluate._owner_line())  # this process: alive
 
 
-def _tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
 @pytest.mark.parametrize(("argv", "needles"), [pytest.param(a, n, id=i) for i, a, n in CASES])
 def test_bad_eval_input_is_one_line_exit_2_and_leaves_nothing(argv, needles, lora, tmp_path, capsys):
     inputs, project = tmp_path / "in", tmp_path / "pd"
     _prepare(inputs, lora)
     argv = [a.replace("{in}", str(inputs)).replace("{pd}", str(project)).replace("{lora}", str(lora)) for a in argv]
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     code = main(["eval", *argv])
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("vader: error: "), err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert _tree(tmp_path) == before, "a failed eval left files behind"
+    assert_one_line_error(code, capsys.readouterr().err, needles)
+    assert tree(tmp_path) == before, "a failed eval left files behind"
 
 
 def test_the_table_is_large():
@@ -205,21 +196,12 @@ def test_sigterm_removes_the_partial_folder(lora, tmp_path):
                              *_eval_argv(lora, prompts, project, "--seeds", "200", "--run_name", "k")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = partial_path(project / "eval", "k")
-    try:
-        deadline = time.monotonic() + 120
-        while not any((partial / "lora").glob("*.mp4")) and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err = sigterm_when(proc, lambda: any((partial / "lora").glob("*.mp4")), "a LoRA video in the partial folder",
+                       timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err.strip().splitlines()[-1] == "vader: eval stopped by SIGTERM; its partial folder was removed", err
     assert "Traceback" not in err
-    assert not project.exists(), sorted(_tree(project))
+    assert not project.exists(), sorted(tree(project))
 
 
 def test_sigterm_in_process_cleans_up_and_restores_the_handler(lora, tmp_path, monkeypatch, capsys):

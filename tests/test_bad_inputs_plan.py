@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FAST, TINY_TRAIN
+from one_line import assert_one_line_error, tree
 
 from vader.cli import main
 
@@ -82,26 +83,16 @@ CASES: list[tuple[str, list[str], list[str]]] = [
 ]
 
 
-def _tree(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
 @pytest.mark.parametrize(("argv", "needles"), [pytest.param(a, n, id=i) for i, a, n in CASES])
 def test_bad_plan_input_is_one_line_exit_2_and_creates_nothing(argv, needles, tmp_path, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # tests/grpo_rewards.py for 'module:function'
     monkeypatch.chdir(tmp_path)
     project = tmp_path / "pd"
     argv = [argv[0], argv[1], *[a.replace("{pd}", str(project)) for a in BASE], *argv[2:]]
-    before = _tree(tmp_path)
+    before = tree(tmp_path)
     code = main(argv)
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert "Traceback" not in err
-    assert len(lines) == 1 and lines[0].startswith("vader: error: "), err
-    for needle in needles:
-        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
-    assert _tree(tmp_path) == before, "a refused plan left files behind"
+    assert_one_line_error(code, capsys.readouterr().err, needles)
+    assert tree(tmp_path) == before, "a refused plan left files behind"
 
 
 def test_the_table_covers_plan_and_bench():

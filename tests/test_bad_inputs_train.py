@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FAST, REPO, TINY_TRAIN
+from one_line import sigterm_when
 
 import vader.train
 from vader.cli import main
@@ -185,19 +185,7 @@ def _launch(tmp_path: Path, hang_at: int, *extra: str) -> tuple[subprocess.Popen
 
 
 def _terminate_when(proc: subprocess.Popen, marker: Path) -> str:
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the run never reached the hanging reward call"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return err
+    return sigterm_when(proc, marker.exists, "the run reaching the hanging reward call")
 
 
 def test_sigterm_during_the_first_grpo_step_leaves_no_folder(tmp_path):
