@@ -205,14 +205,15 @@ def _resolve_resume(cfg: VaderConfig, accelerator: Accelerator) -> tuple[Path | 
     if changes and accelerator.is_main_process and cfg.run_name is not None:
         old = project / cfg.run_name / "config.json"
         if old.is_file():  # Run.create overwrites config.json: keep the one the earlier steps ran with
-            step = int(resume_dir.name.rsplit("-", 1)[-1]) if resume_dir.name.rsplit("-", 1)[-1].isdigit() else 0
+            step = _checkpoint_step(resume_dir) or 0
             old.replace(old.with_name(f"config-{step:06d}.json"))
     return resume_dir, changes
 
 
 def _checkpoint_step(folder: Path) -> int | None:
+    """The step a checkpoint folder's name ends with (checkpoint-000012 -> 12), or None."""
     tail = folder.name.rsplit("-", 1)[-1]
-    return int(tail) if folder.name.startswith("checkpoint-") and tail.isdigit() else None
+    return int(tail) if tail.isdigit() else None
 
 
 def _finished_step(run_dir: Path) -> int | None:
