@@ -38,6 +38,7 @@ DECODE_STRATEGIES = ("exact", "latent")
 VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
+SHARDINGS = ("none", "fsdp")
 VIDEO_QUALITIES = ("standard", "high", "lossless")
 ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
@@ -237,6 +238,10 @@ class VaderConfig:
     grpo: dict[str, Any] | None = field(default=None, metadata=_doc(
         "method='grpo' settings: group_size 4, noise_level 0.7, clip_range 1e-4, kl_beta 0.0, "
         "train_steps_fraction 1.0, inner_epochs 1, adv_clip_max 5.0 (Flow-GRPO's defaults but group_size)"))
+    sharding: str = field(default="none", metadata=_doc(
+        "'fsdp' shards the frozen denoiser's weights over the processes with FSDP2 (each block gathered for its "
+        "forward and freed after), so a model larger than one card trains; the LoRA stays whole on every process "
+        "(its gradients all-reduced as with 'none', every process replicating every weight)", choices=SHARDINGS))
     video_quality: str = field(
         default="standard", metadata=_doc("saved mp4s: 'standard' (H.264 yuv420p crf 18, small, plays everywhere), "
                                           "'high' (yuv444p crf 10) or 'lossless' (H.264 RGB crf 0: `vader score` "

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vader.backends import common, from_config
+from vader.backends import common, from_config, wan_decode
 from vader.backends.base import FlowState
 from vader.errors import VaderError
 
@@ -229,27 +229,7 @@ class WanGenerator(common.PromptsAndVideos):
         return common.decode_until(self._decode_chunks(latents), frames, self.num_frames).float()
 
     def _decode_chunks(self, latents: Tensor) -> Iterator[Tensor]:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-        vae = self.vae
-        cfg = vae.config
-        z = latents.to(vae.dtype)
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(z.device, z.dtype)
-        z = z / inv_std + mean  # WanPipeline's own expression, so the full decode matches it bit for bit
-        # AutoencoderKLWan._decode, one latent frame per call; its cache lives on the module
-        vae.clear_cache()
-        try:
-            x = vae.post_quant_conv(z)
-            for i in range(x.shape[2]):
-                vae._conv_idx = [0]
-                out = vae.decoder(x[:, :, i: i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                  first_chunk=i == 0)
-                if cfg.patch_size is not None:
-                    out = unpatchify(out, patch_size=cfg.patch_size)
-                yield out.clamp(-1.0, 1.0)
-        finally:
-            vae.clear_cache()
+        return wan_decode.decode_chunks(self.vae, latents)
 
 
 # ---- the backend's module functions (vader.backends.base.BackendModule) --------------------------------
