@@ -25,6 +25,7 @@ from vader.errors import VaderError
 from vader.models.presets import torch_dtype
 from vader.rewards import hub, reward_sources
 from vader.run import load_prompts
+from vader.sharding import check_sharding
 
 COMMANDS = ("train", "infer")
 WANDB_OFF_MODES = ("offline", "disabled", "dryrun")
@@ -206,6 +207,11 @@ def check_runtime(cfg: VaderConfig, command: str) -> list[str]:
         torch_dtype(cfg.dtype)
     except VaderError as exc:
         problems.append(str(exc))
+    if command == "train":
+        try:
+            check_sharding(cfg.sharding, cfg.dtype)
+        except VaderError as exc:
+            problems.append(str(exc))
     if command == "train" and cfg.use_AdamW8bit and not _installed("bitsandbytes"):
         problems.append("use_AdamW8bit=True needs bitsandbytes: `pip install 'vader[bnb]'`, or set "
                         "use_AdamW8bit=False")

@@ -40,6 +40,7 @@ from vader.methods.grpo_settings import GRPOSettings
 from vader.methods.update import StepResult
 from vader.preflight import preflight
 from vader.run import Run, build_generator, is_stopped_report, load_prompts, make_accelerator, make_reward
+from vader.sharding import shard
 
 # settings dicts a resume compares by the values they resolve to (None == the defaults)
 SETTINGS_DEFAULTS = {"grpo": asdict(GRPOSettings())}
@@ -101,6 +102,10 @@ def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
     gen.enable_gradient_checkpointing(cfg.grad_checkpoint)
     if cfg.lora_ckpt_path:
         load_lora(gen.denoiser, cfg.lora_ckpt_path)
+    if cfg.sharding == "fsdp":  # after the LoRA is in place: it stays whole (FSDP's ignored_params)
+        units = shard(gen, params, accelerator.num_processes, accelerator.device)
+        run.note(f"sharding='fsdp': the frozen denoiser split over {accelerator.num_processes} process(es) in "
+                 f"{units} FSDP unit(s)" if units else "sharding='fsdp' on one process: nothing to split")
     optimizer = accelerator.prepare(make_optimizer(params, cfg))
     return Trainer(cfg, accelerator, run, gen, reward, lora, params, optimizer, method_module(cfg.method))
 

@@ -489,6 +489,8 @@ class STDiT3(nn.Module):
       (a bare STDiT3 runs "math"; `vader.models.presets` sets the config's `model.attention`).
     """
 
+    _no_split_modules = ["STDiT3Block"]  # one FSDP unit per block (sharding='fsdp'), as diffusers' models name theirs
+
     def __init__(self, config: STDiT3Config) -> None:
         super().__init__()
         self.config = config
@@ -684,4 +686,6 @@ class STDiT3(nn.Module):
         b, c = x.shape[0], self.config.out_channels
         x = x.view(b, nt, nh, nw, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
         x = x.reshape(b, c, nt * pt, nh * ph, nw * pw)
+        if x.shape[2:] == size:  # no padding to crop: return the tensor itself, not a view (FSDP2's
+            return x  # backward hook on a module's output is lost on a view modified in place)
         return x[:, :, : size[0], : size[1], : size[2]]
