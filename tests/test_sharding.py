@@ -36,8 +36,10 @@ def _lora(folder) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_fsdp_on_two_processes_trains_the_same_lora_and_resumes_exactly(tmp_path):
     _train(tmp_path, "replicated")
-    sharded = _train(tmp_path, "sharded", "--sharding", "fsdp")
+    # validation and the base-vs-LoRA videos sample through the sharded model too (collective forwards)
+    sharded = _train(tmp_path, "sharded", "--sharding", "fsdp", "--is_sample_preview", "True")
     assert "split over 2 process(es) in 5 FSDP unit(s)" in sharded.stdout + sharded.stderr  # 2+2 blocks, root
+    assert len(list((tmp_path / "sharded" / "samples" / "base").glob("*.mp4"))) == 2 * 2
     plain, fsdp = _lora(tmp_path / "replicated" / "lora"), _lora(tmp_path / "sharded" / "lora")
     assert plain.keys() == fsdp.keys() and any(t.abs().sum() > 0 for k, t in fsdp.items() if "lora_B" in k)
     for key in plain:
@@ -60,7 +62,7 @@ import torch, torch.distributed as dist
 from vader.checkpoint import add_lora, lora_config
 from vader.models.presets import tiny_stdit3_config
 from vader.models.stdit3 import STDiT3
-from vader.sharding import shard
+from vader.sharding import count_collectives, shard
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
@@ -81,10 +83,15 @@ class Gen:
 units = shard(Gen(), params, 2, torch.device("cpu"))
 local = sum(p.to_local().numel() for p in model.parameters() if not p.requires_grad)
 lora_whole = all(type(p) is torch.nn.Parameter for p in params) and all(p in set(model.parameters()) for p in params)
-out = model(x, **kw)
-out.square().mean().backward()
+with count_collectives() as graph:
+    out = model(x, **kw)
+    out.square().mean().backward()
+with count_collectives() as nograd, torch.no_grad():
+    model(x, **kw)
 grads = all(p.grad is not None and type(p.grad) is torch.Tensor for p in params)
-print(f"RESULT {rank} {units} {frozen} {local} {lora_whole} {grads} {float((out - whole).abs().max())}", flush=True)
+print(f"RESULT {rank} {units} {frozen} {local} {lora_whole} {grads} {float((out - whole).abs().max())} "
+      f"{graph.calls['all_gather']} {graph.bytes['all_gather']} {nograd.calls['all_gather']} "
+      f"{nograd.bytes['all_gather']} {sorted(graph.calls)}", flush=True)
 dist.destroy_process_group()
 """
 
@@ -97,12 +104,18 @@ def test_shard_splits_the_frozen_weights_keeps_the_lora_whole_and_computes_the_s
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    rows = [next(line.split()[1:] for line in out.splitlines() if line.startswith("RESULT")) for out, _ in outs]
-    for rank, units, frozen, local, lora_whole, grads, diff in rows:
+    rows = [next(line.split(maxsplit=12)[1:] for line in out.splitlines() if line.startswith("RESULT"))
+            for out, _ in outs]
+    for rank, units, frozen, local, lora_whole, grads, diff, calls, received, calls0, received0, kinds in rows:
         assert int(units) == 2 * 2 + 1  # STDiT3-tiny: 2 spatial + 2 temporal blocks, then the root
         assert int(frozen) / 2 <= int(local) <= int(frozen) / 2 + 64 * 5  # half each, dim 0 padded per unit
         assert lora_whole == "True" and grads == "True"
         assert float(diff) <= 1e-6
+        # every unit gathered for its forward, and again for its backward (resharded after forward);
+        # each gather receives the other process's half of the fp32 weights; nothing reduce-scattered
+        assert int(calls0) == 5 and int(calls) == 10
+        assert 4 * int(frozen) / 2 <= int(received0) <= 4 * int(local) and int(received) == 2 * int(received0)
+        assert kinds == "['all_gather']"
     assert int(rows[0][3]) + int(rows[1][3]) >= int(rows[0][2])
 
 

@@ -26,7 +26,10 @@ training and validation sample the same number of batches and steps on every pro
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -66,6 +69,9 @@ def shard(gen: object, trainable: Iterable[nn.Parameter], num_processes: int, de
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 warns when a wrapped model returns a view (diffusers' transformers do): an in-place op on it
+    # would lose the backward all-gather. Every caller (the samplers, GRPO) combines outputs out of place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (num_processes,))
     keep = set(trainable)
     count = 0
@@ -80,4 +86,52 @@ def shard(gen: object, trainable: Iterable[nn.Parameter], num_processes: int, de
     return count
 
 
-__all__ = ["check_sharding", "denoisers", "shard", "shard_units"]
+@dataclass
+class Collectives:
+    """Bytes each process received (all-gather), sent (reduce-scatter) or moved (all-reduce, counted as a
+    ring: 2 (N-1)/N of the tensor) and the number of calls, per collective: what `vader bench` measures
+    beside what `vader plan` predicts."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, nbytes: float) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+
+@contextlib.contextmanager
+def count_collectives() -> Iterator[Collectives]:
+    """Count the collectives FSDP2 and accelerate issue while active (torch.distributed's functions are
+    looked up at call time by both, so wrapping the module attributes sees every call)."""
+    import torch.distributed as dist
+
+    seen = Collectives()
+    real = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single", "all_reduce")}
+
+    def world(group) -> int:  # type: ignore[no-untyped-def]
+        return dist.get_world_size(group)
+
+    def all_gather_single(output, input, group=None, async_op=False):  # type: ignore[no-untyped-def]
+        seen.add("all_gather", output.nbytes - input.nbytes)
+        return real["all_gather_single"](output, input, group=group, async_op=async_op)
+
+    def reduce_scatter_single(output, input, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.add("reduce_scatter", input.nbytes - output.nbytes)
+        return real["reduce_scatter_single"](output, input, *args, **kwargs)
+
+    def all_reduce(tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+        n = world(kwargs.get("group"))
+        seen.add("all_reduce", 2 * (n - 1) / n * tensor.nbytes)
+        return real["all_reduce"](tensor, *args, **kwargs)
+
+    try:
+        dist.all_gather_single, dist.reduce_scatter_single = all_gather_single, reduce_scatter_single
+        dist.all_reduce = all_reduce
+        yield seen
+    finally:
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+
+
+__all__ = ["Collectives", "count_collectives", "check_sharding", "denoisers", "shard", "shard_units"]
