@@ -132,3 +132,21 @@ def test_units_are_the_blocks_the_model_names_and_fp8_is_refused():
         check_sharding("fsdp", "fp8")
     check_sharding("fsdp", "bf16")
     check_sharding("none", "fp8")
+
+
+def test_rand_cutoff_is_one_draw_for_every_process_under_fsdp(tiny_cfg):
+    """backprop_mode='rand' under fsdp: every process keeps the same steps' graphs (their backward gathers
+    pair up); without sharding each process draws its own, as before."""
+    from vader.methods.vader import draw_cutoff
+    from vader.seeds import set_step_seed
+
+    def cutoffs(cfg, world):
+        return [[draw_cutoff(cfg, set_step_seed(cfg.seed, step, 0, rank), step, 0, world) for rank in range(world)]
+                for step in range(20)]
+
+    sharded = cutoffs(tiny_cfg(backprop_mode="rand", sharding="fsdp"), 2)
+    assert all(a == b for a, b in sharded) and len({a for a, _ in sharded}) > 1
+    replicated = cutoffs(tiny_cfg(backprop_mode="rand"), 2)
+    assert any(a != b for a, b in replicated)
+    alone = tiny_cfg(backprop_mode="rand", sharding="fsdp")
+    assert cutoffs(alone, 1) == cutoffs(tiny_cfg(backprop_mode="rand"), 1)  # one process: its own stream

@@ -18,7 +18,7 @@ from vader.frames import select_frames
 from vader.memory import LiveBytes, PlannedSteps
 from vader.methods.base import PlannedStep
 from vader.methods.update import StepResult, apply_update, average_gradients, clip_gradients
-from vader.seeds import make_generator, pick_prompts, set_step_seed
+from vader.seeds import make_generator, pick_prompts, set_step_seed, step_seed
 
 METRICS: tuple[str, ...] = ()
 DIFFERENTIABLE_REWARD = True
@@ -44,6 +44,17 @@ def backprop_cutoff(mode: str | int | None, num_steps: int, rng: random.Random) 
     raise ValueError(f"unknown backprop_mode {mode!r}")
 
 
+def draw_cutoff(cfg: VaderConfig, rng: random.Random, step: int, micro: int, world: int) -> int | None:
+    """This micro-step's cutoff from the process's own stream; under sharding on several processes, one
+    draw per micro-step for all of them: sharded weights are gathered for the backward of every denoiser
+    call together on all processes, so they must all keep the same steps' graphs."""
+    cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)  # consumed either way
+    if cfg.sharding == "fsdp" and world > 1 and cfg.backprop_mode == "rand":
+        shared = random.Random(step_seed(cfg.seed, "cutoff", step, micro))
+        cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, shared)
+    return cutoff
+
+
 def worst_cutoff(cfg: VaderConfig) -> int:
     """The backprop cutoff that keeps the most steps' graphs: what `vader plan` plans for every mode."""
     steps = cfg.scheduler.num_sampling_steps
@@ -60,7 +71,7 @@ def micro_step(gen: VideoBackend, reward, cfg: VaderConfig, accelerator: Acceler
     rank, world = accelerator.process_index, accelerator.num_processes
     rng = set_step_seed(cfg.seed, step, micro, rank)
     batch = pick_prompts(prompts, cfg, step, micro, rank, world)
-    cutoff = backprop_cutoff(cfg.backprop_mode, cfg.scheduler.num_sampling_steps, rng)
+    cutoff = draw_cutoff(cfg, rng, step, micro, world)
     # gen.num_frames: the frames the model produces (a backend's own count); only Open-Sora's
     # 'latent' strategy reads its VAE's geometry
     vae = gen.vae if cfg.decode_strategy == "latent" else None
@@ -119,4 +130,4 @@ def plan_step(gen: VideoBackend, reward, cfg: VaderConfig, prompts: list[str], f
 
 step = train_step  # the MethodModule entry point
 
-__all__ = ["backprop_cutoff", "check_config", "micro_step", "plan_step", "step", "train_step", "worst_cutoff"]
+__all__ = ["backprop_cutoff", "check_config", "draw_cutoff", "micro_step", "plan_step", "step", "train_step", "worst_cutoff"]
