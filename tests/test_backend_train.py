@@ -194,7 +194,8 @@ def test_shipped_backend_configs_validate_offline(path, capsys):
     assert main(["config", str(path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["type"] in PIPELINES and out["decode_strategy"] == "exact"
-    assert out["model"]["from_pretrained"] in ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "THUDM/CogVideoX-2b")
+    assert out["model"]["from_pretrained"] in ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "THUDM/CogVideoX-2b",
+                                               "Wan-AI/Wan2.1-T2V-14B-Diffusers", "Wan-AI/Wan2.2-T2V-A14B-Diffusers")
 
 
 @pytest.mark.parametrize("backend", ["wan", "cogvideox"])

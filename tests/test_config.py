@@ -183,6 +183,7 @@ def test_every_key_is_checked_by_the_table_or_a_named_check():
 
 
 FLOAT_KEYS = ["lr", "lora_alpha", "lora_dropout", "max_grad_norm", "aes", "flow", "scheduler.cfg_scale",
+              "scheduler.cfg_scale_2",
               "scheduler.transform_scale", "scheduler.shift", "guard_drop"]
 
 

@@ -111,6 +111,9 @@ class SchedulerConfig:
         gt=0))
     use_dynamic_cfg: bool = field(default=False, metadata=_doc(
         "model.type='cogvideox' only: CogVideoXPipeline's cosine ramp of cfg_scale over the steps"))
+    cfg_scale_2: float | None = field(default=None, metadata=_doc(
+        "model.type='wan' with a two-expert Wan2.2 checkpoint (A14B) only: guidance of the low-noise expert "
+        "transformer_2 (cfg_scale guides the high-noise one); None = cfg_scale, as WanPipeline's guidance_scale_2"))
 
 
 NESTED = {"model": ModelConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig, "scheduler": SchedulerConfig}

@@ -1,5 +1,6 @@
 """What the diffusers backends share: weight lookup with one-line errors, the text-encoder adapter
-that `EmbeddingCache` accepts, decoding only the chunks a causal VAE needs, and diffusers-format LoRA.
+that `EmbeddingCache` accepts, decoding only the chunks a causal VAE needs, diffusers-format LoRA, and
+the pipelines' precision under autocast (the modules diffusers keeps in fp32 run in fp32).
 """
 
 from __future__ import annotations
@@ -350,6 +351,72 @@ def adopt(model: nn.Module, device: torch.device) -> None:
             p.requires_grad_(False)
 
 
+# ---- precision as the pipelines run it -----------------------------------------------------------
+
+_FP32_HOOKED = "_vader_fp32_under_autocast"  # marks a module whose forward already leaves autocast
+
+
+def keep_in_fp32_modules(model: nn.Module) -> list[nn.Module]:
+    """The outermost submodules of `model` that diffusers keeps in fp32 (`_keep_in_fp32_modules`, matched as
+    `from_pretrained` matches them: a component of the dotted name). WanTransformer3DModel: rope,
+    time_embedder, norm1/2/3 (scale_shift_table is a parameter: the ops reading it are elementwise, which
+    autocast leaves alone)."""
+    wanted = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if not wanted:
+        return []
+    found: list[nn.Module] = []
+    covered: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f"{outer}.") for outer in covered):
+            continue
+        if wanted.intersection(name.split(".")):
+            found.append(module)
+            covered.append(name)
+    return found
+
+
+def run_fp32_modules_without_autocast(model: nn.Module) -> int:
+    """Make the modules diffusers keeps in fp32 run in fp32 under autocast, as the pipelines (which use no
+    autocast) run them: training and validation run inside `accelerator.autocast()` (bf16), which would
+    otherwise run e.g. Wan's time embedding in bf16 and move its video. A forward pre-hook leaves every
+    active autocast for the module's forward, a forward hook (`always_call`: also when it raises) restores
+    it; gradient-checkpoint recomputation calls the same hooks. Idempotent; returns the modules hooked."""
+    modules = keep_in_fp32_modules(model)
+    for module in modules:
+        if getattr(module, _FP32_HOOKED, False):
+            continue
+        active: list[list[torch.autocast]] = []  # one entry per forward in flight (LIFO)
+
+        def leave(_module: nn.Module, _args: Any, active: list = active) -> None:
+            contexts = []
+            for device_type in ("cuda", "cpu"):
+                if torch.is_autocast_enabled(device_type):
+                    context = torch.autocast(device_type, enabled=False)
+                    context.__enter__()
+                    contexts.append(context)
+            active.append(contexts)
+
+        def restore(_module: nn.Module, _args: Any, _output: Any, active: list = active) -> None:
+            if not active:  # an earlier pre-hook raised before ours ran: nothing of ours to undo
+                return
+            for context in reversed(active.pop()):
+                context.__exit__(None, None, None)
+
+        module.register_forward_pre_hook(leave)
+        module.register_forward_hook(restore, always_call=True)
+        setattr(module, _FP32_HOOKED, True)
+    return len(modules)
+
+
+@contextlib.contextmanager
+def autocast_off(device: torch.device) -> Iterator[None]:
+    """No autocast on `device`'s type inside (a model then runs in its own weights' dtype, as the pipelines
+    run it); nothing changes where none is active."""
+    with torch.autocast(device.type, enabled=False) if torch.is_autocast_enabled(device.type) \
+            else contextlib.nullcontext():
+        yield
+
+
 def set_checkpointing(model: nn.Module, enabled: bool) -> None:
     """diffusers' per-block activation checkpointing; it acts only in steps that record a graph."""
     if not getattr(model, "_supports_gradient_checkpointing", False):
@@ -366,7 +433,7 @@ class PromptsAndVideos:
     prompt too when guidance is on), releasing the encoder, adopting models, and `generate`. A generator
     adds `lora_target_modules`, `_check_models`, `_prompt_encoder`, `sample_latents` and `decode`."""
 
-    denoiser: nn.Module  # the pipeline's transformer: where the LoRA goes
+    denoiser: nn.Module  # the pipeline's transformer (a two-expert Wan2.2: the trained expert): where the LoRA goes
     vae: nn.Module
     text_encoder: PromptEncoder | None  # dropped after the prompts are encoded (UMT5-XXL / T5-XXL: ~5B parameters)
     settings: Any  # the backend's settings dataclass (WanSettings, CogVideoXSettings)
@@ -401,6 +468,21 @@ class PromptsAndVideos:
         classes = [getattr(importlib.import_module(name.split(".")[0]), name.split(".")[1]) for name in cls.model_classes]
         return cls.load(settings, device, prompts, cache, *classes, extra=cls.extra_fields)
 
+    @property
+    def denoisers(self) -> tuple[nn.Module, ...]:
+        """Every transformer the generator samples with, the trained one (`denoiser`) first: what sharding
+        shards and what is adopted (frozen, eval, on the device) with the denoiser."""
+        return (self.denoiser,)
+
+    @classmethod
+    def check_checkpoint(cls, settings) -> None:  # type: ignore[no-untyped-def]
+        """One-line errors for a checkpoint layout the backend does not understand, before `components`
+        are listed and any weight loads (Wan: image-to-video folders, TI2V-5B, two experts' settings)."""
+
+    def _load_denoisers(self, parts: dict[str, Component], transformer_class: type, dtype: torch.dtype) -> None:
+        """Load the transformer(s) the generator samples with (a backend with several overrides this)."""
+        self.denoiser = load_part(parts["transformer"], transformer_class.from_pretrained, torch_dtype=dtype)
+
     def save_lora_diffusers(self, lora: nn.Module | dict[str, Tensor], folder: str | os.PathLike[str],
                             config=None) -> Path:  # type: ignore[no-untyped-def]
         """`pytorch_lora_weights.safetensors` in `folder`, loadable by the pipeline's `load_lora_weights`."""
@@ -425,6 +507,7 @@ class PromptsAndVideos:
         vae_dtype = parse_dtype("vae_dtype", settings.vae_dtype)
         if device.type == "cpu" and torch.float16 in (dtype, vae_dtype):
             raise VaderError("dtype='fp16' needs a CUDA GPU (fp16 kernels are missing on CPU); use 'bf16' or 'fp32'")
+        cls.check_checkpoint(settings)  # before the parts are listed: the layout decides which there are
         parts = settings.components()
         check_weights(list(parts.values()))
         fields = extra(parts) if extra is not None else {}
@@ -437,7 +520,7 @@ class PromptsAndVideos:
         if prompts is not None:
             gen.encode_prompts(prompts, cache=cache)
             gen.release_text_encoder()
-        gen.denoiser = load_part(parts["transformer"], transformer_class.from_pretrained, torch_dtype=dtype)
+        gen._load_denoisers(parts, transformer_class, dtype)
         gen.vae = load_part(parts["vae"], vae_class.from_pretrained, torch_dtype=vae_dtype)
         gen._adopt_models()
         return gen
@@ -452,7 +535,9 @@ class PromptsAndVideos:
         self._adopt_models()
 
     def _adopt_models(self) -> None:
-        adopt(self.denoiser, self.device)
+        for model in self.denoisers:
+            adopt(model, self.device)
+            run_fp32_modules_without_autocast(model)
         adopt(self.vae, self.device)
         self._check_models()  # type: ignore[attr-defined]
 

@@ -15,7 +15,7 @@ from vader.checkpoint import lora_on_meta
 from vader.config import ModelConfig, TextEncoderConfig, VaderConfig, VAEConfig
 from vader.dtypes import BACKEND_DTYPES
 from vader.errors import VaderError
-from vader.memory import LiveBytes, materialise_generator_models
+from vader.memory import LiveBytes, materialise, materialise_generator_models
 from vader.models.presets import torch_dtype
 
 # text_encoder.model_max_length's default, Open-Sora's T5 length: for a backend it means "the pipeline's own"
@@ -24,7 +24,8 @@ OPENSORA_TEXT_LENGTH = 300
 # latent decode shortcut, and its build encodes on the device
 MEMORY_KNOBS = ("reward_grad_checkpoint", "grad_checkpoint", "use_AdamW8bit", "decode_frame", "backprop_mode")
 # scheduler keys only some backends read: key -> (its unset value, whose it is); a backend names those it reads
-SCHEDULER_KEYS = {"scheduler.shift": (None, "Wan's flow shift"), "scheduler.use_dynamic_cfg": (False, "CogVideoX's")}
+SCHEDULER_KEYS = {"scheduler.shift": (None, "Wan's flow shift"), "scheduler.use_dynamic_cfg": (False, "CogVideoX's"),
+                  "scheduler.cfg_scale_2": (None, "Wan2.2's guidance of its low-noise expert")}
 
 
 def check_config(cfg: VaderConfig, default_repo: str, example_size: tuple[int, int], reads: tuple[str, ...],
@@ -104,19 +105,34 @@ def settings(cfg: VaderConfig, settings_class: type, **extra: Any) -> Any:
 
 
 _MODEL_PARTS = {"denoiser": "transformer", "vae": "vae", "text_encoder": "text_encoder"}
+# a two-expert pipeline (Wan2.2-A14B) trains its low-noise expert: meta_models names it "transformer_2"
+TRAINED_EXPERT = "transformer_2"
+
+
+def experts(models: dict[str, Any]) -> tuple[Any, Any | None]:
+    """(the transformer the LoRA goes on, the other expert or None) of a backend's `meta_models`."""
+    if TRAINED_EXPERT in models:
+        return models[TRAINED_EXPERT], models["transformer"]
+    return models["transformer"], None
 
 
 def meta_part(cfg: VaderConfig, part: str, settings: Any, models: dict[str, Any]) -> MetaModel:
     """A diffusers backend's part, as its `meta_models` builds it: the checkpoint's own config when it
-    is on this machine, else the published architecture."""
-    model = models[_MODEL_PARTS[part]]
-    source = getattr(settings, _MODEL_PARTS[part], None) or settings.pretrained
+    is on this machine, else the published architecture. The denoiser of two experts is the trained one
+    (the other has the same shape: `vader inspect` lists one of them)."""
+    name = TRAINED_EXPERT if part == "denoiser" and TRAINED_EXPERT in models else _MODEL_PARTS[part]
+    model = models[name]
+    source = getattr(settings, name, None) or settings.pretrained
     raw = getattr(model, "config", None)
     config = raw.to_dict() if hasattr(raw, "to_dict") else dict(raw or {})
     shown = {k: v for k, v in config.items() if not k.startswith("_") and isinstance(v, (int, float, str, bool))}
     line = f"{type(model).__name__}: " + ", ".join(f"{k} {v}" for k, v in list(shown.items())[:12])
     dtype = torch_dtype(getattr(settings, "vae_dtype", cfg.dtype) if part == "vae" else cfg.dtype)
-    return MetaModel(part, f"{cfg.model.type} ({type(model).__name__})", str(source), line, model, dtype)
+    title = f"{cfg.model.type} ({type(model).__name__})"
+    if name == TRAINED_EXPERT:
+        title = f"{cfg.model.type} ({type(model).__name__} transformer_2, the low-noise expert the LoRA trains; " \
+                "transformer, the high-noise expert, has the same shape)"
+    return MetaModel(part, title, str(source), line, model, dtype)
 
 
 def resolved(cfg: VaderConfig, generator_class: type, settings: Any, models: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +150,8 @@ def resolved(cfg: VaderConfig, generator_class: type, settings: Any, models: dic
 class DiffusersBackend:
     """The BackendModule functions every diffusers backend shares, bound to its own parts: `settings(cfg)`
     (its config mapping), its generator class, `meta_models(settings)`, `missing_weights(settings)`, its
-    LoRA targets and `wrap(settings, transformer, vae)` (a generator around models already in memory)."""
+    LoRA targets and `wrap(settings, transformer, vae[, other])` (a generator around models already in memory;
+    `other`: a two-expert pipeline's untrained expert, `transformer` then the trained one)."""
 
     def __init__(self, settings: Callable[[VaderConfig], Any], generator: type,
                  meta_models: Callable[[Any], dict[str, Any]], missing_weights: Callable[[Any], str | None],
@@ -161,10 +178,11 @@ class DiffusersBackend:
     def plan_generator(self, cfg: VaderConfig, training: bool) -> tuple[Any, Callable]:
         """For `vader plan`: the VAE on meta and `build(meter, prompts)`, which, inside the plan's fake
         mode, gives the transformer and the VAE storage as `build` loads them (LoRA in fp32 when training),
-        wraps them and gives every prompt (and the negative prompt) an embedding of the encoder's shape."""
+        wraps them and gives every prompt (and the negative prompt) an embedding of the encoder's shape.
+        Two experts: the LoRA on the trained one, both given storage under 'denoiser'."""
         s = self.settings(cfg)
         models = self.meta_models(s)
-        transformer, vae = models["transformer"], models["vae"]
+        (transformer, other), vae = experts(models), models["vae"]
         if training:
             lora_on_meta(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, self.targets)
         width = models["text_encoder"].config.d_model
@@ -172,7 +190,12 @@ class DiffusersBackend:
         def build(meter: LiveBytes, prompts: list[str]) -> Any:
             dtype = torch_dtype(cfg.dtype)
             materialise_generator_models(meter, transformer, vae, dtype, torch_dtype(getattr(s, "vae_dtype", cfg.dtype)))
-            gen = self.wrap(s, transformer, vae)
+            if other is None:
+                gen = self.wrap(s, transformer, vae)
+            else:
+                with meter.phase("denoiser"):  # the other expert is loaded beside the trained one, frozen
+                    materialise(other, dtype)
+                gen = self.wrap(s, transformer, vae, other)
             with meter.phase("prompts"):
                 for prompt in dict.fromkeys([*prompts, s.negative_prompt]):
                     gen.embeddings[prompt] = torch.zeros(1, s.max_sequence_length, width, dtype=dtype)

@@ -213,6 +213,7 @@ def check_config(cfg: VaderConfig) -> None:
     (its sizes are checked by the config's own size rules: Open-Sora's tables)."""
     for key, value, unset in (("negative_prompt", cfg.negative_prompt, None),
                               ("scheduler.shift", cfg.scheduler.shift, None),
+                              ("scheduler.cfg_scale_2", cfg.scheduler.cfg_scale_2, None),
                               ("scheduler.use_dynamic_cfg", cfg.scheduler.use_dynamic_cfg, False)):
         if value != unset:
             raise VaderError(f"{key}={value!r} is for the diffusers backends; model.type={cfg.model.type!r} "
