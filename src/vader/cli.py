@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
                                                                    "(0.001 to 1, default 0.35)")
             p.add_argument("--all-steps", action="store_true", dest="all_steps",
                            help="run every sampling step (default: one no-gradient step, FLOPs multiplied)")
+            p.add_argument("--num_processes", "--num-processes", type=int, default=1, dest="num_processes",
+                           help="processes (GPUs) the run trains on, 1 to 65536 (default 1): memory per process "
+                                "and the all-gather / all-reduce traffic; with --sharding fsdp the frozen denoiser "
+                                "is split over them")
     return parser
 
 
@@ -209,7 +213,8 @@ def _dispatch(args: argparse.Namespace, overrides: list[str]) -> int:
         from vader.plan import plan_main
 
         print(plan_main(args.config, overrides, budget=args.budget, do_fit=args.fit, gpu=args.gpu,
-                        tflops=args.tflops, mfu=args.mfu, all_steps=args.all_steps))
+                        tflops=args.tflops, mfu=args.mfu, all_steps=args.all_steps,
+                        num_processes=args.num_processes))
         return 0
     cfg = load_config(args.config, overrides)
     if args.command == "inspect":

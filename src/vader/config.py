@@ -474,6 +474,8 @@ def validate(cfg: VaderConfig) -> None:
     keys whose rules need more than their own field (AFTER_TABLE); normalise forgiving spellings in place."""
     if cfg.logger_type is None:  # `--logger_type none` parses as None
         cfg.logger_type = "none"
+    if cfg.sharding is None:  # `--sharding none` likewise
+        cfg.sharding = "none"
     for key, owner, f, kind in schema():
         value = getattr(owner(cfg), f.name)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and kind[0] is str:

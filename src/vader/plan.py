@@ -16,6 +16,15 @@ trims to its longest prompt. backprop_mode='rand' and decode_frame='-1' are plan
 case (every step with gradients; the costliest frame). A 'module:function' reward is a Python function
 with no model and no gradient: it is planned as such (a weightless stand-in, never the function itself).
 
+Processes (`--num_processes N`): every figure is per process. With sharding='fsdp' on 2 or more the plan
+applies FSDP2 as `vader.sharding.shard` does, simulated on the fake tensors (`vader.memory.PlannedFSDP`,
+checked against real FSDP2 in tests/test_plan_sharding.py): the frozen denoiser weights count at their
+padded 1/N shard, and each unit counts whole from its all-gather to its reshard, through the real step's
+forward calls, backward, prefetching and checkpoint recomputation; its all-gathers are counted as they
+happen and scaled like the FLOPs. On 2 or more processes (either sharding) the LoRA gradients' all-reduce
+adds its buffers (`vader.methods.update.average_gradients`) and its traffic. `sharded_plan` gives both to
+a calibration.
+
 Bounded in time: fake tensors make a plan's cost independent of tensor sizes, but not of the number of
 model calls, which grows with videos x frames (the VAE decodes frame micro-batches) and with the
 sampling steps. `check_plan_size` refuses, in one line and before any work, sizes past PLAN_LIMITS.
@@ -38,7 +47,7 @@ from vader.config import VaderConfig, is_callable_spec, load_config
 from vader.dtypes import DTYPES
 from vader.errors import VaderError
 from vader.frames import decode_choices, select_frames
-from vader.memory import LiveBytes, PlannedSteps, fake_mode, materialise
+from vader.memory import LiveBytes, PlannedFSDP, PlannedSteps, fake_mode, materialise
 from vader.methods import method_module
 from vader.methods.base import PlannedStep
 from vader.models.presets import torch_dtype
@@ -46,6 +55,14 @@ from vader.preflight import preflight
 from vader.rewards import reward_skeleton
 from vader.rewards.skeleton import callable_skeleton
 from vader.run import Run, load_prompts, make_accelerator
+from vader.sharding import (
+    Collectives,
+    check_sharding,
+    count_collectives,
+    denoisers,
+    shard_units,
+    storage_resizes,
+)
 from vader.train import setup
 
 GIB = 2**30
@@ -58,6 +75,9 @@ DEFAULT_MFU = 0.35
 # What the breakdown calls each kind of memory, in printing order.
 LABELS = {
     "denoiser": "denoiser weights (frozen)",
+    "denoiser_shard": "denoiser weights (frozen): this process's 1/{n} shard",
+    "gathered": "FSDP units gathered whole (all-gather)",
+    "denoiser_buffers": "denoiser buffers (whole on every process)",
     "vae": "VAE weights (frozen)",
     "reward_model": "reward model weights (frozen)",
     "lora": "LoRA parameters (fp32)",
@@ -69,12 +89,42 @@ LABELS = {
     "reward": "reward forward",
     "backward": "backward transients",
     "step": "optimizer step transients",
+    "allreduce": "LoRA gradient all-reduce buffers",
     "sampling_nograd": "sampling: a step without gradients",
     "reward_prepare": "reward: prompts prepared once",
     "infer_decode": "VAE decode (no gradients)",
     "text_encoder": "text encoder weights (fp32)",
     "encode": "prompt encoding",
 }
+
+
+@dataclass
+class Comm:
+    """One process's collective traffic for one optimizer step (training) or one batch (inference):
+    bytes received, as NCCL moves them on a ring. FSDP is the sharding `vader.sharding.shard` applies."""
+
+    num_processes: int
+    sharded: bool  # sharding='fsdp' on 2 or more processes
+    units: int = 0  # FSDP units (blocks and roots)
+    weight_bytes: int = 0  # the sharded (frozen denoiser) weights, whole
+    shard_bytes: int = 0  # of them on one process, dim 0 padded to a multiple of N
+    largest_unit_bytes: int = 0  # the largest unit, gathered whole
+    root_bytes: int = 0  # the largest root's own weights (outside its blocks), gathered whole
+    most_gathered_bytes: int = 0  # the most weight bytes gathered whole at once during the phase
+    all_gathers: float = 0.0  # unit gathers
+    forward_gathers: float = 0.0  # of them, in the forward passes (sampling)
+    all_gather_bytes: float = 0.0  # (N - 1)/N x the gathered unit's bytes, per gather
+    reduce_scatter_bytes: float = 0.0  # always 0: no sharded parameter has a gradient (the LoRA is whole)
+    all_reduce_bytes: float = 0.0  # the LoRA gradients, once per optimizer step: 2 (N - 1)/N x their bytes
+
+    @property
+    def backward_gathers(self) -> float:
+        return self.all_gathers - self.forward_gathers
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.__dict__.items()}
+        out["backward_gathers"] = float(self.backward_gathers)
+        return out
 
 
 @dataclass
@@ -86,6 +136,7 @@ class PhasePlan:
     at_peak: dict[str, int]
     peak_phase: str
     flops: dict[str, float] = field(default_factory=dict)
+    comm: Comm | None = None  # only when planned for 2 or more processes
 
     @property
     def total_flops(self) -> float:
@@ -102,6 +153,7 @@ class Plan:
     frames: list[int]
     notes: list[str]
     how: str = ""  # the training step in words (the method's PlannedStep.how)
+    num_processes: int = 1  # every figure is per process
 
     @property
     def peak(self) -> int:
@@ -177,9 +229,63 @@ def _plan_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     return prompts, {p: labels[p] for p in prompts if p in labels}
 
 
-def _train_phase(cfg: VaderConfig, all_steps: bool) -> tuple[PhasePlan, PlannedStep, list[int]]:
+def _shard(cfg: VaderConfig, meter: LiveBytes, gen: object, num_processes: int) -> PlannedFSDP | None:
+    """`vader.sharding.shard` on the plan's generator: the same models, units and ignored parameters
+    (every trainable one: the LoRA), simulated by PlannedFSDP. None where training shards nothing."""
+    if cfg.sharding != "fsdp" or num_processes < 2:
+        return None
+    models = denoisers(gen)
+    trainable = {p for model in models for p in model.parameters() if p.requires_grad}
+    fsdp = PlannedFSDP(meter, [(model, shard_units(model)) for model in models], num_processes, trainable)
+    meter.relabel([b for model in models for b in model.buffers()], "denoiser_buffers")  # FSDP shards no buffer
+    return fsdp
+
+
+def _comm(fsdp: PlannedFSDP | None, num_processes: int, scale: dict[str, float], times: int,
+          lora_grad_bytes: int = 0) -> Comm:
+    """The traffic the plan counted, each phase multiplied as its FLOPs are (`_flops_of`): the
+    no-gradient steps the plan skipped, GRPO's updates, the accumulation micro-steps."""
+    comm = Comm(num_processes, fsdp is not None)
+    if num_processes > 1:  # ring all-reduce: each process sends and receives 2 (N - 1)/N of the buffer
+        comm.all_reduce_bytes = 2 * (num_processes - 1) / num_processes * lora_grad_bytes
+    if fsdp is None:
+        return comm
+    units = fsdp.units
+    comm.units = len(units)
+    comm.shard_bytes = sum(u.shard_bytes for u in units)
+    comm.weight_bytes = sum(p.numel() * p.element_size() for u in units for p in u.params)
+    comm.largest_unit_bytes = max(u.gathered_bytes for u in units if not u.is_root)
+    comm.root_bytes = max(u.gathered_bytes for u in units if u.is_root)
+    comm.most_gathered_bytes = fsdp.most_whole_bytes
+    for label, count in fsdp.gathers.items():
+        factor = scale.get(label, 1.0) * times
+        comm.all_gathers += count * factor
+        comm.all_gather_bytes += fsdp.gather_bytes[label] * factor
+        if label != "backward":
+            comm.forward_gathers += count * factor
+    return comm
+
+
+def _average_gradients(params: list[nn.Parameter], num_processes: int) -> None:
+    """vader.methods.update.average_gradients' buffers on 2 or more processes: the gradients
+    flattened into one tensor, accelerate's reduce clones it, the gradients become views of the
+    clone (what all-reduce receives is counted in Comm, not here)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    reduced = flat.clone()
+    reduced /= num_processes
+    del flat
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        p.grad = reduced[offset: offset + g.numel()].view_as(g)
+        offset += g.numel()
+
+
+def _train_phase(cfg: VaderConfig, all_steps: bool,
+                 num_processes: int = 1) -> tuple[PhasePlan, PlannedStep, list[int]]:
     """The method's micro-step (its `plan_step`) on the backend's generator, with the frozen reward and
-    AdamW's state in memory, then the backward and the optimizer step."""
+    AdamW's state in memory, then the backward and the optimizer step; on `num_processes` processes
+    with the config's sharding, per process."""
     method = method_module(cfg.method)
     meter = LiveBytes()
     prompts, labels = _plan_prompts(cfg)
@@ -189,6 +295,7 @@ def _train_phase(cfg: VaderConfig, all_steps: bool) -> tuple[PhasePlan, PlannedS
     with fake_mode(), meter:
         gen = build(meter, prompts)
         params = [p for n, p in gen.denoiser.named_parameters() if "lora_" in n]
+        fsdp = _shard(cfg, meter, gen, num_processes)  # as train.setup: after the LoRA is in place
         gen.denoiser.eval()  # as train.setup: LoRA dropout on (its masks are kept), the models' checkpointing
         set_lora_dropout(gen.denoiser, True)
         gen.enable_gradient_checkpointing(cfg.grad_checkpoint)
@@ -206,10 +313,23 @@ def _train_phase(cfg: VaderConfig, all_steps: bool) -> tuple[PhasePlan, PlannedS
             planned.loss.backward()
         planned.loss, planned.held = planned.loss.detach(), ()
         meter.relabel([p.grad for p in params], "grads")
+        if num_processes > 1:  # once per optimizer step, after the last micro-step's backward
+            with meter.phase("allreduce"), torch.no_grad():
+                _average_gradients(params, num_processes)
+            meter.relabel([p.grad for p in params], "grads")
         with meter.phase("step"), torch.no_grad():
             _optimizer_step(params, state, cfg.use_AdamW8bit)
+        if fsdp is not None:
+            fsdp.remove()
     flops = _flops_of(meter, planned.flop_scale, times=cfg.gradient_accumulation_steps)
-    return PhasePlan("train", meter.peak, meter.at_peak, meter.peak_label, flops), planned, frames
+    comm = _comm(fsdp, num_processes, planned.flop_scale, cfg.gradient_accumulation_steps,
+                 sum(p.numel() * p.element_size() for p in params)) if num_processes > 1 else None
+    if fsdp is not None and fsdp.recomputed_whole:
+        planned.notes.append(
+            f"sharding='fsdp': a checkpoint around the whole denoiser call (grad_checkpoint) recomputes its blocks "
+            f"inside backward, where FSDP2 does not reshard after forward: up to {_gib(fsdp.most_whole_bytes)} of "
+            "units whole at once, not two")
+    return PhasePlan("train", meter.peak, meter.at_peak, meter.peak_label, flops, comm), planned, frames
 
 
 def _optimizer_state(params: list[nn.Parameter], eight_bit: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -246,22 +366,28 @@ def _optimizer_step(params: list[nn.Parameter], state: list[tuple[torch.Tensor, 
         p.mul_(1 - 1e-6).addcdiv_(m, d, value=-1e-4)
 
 
-def _infer_phase(cfg: VaderConfig, all_steps: bool) -> PhasePlan:
-    """One validation / inference batch: val_batch_size videos, every step without gradients, full decode."""
+def _infer_phase(cfg: VaderConfig, all_steps: bool, num_processes: int = 1) -> PhasePlan:
+    """One validation / inference batch: val_batch_size videos, every step without gradients, full decode;
+    with the denoiser sharded as training shards it when `num_processes` > 1 (validation runs on it)."""
     meter = LiveBytes()
     prompts = ["a video"] * cfg.val_batch_size
     _, build = backend_module(cfg.backend).plan_generator(cfg, False)
     with fake_mode(), meter:
         gen = build(meter, prompts)
         gen.denoiser.eval()
+        fsdp = _shard(cfg, meter, gen, num_processes)
         meter.reset_peak()
         steps = PlannedSteps(meter, None, all_steps)
         with torch.no_grad():
             latents = gen.sample_latents(prompts, torch.Generator().manual_seed(0), progress=steps)
             with meter.phase("infer_decode"):
                 gen.decode(latents)
-    flops = _flops_of(meter, {"sampling_nograd": steps.nograd_scale})
-    return PhasePlan("infer", meter.peak, meter.at_peak, meter.peak_label, flops)
+        if fsdp is not None:
+            fsdp.remove()
+    scale = {"sampling_nograd": steps.nograd_scale}
+    flops = _flops_of(meter, scale)
+    comm = _comm(fsdp, num_processes, scale, 1) if fsdp is not None else None  # no gradients to all-reduce
+    return PhasePlan("infer", meter.peak, meter.at_peak, meter.peak_label, flops, comm)
 
 
 def _dtype(cfg: VaderConfig) -> torch.dtype:
@@ -300,20 +426,52 @@ def check_plan_size(cfg: VaderConfig) -> None:
                          f"{PLAN_LIMITS['steps']} (the sampler builds every step's timesteps)")
 
 
-def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | None = None) -> Plan:
-    """Plan the config's text encoding, training step (when it trains) and inference batch."""
+MAX_PROCESSES = 65536  # --num_processes: far past any cluster a LoRA run uses, small enough to plan in seconds
+
+
+def check_processes(num_processes: object) -> int:
+    """--num_processes: an integer from 1 to MAX_PROCESSES (one line otherwise)."""
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or \
+            not 1 <= num_processes <= MAX_PROCESSES:
+        raise VaderError(f"--num_processes={num_processes!r} must be an integer from 1 to {MAX_PROCESSES}: the "
+                         "processes (GPUs) the run trains on, e.g. 8 for one 8-GPU node")
+    return num_processes
+
+
+def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | None = None,
+              num_processes: int = 1) -> Plan:
+    """Plan the config's text encoding, training step (when it trains) and inference batch, per process
+    on `num_processes` processes with the config's `sharding`."""
     check_plan_size(cfg)
+    check_processes(num_processes)
     training = cfg.is_vader_training if training is None else training
+    if training:
+        check_sharding(cfg.sharding, cfg.dtype)  # as `vader train` refuses it
+    sharded = num_processes if training else 1  # only training shards (validation runs on the sharded model)
     text = _text_phase(cfg)
-    train, planned, frames = _train_phase(cfg, all_steps) if training else (None, None, [])
+    train, planned, frames = _train_phase(cfg, all_steps, num_processes) if training else (None, None, [])
     notes = list(planned.notes) if planned is not None else []
     if training and cfg.decode_frame == "-1":
         notes.append("decode_frame='-1' planned at the costliest frame (the last)")
     if training and is_callable_spec(cfg.reward_fn):
         notes.append(f"reward_fn={cfg.reward_fn!r} is a Python function: planned with no model, no FLOPs and no "
                      "gradient; the memory the function itself uses is not counted")
-    return Plan(cfg, text, train, _infer_phase(cfg, all_steps), planned.cutoff if planned else None, frames,
-                notes, planned.how if planned else "")
+    if cfg.sharding == "fsdp" and (num_processes == 1 or not training):
+        notes.append("sharding='fsdp' on one process: nothing to shard (FSDP splits over 2 or more), planned whole"
+                     if training else "sharding='fsdp' applies to training; inference runs the model whole")
+    return Plan(cfg, text, train, _infer_phase(cfg, all_steps, sharded), planned.cutoff if planned else None,
+                frames, notes, planned.how if planned else "", num_processes)
+
+
+def sharded_plan(cfg: VaderConfig, num_processes: int, *, all_steps: bool = False) -> tuple[int, dict[str, float]]:
+    """For a calibration against a real sharded run: the training step's peak of tensor bytes on one
+    of `num_processes` processes (with the config's `sharding`), and that process's traffic per
+    optimizer step (Comm.as_dict(): all_gather_bytes, all_gathers, forward_gathers, backward_gathers,
+    reduce_scatter_bytes, all_reduce_bytes, shard_bytes, largest_unit_bytes, root_bytes, ...)."""
+    plan = make_plan(cfg, all_steps=all_steps, training=True, num_processes=num_processes)
+    assert plan.train is not None
+    comm = plan.train.comm or Comm(num_processes, False)
+    return plan.train.peak, comm.as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,6 +513,13 @@ KNOBS: tuple[tuple[str, str, bool], ...] = (
 )
 
 
+# On 2 or more processes the search can also shard: after fused attention (which saves FLOPs too), before
+# everything that costs compute or changes the numbers. It costs communication (the all-gathers), which
+# overlaps compute, and it does not combine with dtype='fp8' (whose weights FSDP cannot shard), so with it
+# in play fp8 is not tried.
+SHARDING_KNOB = ("sharding", "fsdp", False)
+
+
 @dataclass
 class FitResult:
     overrides: list[tuple[str, str]]  # the knobs to add; when nothing fits: every knob that applies
@@ -371,14 +536,26 @@ def _value(cfg: VaderConfig, key: str) -> str:
     return str(obj)
 
 
+def _fit_knobs(base: VaderConfig, knobs: tuple[tuple[str, str, bool], ...],
+              num_processes: int) -> list[tuple[str, str, bool]]:
+    """The knobs that apply to `base`; on 2 or more processes sharding among them (SHARDING_KNOB)."""
+    available = [k for k in knobs if _knob_applies(base, k)]
+    if num_processes > 1 and base.is_vader_training and base.sharding != "fsdp":
+        available.insert(1 if available and available[0][0] == "model.attention" else 0, SHARDING_KNOB)
+    if num_processes > 1 and base.is_vader_training and (base.sharding == "fsdp" or SHARDING_KNOB in available):
+        available = [k for k in available if k[:2] != ("dtype", "fp8")]
+    return available
+
+
 def fit(path: str, overrides: list[str], budget: int, *, tflops: float, mfu: float,
-        knobs: tuple[tuple[str, str, bool], ...] = KNOBS) -> FitResult:
+        knobs: tuple[tuple[str, str, bool], ...] = KNOBS, num_processes: int = 1) -> FitResult:
     """The fastest setting within `budget`: turn knobs on in KNOBS order until the plan fits, then turn
     back off every one the fit does not need (fastest = fewest FLOPs, so recompute is dropped first).
     When the config does not fit as given, every knob at once is planned first: if even that does not
-    fit, the search stops there (two plans, not one per knob)."""
+    fit, the search stops there (two plans, not one per knob). The peak is per process on
+    `num_processes` processes, where sharding='fsdp' is a knob too."""
     base = load_config(path, overrides)
-    available = [k for k in knobs if _knob_applies(base, k)]
+    available = _fit_knobs(base, knobs, num_processes)
     chosen: list[tuple[str, str, bool]] = []
     tried = 0
     plans: dict[tuple[tuple[str, str, bool], ...], Plan] = {}
@@ -388,7 +565,7 @@ def fit(path: str, overrides: list[str], budget: int, *, tflops: float, mfu: flo
         if tuple(extra) not in plans:
             tried += 1
             cfg = load_config(path, [*overrides, *[x for k, v, _ in extra for x in (f"--{k}", v)]])
-            plans[tuple(extra)] = make_plan(cfg)
+            plans[tuple(extra)] = make_plan(cfg, num_processes=num_processes)
         return plans[tuple(extra)]
 
     plan = plan_for([])
@@ -444,17 +621,55 @@ def _gib(n: float) -> str:
     return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
-def _breakdown(phase: PhasePlan) -> Iterator[str]:
+def _name(label: str, num_processes: int = 1) -> str:
+    return LABELS.get(label, label).replace("{n}", str(num_processes))
+
+
+def _breakdown(phase: PhasePlan, num_processes: int = 1) -> Iterator[str]:
     for label, size in sorted(phase.at_peak.items(), key=lambda kv: -kv[1]):
         if size >= max(1024, phase.peak // 10_000):  # what is visible at the peak's scale
-            yield f"    {LABELS.get(label, label):52s} {_gib(size):>11s}"
+            yield f"    {_name(label, num_processes):52s} {_gib(size):>11s}"
+
+
+def _count(n: float) -> str:
+    return f"{n:,.0f}" if abs(n - round(n)) < 1e-6 else f"{n:,.1f}"
+
+
+def _sharding_lines(plan: Plan) -> list[str]:
+    """What sharding does to the figures below, when planned for more than one process."""
+    n = plan.num_processes
+    comm = next((p.comm for p in (plan.train, plan.infer) if p is not None and p.comm is not None), None)
+    if n == 1 or comm is None:
+        return []
+    if not comm.sharded:
+        return [f"  {n} processes, sharding '{plan.cfg.sharding}' (figures are per process): every process holds every "
+                "weight; --sharding fsdp splits the frozen denoiser over them"]
+    return [f"  sharding fsdp over {n} processes (figures are per process): the frozen denoiser's "
+            f"{_gib(comm.weight_bytes)} in {comm.units} FSDP units -> {_gib(comm.shard_bytes)} per process",
+            f"    gathered whole for compute: blocks of up to {_gib(comm.largest_unit_bytes)} two at a time, and the "
+            f"root's own {_gib(comm.root_bytes)} through each forward; the LoRA, VAE, text encoder and reward model "
+            "stay whole on every process"]
+
+
+def _comm_line(comm: Comm, per: str) -> str:
+    parts = []
+    if comm.sharded:
+        parts.append(f"all-gather {_gib(comm.all_gather_bytes)} ({_count(comm.all_gathers)} unit gathers: "
+                     f"{_count(comm.forward_gathers)} in forward, {_count(comm.backward_gathers)} in backward)")
+        if per == "optimizer step":
+            parts.append("reduce-scatter 0 (no sharded weight has a gradient)")
+    if per == "optimizer step":
+        parts.append(f"all-reduce {_gib(comm.all_reduce_bytes)} (the LoRA gradients, ring, once)")
+    return f"    communication per {per}, per process: " + ", ".join(parts)
 
 
 def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: str) -> str:
     cfg = plan.cfg
     height, width = cfg.height_width
+    n = plan.num_processes
     lines = [f"plan: {height}x{width}, {cfg.frames} frames, dtype {cfg.dtype}, mixed_precision "
              f"{cfg.mixed_precision}, attention {getattr(cfg.model, 'attention', 'math')}"]
+    lines.extend(_sharding_lines(plan))
     t = plan.text
     if cfg.text_encoder.offload:
         lines.append(f"  text encoder on the CPU (text_encoder.offload): {_gib(t.peak)} of host memory, none on the GPU")
@@ -466,19 +681,23 @@ def describe(plan: Plan, *, budget: int | None, tflops: float, mfu: float, gpu: 
         lines.append(f"  training step (batch {cfg.train_batch_size} x {cfg.gradient_accumulation_steps} accumulation, "
                      f"{plan.how}, grad_checkpoint {cfg.grad_checkpoint}, "
                      f"decode {len(plan.frames)} frame(s) '{cfg.decode_strategy}', reward {cfg.reward_fn}): "
-                     f"peak {_gib(tr.peak)}, reached during {LABELS.get(tr.peak_phase, tr.peak_phase)}")
-        lines.extend(_breakdown(tr))
+                     f"peak {_gib(tr.peak)}, reached during {_name(tr.peak_phase, n)}")
+        lines.extend(_breakdown(tr, n))
         seconds = step_seconds(tr.total_flops, tflops, mfu)
         parts = ", ".join(f"{k} {v / 1e12:.1f}" for k, v in tr.flops.items())
         lines.append(f"    compute: {tr.total_flops / 1e12:.1f} TFLOP per optimizer step ({parts}) -> about "
                      f"{seconds:.1f} s on {gpu} ({tflops:g} TFLOP/s bf16) at {mfu:.0%} MFU")
+        if tr.comm is not None:
+            lines.append(_comm_line(tr.comm, "optimizer step"))
     inf = plan.infer
     lines.append(f"  inference batch ({cfg.val_batch_size} video(s), full decode): peak {_gib(inf.peak)}")
-    lines.extend(_breakdown(inf))
+    lines.extend(_breakdown(inf, n))
     lines.append(f"    compute: {inf.total_flops / 1e12:.1f} TFLOP -> about "
                  f"{step_seconds(inf.total_flops, tflops, mfu):.1f} s on {gpu} at {mfu:.0%} MFU")
-    lines.extend(f"  note: {n}" for n in plan.notes)
-    verdict = f"peak {_gib(plan.peak)}"
+    if inf.comm is not None:
+        lines.append(_comm_line(inf.comm, "batch"))
+    lines.extend(f"  note: {note}" for note in plan.notes)
+    verdict = f"peak {_gib(plan.peak)}" + (f" per process on {n} processes" if n > 1 else "")
     if budget is not None:
         verdict += (f" fits {_gib(budget)}" if plan.peak <= budget else
                     f" does NOT fit {_gib(budget)} (try --fit)")
@@ -510,7 +729,8 @@ def gpu_tflops(gpu: str | None, tflops: float | None) -> tuple[str, float]:
 
 
 def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bool, gpu: str | None,
-              tflops: float | None, mfu: float, all_steps: bool) -> str:
+              tflops: float | None, mfu: float, all_steps: bool, num_processes: int = 1) -> str:
+    check_processes(num_processes)
     name, peak_tflops = gpu_tflops(gpu, tflops)
     low, high = MFU_RANGE
     if not (math.isfinite(mfu) and low <= mfu <= high):
@@ -521,9 +741,10 @@ def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bo
         raise VaderError("--fit needs --budget (e.g. --budget 24GiB)")
     cfg = load_config(path, overrides)
     if not do_fit:
-        return describe(make_plan(cfg, all_steps=all_steps), budget=limit, tflops=peak_tflops, mfu=mfu, gpu=name)
+        return describe(make_plan(cfg, all_steps=all_steps, num_processes=num_processes), budget=limit,
+                        tflops=peak_tflops, mfu=mfu, gpu=name)
     assert limit is not None
-    result = fit(path, overrides, limit, tflops=peak_tflops, mfu=mfu)
+    result = fit(path, overrides, limit, tflops=peak_tflops, mfu=mfu, num_processes=num_processes)
     flags = " ".join(f"--{k} {v}" for k, v in result.overrides)
     if result.plan is None:
         assert result.lowest_peak is not None
@@ -546,25 +767,29 @@ def plan_main(path: str, overrides: list[str], *, budget: str | None, do_fit: bo
 # ---------------------------------------------------------------------------------------------
 
 
-def measure_real_step(cfg: VaderConfig, seconds: list[float] | None = None) -> PhasePlan:
+def measure_real_step(cfg: VaderConfig, seconds: list[float] | None = None,
+                      traffic: list[Collectives] | None = None) -> PhasePlan:
     """The reference a plan is calibrated against: `vader.train`'s own setup and train_step on real
     tensors of this machine, the peak of live tensor bytes over the second optimizer step (the first
     creates AdamW's state, which every later step carries). Builds a run folder under project_dir.
-    `seconds` receives the wall time of a third step, run without the meter."""
+    `seconds` receives the wall time of a third step, run without the meter; `traffic` the collectives
+    of the second step (several processes)."""
     import time
-
 
     meter = LiveBytes()
     accelerator = make_accelerator(cfg)
     run = Run.create(cfg, accelerator, kind="plan")
-    with meter:
+    with meter, storage_resizes(meter.resized):
         trainer = setup(cfg, accelerator, run)
         trainer.step(0)
         meter.reset_peak()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        trainer.step(1)
+        with count_collectives() as seen:
+            trainer.step(1)
+    if traffic is not None:
+        traffic.append(seen)
     if seconds is not None:  # timed without the meter, whose per-op Python bookkeeping costs time
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -578,30 +803,60 @@ def measure_real_step(cfg: VaderConfig, seconds: list[float] | None = None) -> P
 
 def bench_main(path: str, overrides: list[str]) -> str:
     """`vader bench`: the real training step beside its plan. On a GPU: torch.cuda.max_memory_allocated
-    and the card's name; everywhere: the peak of live tensor bytes and the step's seconds. The run
-    folder goes to a temporary directory and is removed."""
+    and the card's name; everywhere: the peak of live tensor bytes and the step's seconds. Under
+    `accelerate launch` / `torchrun` (several processes, e.g. with `--sharding fsdp`) every process
+    measures its own peak and its collectives (all-gather, reduce-scatter, all-reduce bytes of the
+    step) beside the per-process plan. The run folder goes to a temporary directory and is removed."""
+    import os
     import shutil
     import tempfile
 
+    from accelerate import PartialState
 
-    scratch = tempfile.mkdtemp(prefix="vader-bench-")
+    state = PartialState(cpu=not torch.cuda.is_available())  # as make_accelerator builds it
+    num = state.num_processes
+    if num == 1:
+        scratch = tempfile.mkdtemp(prefix="vader-bench-")
+    else:  # one folder for all the processes of this machine: their launcher is their common parent
+        scratch = os.path.join(tempfile.gettempdir(), f"vader-bench-{os.getppid()}")
     try:
         cfg = load_config(path, [*overrides, "--project_dir", scratch, "--logger_type", "none",
                                  "--is_sample_preview", "False", "--verbose", "0"])
         preflight(cfg, "train")
-        planned = make_plan(cfg, training=True)
+        planned = make_plan(cfg, training=True, num_processes=num)
         seconds: list[float] = []
-        measured = measure_real_step(cfg, seconds)
+        traffic: list[Collectives] = []
+        measured = measure_real_step(cfg, seconds, traffic)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        state.wait_for_everyone()
+        if state.is_local_main_process:
+            shutil.rmtree(scratch, ignore_errors=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no GPU)"
-    lines = [f"bench on {device}: training step 2 (step 1 creates AdamW's state; step 3 is timed)",
+    who = f" (process {state.process_index} of {num}, sharding {cfg.sharding!r})" if num > 1 else ""
+    lines = [f"bench on {device}{who}: training step 2 (step 1 creates AdamW's state; step 3 is timed)",
              f"  planned peak (fake tensors):      {_gib(planned.train.peak)}",
              f"  measured peak of live tensors:    {_gib(measured.peak)} "
-             f"({100 * (planned.train.peak - measured.peak) / max(1, measured.peak):+.1f}% planned vs measured)"]
+             f"({_off(planned.train.peak, measured.peak)} planned vs measured)"]
     if torch.cuda.is_available():
         lines.append(f"  torch.cuda.max_memory_allocated: {_gib(torch.cuda.max_memory_allocated())}")
+    comm = planned.train.comm
+    if num > 1 and comm is not None:
+        seen = traffic[0]
+        rows = [("all-gather", comm.all_gather_bytes, seen.bytes.get("all_gather", 0),
+                 f"{comm.all_gathers:,.0f} planned / {seen.calls.get('all_gather', 0):,} measured unit gathers"),
+                ("reduce-scatter", comm.reduce_scatter_bytes, seen.bytes.get("reduce_scatter", 0), ""),
+                ("all-reduce", comm.all_reduce_bytes, seen.bytes.get("all_reduce", 0),
+                 "the LoRA gradients and the step's finite-value flags")]
+        for name, plan_bytes, real_bytes, note in rows:
+            lines.append(f"  {name} bytes this process received: planned {_gib(int(plan_bytes))}, measured "
+                         f"{_gib(int(real_bytes))} ({_off(plan_bytes, real_bytes)})" + (f"; {note}" if note else ""))
     flops = planned.train.total_flops
     lines.append(f"  step time (a third step, unmetered): {seconds[0]:.2f} s; planned compute {flops / 1e9:,.1f} GFLOP "
                  f"-> {flops / seconds[0] / 1e12:.4f} TFLOP/s achieved")
     return "\n".join(lines)
+
+
+def _off(planned: float, measured: float) -> str:
+    if not measured:
+        return "both 0" if not planned else "measured 0"
+    return f"{100 * (planned - measured) / measured:+.1f}%"

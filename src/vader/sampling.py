@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vader.sharding import is_sharded
 from vader.sizes import latent_num_frames
 
 BASE_RESOLUTION = 512 * 512
@@ -123,7 +124,10 @@ def guided_velocity(
 ) -> Tensor:
     z_in = torch.cat([z, z], 0)
     t_in = torch.cat([t, t], 0)
-    if use_checkpoint:
+    # Under sharding the blocks' own checkpoints bound the activations; a checkpoint around the whole
+    # call would recompute every block inside backward, where FSDP2 keeps each gathered block whole until
+    # its own backward: the whole model on every process again.
+    if use_checkpoint and not is_sharded(denoiser):
         out = checkpoint(_call, denoiser, z_in, t_in, y, mask, cond, use_reentrant=False)
     else:
         out = _call(denoiser, z_in, t_in, y, mask, cond)

@@ -28,13 +28,19 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from vader.errors import VaderError
+
+SHARDED = "_vader_sharded"  # set on a model `shard` splits (and on one `vader plan` plans split)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(getattr(model, SHARDED, False))
 
 
 def denoisers(gen: object) -> tuple[nn.Module, ...]:
@@ -82,6 +88,7 @@ def shard(gen: object, trainable: Iterable[nn.Parameter], num_processes: int, de
             count += 1
         fully_shard(model, mesh=mesh, reshard_after_forward=True,
                     ignored_params={p for p in model.parameters() if p in keep})
+        setattr(model, SHARDED, True)
         count += 1
     return count
 
@@ -134,4 +141,29 @@ def count_collectives() -> Iterator[Collectives]:
             setattr(dist, name, fn)
 
 
-__all__ = ["Collectives", "count_collectives", "check_sharding", "denoisers", "shard", "shard_units"]
+@contextlib.contextmanager
+def storage_resizes(seen: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call `seen(tensor)` after FSDP2 allocates or frees a gathered weight's storage in place (it
+    resizes storages, which no tensor op shows to a dispatch mode such as vader.memory.LiveBytes)."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    real_alloc, real_free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def alloc_storage(tensor: torch.Tensor) -> None:
+        real_alloc(tensor)
+        seen(tensor)
+
+    def free_storage(tensor: torch.Tensor) -> None:
+        real_free(tensor)
+        seen(tensor)
+
+    try:
+        _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = alloc_storage
+        _fsdp_param.free_storage = free_storage
+        yield
+    finally:
+        _fsdp_param.alloc_storage = _fsdp_param_group.alloc_storage = real_alloc
+        _fsdp_param.free_storage = real_free
+
+
+__all__ = ["SHARDED", "storage_resizes", "Collectives", "count_collectives", "is_sharded", "check_sharding", "denoisers", "shard", "shard_units"]
