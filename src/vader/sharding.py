@@ -13,7 +13,7 @@ nothing else changes in the step.
 What is not: the LoRA parameters are FSDP's `ignored_params`: whole on every process, their gradients
 all-reduced once per optimizer step by `vader.methods.update.average_gradients`, exactly as without
 sharding. A LoRA is small next to its base (rank 16 on every attention projection of Wan2.1-14B:
-~0.1 B parameters, 0.4 GiB fp32 plus 0.8 GiB of AdamW state), and keeping it whole keeps the
+52M parameters, 0.2 GiB fp32 plus 0.4 GiB of AdamW state), and keeping it whole keeps the
 optimizer, clipping, the non-finite guards, the LoRA files and resume identical to the unsharded run:
 a checkpoint saved under fsdp is the same full LoRA and optimizer state as one saved without, so it
 resumes with or without sharding (on the same number of processes: the prompt and noise streams are
