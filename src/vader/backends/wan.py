@@ -325,16 +325,26 @@ def check_part_configs(settings: WanSettings, download: bool = False) -> None:
                   {name: part.source for name, part in parts.items()})
 
 
+def flow_schedule(num_steps: int, shift: float, boundary_ratio: float | None,
+                  device: torch.device | str) -> tuple[Tensor, Tensor, list[bool]]:
+    """(timesteps [N], sigmas [N + 1], first_expert [N]) of diffusers' FlowMatchEulerDiscreteScheduler with
+    this shift and step count, as real tensors (also under `vader plan`'s fake ones). first_expert[i]: step i
+    runs `transformer` (always, for one transformer), by WanPipeline's rule for two experts:
+    t >= boundary_ratio * num_train_timesteps runs the high-noise `transformer`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with common.real_tensors():
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
+        sched.set_timesteps(num_steps, device=device)
+        first = [boundary_ratio is None or bool(t >= boundary_ratio * NUM_TRAIN_TIMESTEPS) for t in sched.timesteps]
+    return sched.timesteps, sched.sigmas, first
+
+
 def high_noise_steps(settings: WanSettings, boundary_ratio: float | None) -> int:
     """How many of the first sampling steps the high-noise expert takes (0 for one transformer)."""
     if boundary_ratio is None:
         return 0
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    with common.real_tensors():
-        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=settings.shift)
-        sched.set_timesteps(settings.num_steps, device="cpu")
-        return sum(bool(t >= boundary_ratio * NUM_TRAIN_TIMESTEPS) for t in sched.timesteps)
+    return sum(flow_schedule(settings.num_steps, settings.shift, boundary_ratio, "cpu")[2])
 
 
 def _published_repo(source: str) -> str:
@@ -468,22 +478,13 @@ class WanGenerator(common.PromptsAndVideos):
 
     # ---- sampling ----
     def schedule(self) -> tuple[Tensor, Tensor]:
-        """(timesteps [N], sigmas [N + 1]) of diffusers' FlowMatchEulerDiscreteScheduler with this run's
-        shift and step count: real tensors on the device, computed once per setting (with which steps
-        belong to the high-noise expert: read here, where values can be read, not under `vader plan`'s
-        fake tensors)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
+        """(timesteps [N], sigmas [N + 1]) of `flow_schedule` with this run's shift and step count, on the
+        device, computed once per setting (with which steps belong to the high-noise expert: read here,
+        where values can be read, not under `vader plan`'s fake tensors)."""
         key = (self.settings.num_steps, self.settings.shift, self.device, self.boundary_ratio)
         if self._schedule is None or self._schedule[0] != key:
-            with common.real_tensors():
-                sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
-                                                        shift=self.settings.shift)
-                sched.set_timesteps(self.settings.num_steps, device=self.device)
-                # WanPipeline: `t >= boundary_ratio * num_train_timesteps` runs `transformer` (high noise)
-                high = [self.boundary_ratio is None or bool(t >= self.boundary_ratio * NUM_TRAIN_TIMESTEPS)
-                        for t in sched.timesteps]
-                self._schedule = (key, sched.timesteps, sched.sigmas, high)
+            self._schedule = (key, *flow_schedule(self.settings.num_steps, self.settings.shift, self.boundary_ratio,
+                                                  self.device))
         return self._schedule[1], self._schedule[2]
 
     def step_model(self, i: int) -> tuple[nn.Module, float]:
