@@ -22,8 +22,8 @@ checked against real FSDP2 in tests/test_plan_sharding.py): the frozen denoiser 
 padded 1/N shard, and each unit counts whole from its all-gather to its reshard, through the real step's
 forward calls, backward, prefetching and checkpoint recomputation; its all-gathers are counted as they
 happen and scaled like the FLOPs. On 2 or more processes (either sharding) the LoRA gradients' all-reduce
-adds its buffers (`vader.methods.update.average_gradients`) and its traffic. `sharded_plan` gives both to
-a calibration.
+adds its buffers (`vader.methods.update.average_gradients`) and its traffic. `vader bench` under a
+multi-process launch measures both beside the plan (`bench_main`).
 
 Bounded in time: fake tensors make a plan's cost independent of tensor sizes, but not of the number of
 model calls, which grows with videos x frames (the VAE decodes frame micro-batches) and with the
@@ -461,17 +461,6 @@ def make_plan(cfg: VaderConfig, *, all_steps: bool = False, training: bool | Non
                      if training else "sharding='fsdp' applies to training; inference runs the model whole")
     return Plan(cfg, text, train, _infer_phase(cfg, all_steps, sharded), planned.cutoff if planned else None,
                 frames, notes, planned.how if planned else "", num_processes)
-
-
-def sharded_plan(cfg: VaderConfig, num_processes: int, *, all_steps: bool = False) -> tuple[int, dict[str, float]]:
-    """For a calibration against a real sharded run: the training step's peak of tensor bytes on one
-    of `num_processes` processes (with the config's `sharding`), and that process's traffic per
-    optimizer step (Comm.as_dict(): all_gather_bytes, all_gathers, forward_gathers, backward_gathers,
-    reduce_scatter_bytes, all_reduce_bytes, shard_bytes, largest_unit_bytes, root_bytes, ...)."""
-    plan = make_plan(cfg, all_steps=all_steps, training=True, num_processes=num_processes)
-    assert plan.train is not None
-    comm = plan.train.comm or Comm(num_processes, False)
-    return plan.train.peak, comm.as_dict()
 
 
 # ---------------------------------------------------------------------------------------------
