@@ -39,6 +39,7 @@ VAE_TYPES = ("OpenSoraVAE_V1_2", "OpenSoraVAE_V1_2-tiny")
 TEXT_ENCODER_TYPES = ("t5", "t5-tiny")
 SCHEDULER_TYPES = ("rflow",)
 SHARDINGS = ("none", "fsdp")
+SOLVERS = ("differentiable", "published")
 VIDEO_QUALITIES = ("standard", "high", "lossless")
 ACTPRED_FRAMES = ("decoded", "resample")
 RESIZE_MODES = ("squash", "crop")
@@ -114,6 +115,12 @@ class SchedulerConfig:
     cfg_scale_2: float | None = field(default=None, metadata=_doc(
         "model.type='wan' with a two-expert Wan2.2 checkpoint (A14B) only: guidance of the low-noise expert "
         "transformer_2 (cfg_scale guides the high-noise one); None = cfg_scale, as WanPipeline's guidance_scale_2"))
+    solver: str = field(default="differentiable", metadata=_doc(
+        "the step of sampling steps without gradients (validation, infer, eval, and training steps before the "
+        "backprop window): 'differentiable' (the step gradients go through: flow Euler, CogVideoX's DDIM) or "
+        "'published' (the pipeline's shipped scheduler: UniPC for Wan, CogVideoX's DPM for CogVideoX-5B, "
+        "LTX-Video's Euler; Open-Sora's is its Euler); steps with gradients always take the differentiable step",
+        choices=SOLVERS))
 
 
 NESTED = {"model": ModelConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig, "scheduler": SchedulerConfig}
