@@ -37,7 +37,7 @@ def test_unknown_method_is_one_line():
 def test_log_prob_sampling_flag_matches_the_generator(name):
     module = backend_module(name)
     assert module.LOG_PROB_SAMPLING == issubclass(module.Generator, FlowSampler)
-    assert {"opensora": True, "wan": True, "cogvideox": False}[name] == module.LOG_PROB_SAMPLING
+    assert {"opensora": True, "wan": True, "cogvideox": False, "ltx": True}[name] == module.LOG_PROB_SAMPLING
 
 
 def test_trainer_dispatches_to_the_config_method(tiny_cfg, monkeypatch):

@@ -169,13 +169,16 @@ def test_cli_plan_bad_flags_are_one_line(tmp_path, capsys, argv, message):
 def test_fit_finds_knobs_that_fit_and_they_do(tmp_path):
     """A budget below the config's peak: the search returns overrides; re-planning with them fits."""
     from vader.config import load_config
-    from vader.plan import fit, make_plan
+    from vader.plan import KNOBS, fit, make_plan
 
     argv = [*FAST, "--project_dir", str(tmp_path)]
     peak = make_plan(load_config(TINY_TRAIN, argv)).peak
     budget = int(peak * 0.7)
-    result = fit(str(TINY_TRAIN), argv, budget, tflops=989, mfu=0.35)
-    assert result.plan is not None and result.overrides
+    # three knobs, not all ten: as given, all three at once, then one and two knobs on, then the one not
+    # needed dropped (five plans, not nine)
+    knobs = tuple(k for k in KNOBS if k[0] in ("reward_grad_checkpoint", "grad_checkpoint", "decode_frame"))
+    result = fit(str(TINY_TRAIN), argv, budget, tflops=989, mfu=0.35, knobs=knobs)
+    assert result.plan is not None and result.overrides == [("grad_checkpoint", "True")] and result.tried == 5
     again = make_plan(load_config(TINY_TRAIN, [*argv, *[x for k, v in result.overrides for x in (f"--{k}", v)]]))
     assert again.peak <= budget
     nothing = fit(str(TINY_TRAIN), argv, 2**20, tflops=989, mfu=0.35, knobs=(("grad_checkpoint", "True", False),))

@@ -18,6 +18,7 @@ scheduler = dict(
     num_sampling_steps=30,  # v-prediction DDIM steps (the pipeline's default is 50); cost grows with them
     cfg_scale=6.0,  # CogVideoXPipeline's default guidance
     use_dynamic_cfg=False,  # True: the pipeline's cosine ramp of the guidance over the steps
+    solver="differentiable",  # 'published' is the same here: CogVideoX-2B is published with this DDIM step
 )
 negative_prompt = ""  # CogVideoXPipeline's default
 

@@ -22,6 +22,7 @@ BACKENDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "opensora": ("vader.backends.opensora", ("STDiT3-XL/2", "STDiT3-tiny")),
     "wan": ("vader.backends.wan", ("wan",)),
     "cogvideox": ("vader.backends.cogvideox", ("cogvideox",)),
+    "ltx": ("vader.backends.ltx", ("ltx",)),
 }
 MODEL_TYPES: tuple[str, ...] = tuple(t for _, types in BACKENDS.values() for t in types)
 
