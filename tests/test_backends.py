@@ -151,7 +151,9 @@ def test_lora_saved_in_diffusers_format_loads_into_the_pipeline(case, folder, tm
     assert all(k.startswith(case.lora_key_prefix) for k in first)
     inferred = gen.save_lora_diffusers(gen.denoiser, tmp_path / "inferred")  # the config peft recorded
     with safe_open(str(inferred / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
-        assert json.loads(handle.metadata()["lora_adapter_metadata"])["transformer.lora_alpha"] == 8
+        settings = json.loads(handle.metadata()["lora_adapter_metadata"])
+        # the strength (alpha 8 / rank 4) is baked into B: metadata alpha = rank, no dropout
+        assert settings["transformer.lora_alpha"] == 4 and settings["transformer.lora_dropout"] == 0.0
     with pytest.raises(ValueError, match="LoraConfig"):
         gen.save_lora_diffusers(get_peft_model_state_dict(gen.denoiser), tmp_path / "x")
 

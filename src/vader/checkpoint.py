@@ -4,6 +4,9 @@ A checkpoint folder is a peft adapter folder (`adapter_config.json` + `adapter_m
 so `peft.PeftModel.from_pretrained(denoiser, folder)` loads it) plus `training_state.pt` and
 `state.json` for resuming. Folders are written under a temporary name and renamed into place, so a
 crash never leaves a half-written checkpoint behind a valid name.
+
+`load_lora` (and `saved_lora_config`) also take a LoRA in diffusers' format, e.g. a run's
+`lora/diffusers/` (see `vader.lora_formats`): the format is told from the file, callers do not change.
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vader.errors import VaderError
+from vader.lora_formats import (
+    DIFFUSERS_FILE,
+    is_foreign,
+    load_into,
+    lora_config_for,
+    lora_file,
+    pipelines_of,
+    read_lora,
+)
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel adds; the original's .pt files carry it
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -56,8 +68,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def saved_lora_config(path: str | Path, key: str | None = None) -> LoraConfig | None:
     """The LoraConfig saved beside an adapter (our folders), or None (a bare file, the original .pt).
 
+    A LoRA in diffusers' format (a folder holding pytorch_lora_weights.safetensors, or such a file) gives
+    the config that adapts exactly its modules at its ranks (`lora_formats.lora_config_for`, dropout 0).
     An adapter_config.json that is not JSON, not an object, or lacks a usable rank or target modules
     is one VaderError naming the file (and `key`, the setting the path came from, when given)."""
+    file = lora_file(path)
+    if file.is_file() and is_foreign(file):
+        return lora_config_for(read_lora(file, key=key or "lora_ckpt_path"))
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     file = folder / "adapter_config.json"
@@ -94,15 +111,18 @@ def _check_scale(model: nn.Module, saved: LoraConfig | None, path: Path) -> None
 
 
 def load_lora(model: nn.Module, path: str | Path, key: str = "lora_ckpt_path") -> int:
-    """Load our adapter folder/safetensors or the original VADER `peft_model_<step>.pt`; returns #tensors.
+    """Load our adapter folder/safetensors, the original VADER `peft_model_<step>.pt`, or a LoRA in
+    diffusers' format (a folder holding pytorch_lora_weights.safetensors, or the file; musubi/kohya and
+    original-checkpoint keys converted by the model's pipeline) into the LoRA injected in `model`;
+    returns #tensors.
 
     `key` is the config key the path came from, so that errors blame what the user set."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / ADAPTER_FILE
+    path = lora_file(path)
     if not path.is_file():
         raise VaderError(f"{key}={str(path)!r}: no such file (expected a checkpoint folder, "
-                         f"{ADAPTER_FILE} or an original peft_model_<step>.pt)")
+                         f"{ADAPTER_FILE}, a diffusers {DIFFUSERS_FILE} or an original peft_model_<step>.pt)")
+    if is_foreign(path):  # diffusers' format or one its pipelines convert: keys renamed, strength rescaled
+        return load_into(model, read_lora(path, pipelines_of(model), key), key)
     _check_scale(model, saved_lora_config(path), path)
     try:
         if path.suffix == ".safetensors":

@@ -314,11 +314,20 @@ def peft_state_and_config(lora: nn.Module | dict[str, Tensor], config=None):
 def save_diffusers_lora(pipeline_class: type, lora: nn.Module | dict[str, Tensor], folder: str | os.PathLike[str],
                         config=None, dtype: torch.dtype | None = None) -> Path:
     """Write `pytorch_lora_weights.safetensors` (keys `transformer.<module>.lora_A.weight`, the
-    LoraConfig in the file's metadata) that `pipeline_class.load_lora_weights(folder)` loads."""
+    LoraConfig in the file's metadata) that `pipeline_class.load_lora_weights(folder)` loads.
+
+    The strength is baked (`lora_formats.bake`): lora_B holds alpha / rank times the trained B and the
+    metadata says lora_alpha = rank and lora_dropout = 0, so a loader reading the metadata and one
+    reading the tensors alone both apply the trained LoRA, with no live dropout. NaN/inf is refused."""
+    from vader.lora_formats import bake
+
     state, config = peft_state_and_config(lora, config)
+    state, metadata = bake(state, config)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    metadata = config.to_dict()
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # a NaN LoRA is worse than none; bf16/fp16 can also overflow once the scale is baked in
+        raise VaderError(f"refusing to save the diffusers-format LoRA to {folder}: {bad} holds NaN or inf")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     pipeline_class.save_lora_weights(folder, transformer_lora_layers=state,
