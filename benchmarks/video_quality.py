@@ -26,7 +26,7 @@ def tiny_preset_videos(n: int) -> tuple[torch.Tensor, list[str]]:
 
     torch.set_num_threads(1)
     cfg = load_config(REPO / "configs" / "tiny" / "vader_inference.py", ["--verbose", "0"])
-    prompts, _ = read_prompt_file(REPO / "configs" / "tiny" / "prompts.txt")
+    prompts = read_prompt_file(REPO / "configs" / "tiny" / "prompts.txt").prompts
     prompts = [prompts[i % len(prompts)] for i in range(n)]
     gen = OpenSoraGenerator.build(cfg, torch.device("cpu"), prompts)
     with torch.no_grad():

@@ -131,7 +131,7 @@ def test_prompt_without_action_says_how_to_give_one() -> None:
 def test_prompts_file_lines_with_labels() -> None:
     assert split_prompt_label("a man on stage\tplaying guitar") == ("a man on stage", "playing guitar")
     assert split_prompt_label("  a man playing guitar  ") == ("a man playing guitar", None)
-    prompts, labels = read_prompt_lines(["a man on stage\tplaying guitar", "", "a kid riding a bike"])
+    prompts, labels, *_ = read_prompt_lines(["a man on stage\tplaying guitar", "", "a kid riding a bike"])
     assert prompts == ["a man on stage", "a kid riding a bike"]
     assert labels == {"a man on stage": "playing guitar"}
     with pytest.raises(VaderError, match="no prompt"):

@@ -16,12 +16,17 @@ base and LoRA videos of each seed side by side); a table is printed. The folder 
 project_dir/eval/.<name>.partial and renamed into place once eval.json and report.html are in it: an
 error, Ctrl-C or SIGTERM removes it, and the partial folder of a killed eval (kill -9) is removed by the
 next eval. A --run_name that already has a folder is refused (as `vader train` does).
+
+Image-to-video: a prompts file of `prompt<TAB>image path` lines (vader.prompts) gives each prompt its first
+frame, checked against the model before anything is created (vader.images); the table, eval.json
+(`images`, and `image` per prompt) and the report's title say that the prompts had first frames.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import errno
 import json
 import math
@@ -47,16 +52,18 @@ from vader.checkpoint import (
     load_lora,
     lora_config,
     lora_disabled,
+    lora_file,
     saved_lora_config,
     set_lora_dropout,
 )
 from vader.config import is_callable_spec, load_config
 from vader.errors import ArgumentParser, VaderError
 from vader.guards import guards
+from vader.images import check_images
 from vader.media import write_video
 from vader.models.presets import torch_dtype
 from vader.preflight import preflight
-from vader.prompts import read_prompt_file
+from vader.prompts import PromptList, read_prompt_file
 from vader.report import eval_report, format_ci, format_number
 from vader.rewards import build_reward, check_reward_weights, reward_names
 from vader.rewards.callable import load_callable_reward
@@ -108,6 +115,7 @@ class EvalResult:
     per_prompt: list[dict[str, Any]]
     guards: dict[str, dict[str, float]]  # 'base' / 'lora' -> guard -> value
     scores: dict[str, dict[str, list[list[float]]]] = field(default_factory=dict)  # name -> side -> [prompt][seed]
+    images: dict[str, str] = field(default_factory=dict)  # prompt -> its first-frame image (image-to-video)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -145,7 +153,7 @@ def check_lora_path(lora: str | Path) -> Path:
     if path.name == "adapter_config.json" and path.is_file():
         raise VaderError(f"--lora={str(lora)!r} is the LoRA's settings file, not its weights: give the folder "
                          f"({str(path.parent)!r}) or its {ADAPTER_FILE}")
-    file = path / ADAPTER_FILE if path.is_dir() else path
+    file = lora_file(path)  # our adapter folder, a diffusers lora folder, or the file
     if not file.is_file():
         raise VaderError(f"--lora={str(lora)!r}: no such file (expected a LoRA folder holding {ADAPTER_FILE}, "
                          "the file itself, or an original peft_model_<step>.pt)")
@@ -339,10 +347,24 @@ def _load_lora(gen, lora_path: Path, saved, cfg) -> None:
     set_lora_dropout(gen.denoiser, False)
 
 
-def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
+def _with_prompts_of(cfg, found: PromptList):  # type: ignore[no-untyped-def]
+    """The config as the preflight is to see it when eval's prompts come from their own file (--prompts):
+    those prompts, and their first-frame images, are what is checked, not the config's."""
+    if found.file is None:
+        return cfg
+    checked = copy.copy(cfg)
+    checked.prompt, checked.prompt_path, checked.start_index, checked.end_index = None, found.file, None, None
+    return checked
+
+
+def evaluate(cfg, lora_path: str | Path, prompts: list[str] | PromptList | None = None,
              rewards: list[str | dict[str, float]] | None = None, seeds: int = 4,
              labels: dict[str, str] | None = None) -> EvalResult:
     """Generate every prompt × seed with the base model and with the LoRA, score, compare, save.
+
+    `prompts`: a list, or a prompts file as `read_prompt_file` gives it (its labels and first-frame
+    images with it); None: the config's. First-frame images are checked against the model (as the
+    preflight checks the config's) before anything is created, and given to the generator.
 
     Seed s of prompt batch b uses generator seed step_seed(cfg.seed, 'eval', s, b) for both models,
     so base and LoRA (and two evals of one config) start from the same noise.
@@ -354,15 +376,19 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
         raise VaderError(f"--seeds={seeds!r} must be a whole number >= 1")
     lora_path = check_lora_path(lora_path)
     saved = saved_lora_config(lora_path, key="--lora")
-    if prompts is None:
-        prompts, labels = load_prompts(cfg)
-    prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only duplicate its rows
+    explicit = prompts is not None
+    found = load_prompts(cfg) if prompts is None else prompts if isinstance(prompts, PromptList) else \
+        PromptList(list(prompts), dict(labels or {}), {}, {p: i + 1 for i, p in enumerate(prompts)}, "--prompts")
+    prompts = list(dict.fromkeys(found.prompts))  # a repeated prompt would only duplicate its rows
     if not prompts:
         raise VaderError("--prompts: no prompts to evaluate")
+    found = found.subset(prompts)
     check_video_count(len(prompts), seeds)
-    labels = labels or {}
+    labels = {**found.labels, **(labels or {})}
     reward_fns = list(rewards) if rewards else [cfg.reward_fn]
-    preflight(cfg, "infer")
+    preflight(_with_prompts_of(cfg, found) if explicit else cfg, "infer")
+    if explicit and found.file is None:  # a list: the preflight checked the config's prompts, these are generated
+        check_images(cfg, found, "infer")
     for fn in reward_fns:
         if not is_callable_spec(fn):
             check_reward_weights(fn, hps_version=cfg.hps_version, sources=cfg.reward_sources)
@@ -381,7 +407,8 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
                 for stale in remove_stale_partials(root):
                     print(f"[vader] removed {stale}: the partial folder of an eval that was killed")
                 scorers = {_reward_label(fn): _build_reward(cfg, fn, device) for fn in reward_fns}
-                gen = build_generator(cfg, SimpleNamespace(prompts=prompts), device)  # type: ignore[arg-type]
+                gen = build_generator(cfg, SimpleNamespace(prompts=prompts, found=found),  # type: ignore[arg-type]
+                                      device)
                 _load_lora(gen, lora_path, saved, cfg)
                 reward_prompts = gen.reward_prompts(prompts)
                 for reward in scorers.values():
@@ -398,8 +425,13 @@ def evaluate(cfg, lora_path: str | Path, prompts: list[str] | None = None,
                 videos, scores = _generate(cfg, gen, accelerator, scorers, prompts, reward_prompts, seeds, partial,
                                            lora_path)
                 result = _summarise(final, prompts, seeds, scores, videos)
+                result.images = {p: str(ref.path) for p, ref in found.images.items()}
+                for entry in result.per_prompt:
+                    if entry["prompt"] in result.images:
+                        entry["image"] = result.images[entry["prompt"]]
                 (partial / "eval.json").write_text(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
-                eval_report(result, videos, fps=cfg.save_fps, guard_drop=cfg.guard_drop, path=partial / "report.html")
+                eval_report(result, videos, fps=cfg.save_fps, guard_drop=cfg.guard_drop, path=partial / "report.html",
+                            title=eval_title(result))
                 (partial / OWNER_FILE).unlink()
                 if os.path.lexists(final):
                     raise VaderError(f"run_name={final.name!r}: {final} appeared while this eval ran (another eval "
@@ -519,6 +551,20 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def first_frames_note(result: EvalResult) -> str | None:
+    """What an eval of image prompts says beside its numbers: the videos start from given images."""
+    if not result.images:
+        return None
+    return (f"{len(result.images)} of {len(result.prompts)} prompt(s) with a first-frame image (image-to-video): "
+            "frame 0 reproduces the image; the rewards score the whole videos, frame 0 included")
+
+
+def eval_title(result: EvalResult) -> str:
+    """The report page's title: says when the prompts had first-frame images."""
+    note = first_frames_note(result)
+    return "vader eval: base vs LoRA" + (f" — {note}" if note else "")
+
+
 def format_result(result: EvalResult) -> str:
     header = ["reward", "base [95% CI]", "lora [95% CI]", "lora-base [95% CI]", "win rate"]
     rows = []
@@ -534,8 +580,9 @@ def format_result(result: EvalResult) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
     n = len(result.prompts)
+    note = first_frames_note(result)
     return "\n".join([f"{n} prompt(s) x {result.seeds} seed(s), same seeds for base and LoRA",
-                      line(header), "  ".join("-" * w for w in widths), *map(line, rows),
+                      *([note] if note else []), line(header), "  ".join("-" * w for w in widths), *map(line, rows),
                       f"videos, eval.json and report.html in {result.folder}"])
 
 
@@ -553,7 +600,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="the training config the LoRA was made with")
     p.add_argument("--lora", required=True, metavar="PATH", help="LoRA folder (e.g. <run>/lora) or adapter file")
-    p.add_argument("--prompts", metavar="FILE", help="prompts file, one per line (default: the config's prompts)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts file, one per line, prompt<TAB>image path for an "
+                                                     "image-to-video model (default: the config's prompts)")
     p.add_argument("--rewards", metavar="A,B", help="rewards to score with (default: the config's reward_fn)")
     p.add_argument("--seeds", default="4", metavar="N", help="seeds per prompt (default 4)")
     return p
@@ -576,11 +624,9 @@ def run_eval(argv: list[str]) -> EvalResult:
     seeds = _seeds(args.seeds)
     check_lora_path(args.lora)
     rewards = parse_rewards(args.rewards) if args.rewards is not None else None
-    prompts = labels = None
-    if args.prompts is not None:
-        prompts, labels = read_prompt_file(args.prompts, key="--prompts")
+    prompts = read_prompt_file(args.prompts, key="--prompts") if args.prompts is not None else None
     cfg = load_config(args.config, overrides)
-    result = evaluate(cfg, args.lora, prompts=prompts, rewards=rewards, seeds=seeds, labels=labels)
+    result = evaluate(cfg, args.lora, prompts=prompts, rewards=rewards, seeds=seeds)
     print(format_result(result))
     return result
 

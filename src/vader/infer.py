@@ -1,7 +1,9 @@
 """Inference: generate videos for the prompts, optionally with a trained LoRA.
 
 As the original script in inference mode: num_val_runs × val_batch_size × num_processes videos,
-cycling through the prompt list, from fixed seeds.
+cycling through the prompt list, from fixed seeds. An image-to-video model gets the prompts' first frames
+(`prompt<TAB>image path`, checked by the preflight) when its generator is built (vader.run.build_generator);
+the videos written are whole, frame 0 (the given image, re-generated) included.
 """
 
 from __future__ import annotations

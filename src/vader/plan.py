@@ -224,7 +224,9 @@ def _cpu_autocast(cfg: VaderConfig) -> torch.autocast:
 def _plan_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
     """The run's prompts when the config names them (ActPred needs an action in them, toy_alignment a
     toy caption); else a stand-in: the text only decides the reward's label, never a size."""
-    prompts, labels = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else (["a video"], {})
+    # a prompts file's first-frame images are not read: the backend's plan_generator plans stand-ins
+    found = load_prompts(cfg) if (cfg.prompt or cfg.prompt_path) else None
+    prompts, labels = (found.prompts, found.labels) if found is not None else (["a video"], {})
     prompts = (prompts * cfg.train_batch_size)[: cfg.train_batch_size]
     return prompts, {p: labels[p] for p in prompts if p in labels}
 

@@ -18,10 +18,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vader import weights
-from vader.backends import backend_module
+from vader.backends import backend_class, backend_module
 from vader.checkpoint import ADAPTER_FILE
 from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
+from vader.images import image_problems
+from vader.lora_formats import DIFFUSERS_FILE, is_foreign, lora_file, read_lora
 from vader.models.presets import torch_dtype
 from vader.rewards import hub, reward_sources
 from vader.run import load_prompts
@@ -100,26 +102,29 @@ def _folder_problem(target: Path) -> str | None:
 
 
 def check_prompts(cfg: VaderConfig, command: str) -> list[str]:
-    """The prompts must parse, with the one parser train, infer and score use."""
-    load_prompts(cfg)
-    return []
+    """The prompts must parse, with the one parser train, infer and score use, and their first-frame
+    images must suit the model (none for text-to-video; every prompt or none, or every prompt, for
+    image-to-video), be readable images of the video's shape, and (train) not leave the reward only the
+    given frame 0 (vader.images)."""
+    return image_problems(cfg, load_prompts(cfg), command)
 
 
 def check_lora_files(cfg: VaderConfig, command: str) -> list[str]:
     """A LoRA named by lora_ckpt_path (and, for train, the adapter of a resume_from folder) must be a
     readable weights file: a zero-length, truncated or corrupt file is caught here, not after the
-    models are loaded. Reads the safetensors header, or the .pt file's tensors (a LoRA is small)."""
+    models are loaded. Reads the safetensors header, or the .pt file's tensors (a LoRA is small). A LoRA
+    in diffusers' format (or one the backend's pipeline converts) is read whole: its key format, its
+    pieces and NaN/inf are checked here; its module names and sizes need the model (checked on loading)."""
     problems = []
     if cfg.lora_ckpt_path:
-        path = Path(cfg.lora_ckpt_path)
-        if path.is_dir():
-            path = path / ADAPTER_FILE
-            if not path.is_file():
-                problems.append(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: the folder has no {ADAPTER_FILE} "
-                                "(expected a checkpoint or lora folder, an adapter file or an original .pt)")
-                path = None
+        path: Path | None = lora_file(cfg.lora_ckpt_path)
+        if Path(cfg.lora_ckpt_path).is_dir() and not path.is_file():
+            problems.append(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: the folder has no {ADAPTER_FILE} (ours) or "
+                            f"{DIFFUSERS_FILE} (diffusers') (expected a checkpoint or lora folder, an adapter file or "
+                            "an original .pt)")
+            path = None
         if path is not None:
-            problem = weights_file_problem(path)
+            problem = weights_file_problem(path) or foreign_lora_problem(cfg, path)
             if problem:
                 problems.append(f"lora_ckpt_path={cfg.lora_ckpt_path!r}: {problem}")
     if command == "train" and cfg.resume_from and cfg.resume_from != "latest":
@@ -128,6 +133,22 @@ def check_lora_files(cfg: VaderConfig, command: str) -> list[str]:
         if problem:
             problems.append(f"resume_from={cfg.resume_from!r}: {problem}")
     return problems
+
+
+def foreign_lora_problem(cfg: VaderConfig, path: Path) -> str | None:
+    """Why a LoRA file in diffusers' (or a convertible) format cannot be loaded, as far as the file alone
+    tells (unknown key format, LoRA biases, NaN/inf), or None; None for our own format."""
+    if not is_foreign(path):
+        return None
+    try:
+        pipeline = getattr(backend_class(cfg.backend), "pipeline_class", None)
+    except (VaderError, ImportError):
+        pipeline = None
+    try:
+        read_lora(path, [pipeline] if pipeline else None, key="lora_ckpt_path")
+    except VaderError as exc:
+        return str(exc).removeprefix(f"lora_ckpt_path={str(path)!r}: ")
+    return None
 
 
 def weights_file_problem(path: Path) -> str | None:

@@ -34,10 +34,11 @@ from vader import backends
 from vader.config import VaderConfig, is_callable_spec
 from vader.errors import VaderError
 from vader.guards import GUARD_NAMES, guard_drops, guard_warning, guards_of_rows
+from vader.images import give_images
 from vader.media import finite_number, plot_before_after, plot_reward_curve, write_video
 from vader.models.presets import torch_dtype
 from vader.models.text import EmbeddingCache
-from vader.prompts import read_prompt_file, read_prompt_lines
+from vader.prompts import PromptList, read_prompt_file, read_prompt_lines
 from vader.report import STOPPED_MARK, training_report
 from vader.rewards import build_reward
 from vader.rewards.callable import load_callable_reward
@@ -62,26 +63,32 @@ def make_accelerator(cfg: VaderConfig) -> Accelerator:
     return Accelerator(mixed_precision=mixed, cpu=not cuda, log_with=None)
 
 
-def load_prompts(cfg: VaderConfig) -> tuple[list[str], dict[str, str]]:
-    """Prompts, and explicit labels given as `prompt<TAB>label` lines (ActPred's target action)."""
+def load_prompts(cfg: VaderConfig) -> PromptList:
+    """Prompts (start_index:end_index), with the explicit labels (`prompt<TAB>label`, ActPred's target
+    action) and first-frame images (`prompt<TAB>image path`) their lines give; images are not read here."""
     if cfg.prompt:
-        prompts, labels = read_prompt_lines(cfg.prompt)
+        found = read_prompt_lines(cfg.prompt)
     elif cfg.prompt_path:
-        prompts, labels = read_prompt_file(cfg.prompt_path)
+        found = read_prompt_file(cfg.prompt_path)
     else:
         raise VaderError("no prompts: set prompt_path (a text file, one prompt per line) or prompt=[...]")
-    prompts = prompts[cfg.start_index: cfg.end_index]
+    prompts = found.prompts[cfg.start_index: cfg.end_index]
     if not prompts:
         raise VaderError(f"no prompts left after start_index={cfg.start_index}, end_index={cfg.end_index}")
-    return prompts, {p: labels[p] for p in prompts if p in labels}
+    return found.subset(prompts)
 
 
 def build_generator(cfg: VaderConfig, run: Run, device: torch.device):
     """The pipeline the config's backend builds, with every prompt encoded once (cached on disk under
-    project_dir) and the text encoder released."""
+    project_dir) and the text encoder released; an image-to-video generator is given the prompts'
+    first-frame images (`run.found`, read from their files) before anything is sampled."""
     quiet_loading_bars()
     cache = EmbeddingCache(Path(cfg.project_dir) / ".cache" / "text")
-    return backends.build_generator(cfg, device, prompts=run.prompts, cache=cache)
+    gen = backends.build_generator(cfg, device, prompts=run.prompts, cache=cache)
+    found = getattr(run, "found", None)
+    if found is not None:
+        give_images(gen, cfg, found)
+    return gen
 
 
 def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn=None, key: str = "reward_fn"):
@@ -112,6 +119,7 @@ class Run:
     prompts: list[str]
     labels: dict[str, str]  # prompt -> explicit reward label (prompts file `prompt<TAB>label`)
     kind: str
+    found: PromptList | None = None  # the prompts' source: their labels and first-frame images (vader.images)
     history: list[dict] = field(default_factory=list)
     bar: tqdm | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -128,7 +136,8 @@ class Run:
         if accelerator.num_processes > 1:
             broadcast_object_list(name)  # all ranks write into the main process's folder
         folder = Path(cfg.project_dir) / name[0]
-        run = cls(cfg, accelerator, folder, *load_prompts(cfg), kind)
+        found = load_prompts(cfg)
+        run = cls(cfg, accelerator, folder, found.prompts, found.labels, kind, found=found)
         if accelerator.is_main_process:
             run.created = not folder.exists()
             with run.discard_on_failure():

@@ -5,7 +5,9 @@
     vader score --reward "{'hps': 1.0, 'aesthetic': 0.5}" --prompt "a cat surfing a wave" out/*.mp4
 
 A prompts file holds one prompt per line (the i-th for the i-th video) or a single prompt for all
-videos; a line may give an explicit action label for ActPred after a TAB (`prompt<TAB>label`).
+videos; a line may give an explicit action label for ActPred after a TAB (`prompt<TAB>label`). An
+image-to-video prompts file (`prompt<TAB>image path[<TAB>label]`) reads too: its images are not needed to
+score videos and are not opened.
 Image rewards (aesthetic, hps, pick_score, colorfulness, ...) score every frame and average; ActPred
 classifies the whole clip.
 """
@@ -197,11 +199,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _prompts_from(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    if args.prompts is not None:
-        prompts, labels = read_prompt_file(args.prompts, key="--prompts")
+    if args.prompts is not None:  # an image-to-video prompts file's images are not needed to score videos
+        found = read_prompt_file(args.prompts, key="--prompts")
+        prompts, labels = found.prompts, found.labels
     elif args.prompt is not None:
-        prompts, labels = read_prompt_lines([args.prompt])
-        prompts = prompts or [""]
+        found = read_prompt_lines([args.prompt])
+        prompts, labels = found.prompts or [""], found.labels
     else:
         prompts, labels = [""], {}
     if args.label:

@@ -89,7 +89,7 @@ class Trainer:
 
 
 def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
-    gen = build_generator(cfg, run, accelerator.device)
+    gen = build_generator(cfg, run, accelerator.device)  # image-to-video: given the prompts' first frames
     reward = make_reward(cfg, gen, run, accelerator.device)
     if cfg.gold_reward is not None and cfg.is_sample_preview:
         run.gold = make_reward(cfg, gen, run, accelerator.device, reward_fn=cfg.gold_reward, key="gold_reward")
@@ -246,7 +246,7 @@ def _refuse_finished(cfg: VaderConfig, accelerator: Accelerator, resume_dir: Pat
     done = _finished_step(run_dir)
     if done is None or _checkpoint_step(resume_dir) != done:
         return
-    total = total_train_steps(cfg, len(load_prompts(cfg)[0]), accelerator.num_processes)
+    total = total_train_steps(cfg, len(load_prompts(cfg).prompts), accelerator.num_processes)
     if done < total:
         return
     knob, now = ("max_train_steps", cfg.max_train_steps) if cfg.max_train_steps else \

@@ -29,7 +29,8 @@ class MetaModel:
 
 @runtime_checkable
 class VideoBackend(Protocol):
-    """What the training loop, validation and inference use of a text-to-video model."""
+    """What the training loop, validation and inference use of a text-to-video model (and, with
+    `set_images`, of an image-to-video one)."""
 
     denoiser: nn.Module  # where the LoRA goes
     vae: nn.Module
@@ -72,6 +73,18 @@ class VideoBackend(Protocol):
 
     def generate(self, prompts: list[str], generator: torch.Generator, progress: Callable | None = None) -> Tensor:
         ...
+
+    # Optional, image-to-video generators only (their module's image_input(cfg) is "optional" or
+    # "required"; a text-to-video generator does not have it):
+    #
+    #     def set_images(self, images: dict[str, PIL.Image.Image]) -> None:
+    #
+    # the first-frame images keyed by prompt text, RGB as read from the files a prompts file names
+    # (checked against the video's shape by vader.images). The generator resizes and encodes them as its
+    # pipeline does and caches them; every later sample_latents/generate/flow_start of a prompt with an
+    # image is conditioned on it. vader calls it once, right after the generator is built (training
+    # setup, validation, infer, run, eval), and only when the prompts give images; with "optional", a
+    # prompt missing from `images` is sampled text-to-video.
 
 
 @dataclass
@@ -139,7 +152,16 @@ class BackendModule(Protocol):
     def plan_generator(self, cfg, training: bool) -> tuple[nn.Module, Callable]:  # type: ignore[no-untyped-def]
         """For `vader plan`: the VAE on meta, and `build(meter, prompts)` which, inside the plan's fake
         mode, gives the models storage under the meter's phases (denoiser, lora, vae, prompts) and returns
-        the generator with stand-in embeddings for `prompts`; with `training`, the LoRA is on."""
+        the generator with stand-in embeddings for `prompts`; with `training`, the LoRA is on. An
+        image-to-video backend also plans stand-in first-frame images: the plan reads no image file."""
+        ...
+
+    def image_input(self, cfg) -> str:  # type: ignore[no-untyped-def]
+        """What the config's model takes besides text: "none" (text-to-video: a prompts file may give no
+        images), "optional" (a first frame for every prompt or for none: Wan2.2-TI2V-5B) or "required"
+        (every prompt needs one: Wan2.1-I2V, CogVideoX-5B-I2V); for "optional" and "required" the
+        generator has `set_images` (see VideoBackend). vader.images checks a prompts file against it in
+        the preflight; a module without it counts as "none"."""
         ...
 
 

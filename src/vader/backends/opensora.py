@@ -224,6 +224,11 @@ def settings(cfg: VaderConfig) -> VaderConfig:
     return cfg
 
 
+def image_input(cfg: VaderConfig) -> str:
+    """Open-Sora v1.2 is text-to-video here: a prompts file may give no first-frame images."""
+    return "none"
+
+
 def build(cfg: VaderConfig, device: torch.device | str, prompts: list[str] | None = None,
           cache=None) -> OpenSoraGenerator:
     return OpenSoraGenerator.build(cfg, device, prompts=prompts, cache=cache)
