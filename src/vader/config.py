@@ -55,8 +55,8 @@ class ModelConfig:
     """The denoiser. Keys beyond these are STDiT3 architecture overrides (hidden_size, depth, ...)."""
 
     type: str = field(default="STDiT3-XL/2", metadata=_doc(
-        "denoiser architecture: Open-Sora v1.2's STDiT3, or a diffusers backend ('wan': Wan2.1 T2V, 'cogvideox': "
-        "CogVideoX 1.0), which needs an explicit image_size", choices=MODEL_TYPES))
+        "denoiser architecture: Open-Sora v1.2's STDiT3, or a diffusers backend ('wan': Wan2.1/2.2 T2V, TI2V and I2V, "
+        "'cogvideox': CogVideoX 1.0 T2V and 5B-I2V, 'ltx': LTX-Video 2B), which needs an explicit image_size", choices=MODEL_TYPES))
     from_pretrained: str | None = field(default="hpcai-tech/OpenSora-STDiT-v3", metadata=_doc(
         "hub id or local folder; None = random init (Open-Sora types only). For 'wan'/'cogvideox': the diffusers "
         "pipeline (repo id or folder in its layout); left at the Open-Sora default it becomes "
@@ -118,8 +118,8 @@ class SchedulerConfig:
     solver: str = field(default="differentiable", metadata=_doc(
         "the step of sampling steps without gradients (validation, infer, eval, and training steps before the "
         "backprop window): 'differentiable' (the step gradients go through: flow Euler, CogVideoX's DDIM) or "
-        "'published' (the pipeline's shipped scheduler: UniPC for Wan, CogVideoX's DPM for CogVideoX-5B, "
-        "LTX-Video's Euler; Open-Sora's is its Euler); steps with gradients always take the differentiable step",
+        "'published' (the scheduler the model's authors sample with: UniPC for Wan, CogVideoXDPMScheduler for "
+        "CogVideoX-5B and 5B-I2V (THUDM's demo swaps it in; 2B keeps DDIM), LTX-Video's Euler; Open-Sora's is its Euler); steps with gradients always take the differentiable step",
         choices=SOLVERS))
 
 
@@ -163,7 +163,9 @@ class VaderConfig:
     num_val_runs: int = field(default=2, metadata=_doc("validation runs; videos = runs × val_batch_size × processes",
                                                             min=0))
     seed: int = field(default=200, metadata=_doc("the same seed gives the same run", min=0, lt=2**63))
-    lora_ckpt_path: str | None = field(default=None, metadata=_doc("initial LoRA: our checkpoint or the original .pt"))
+    lora_ckpt_path: str | None = field(default=None, metadata=_doc(
+        "initial LoRA: our checkpoint, the original .pt, or a diffusers-format LoRA (a folder with "
+        "pytorch_lora_weights.safetensors, or a musubi/kohya/original-key .safetensors)"))
     resume_from: str | None = field(default=None, metadata=_doc("checkpoint folder or 'latest' to resume training"))
     project_dir: str = field(
         default="./project_dir", metadata=_doc("runs are written to project_dir/<run name>/", nonempty=True)
@@ -276,7 +278,7 @@ class VaderConfig:
 
     @property
     def backend(self) -> str:
-        """The backend model.type selects ('opensora', 'wan', 'cogvideox'; vader.backends.BACKENDS)."""
+        """The backend model.type selects ('opensora', 'wan', 'cogvideox', 'ltx'; vader.backends.BACKENDS)."""
         return backend_of(self.model.type)
 
     def to_dict(self) -> dict[str, Any]:

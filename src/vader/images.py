@@ -28,8 +28,8 @@ IMAGE_INPUTS = ("none", "optional", "required")
 ASPECT_TOLERANCE = 0.10  # an image's width/height may differ from the video's by this fraction
 MIN_SIDE_FRACTION = 4  # each side at least 1/4 of the video's
 I2V_CHOICES = ("model.type='wan' with model.from_pretrained='Wan-AI/Wan2.1-I2V-14B-480P-Diffusers' (or -720P) or "
-               "'Wan-AI/Wan2.2-TI2V-5B-Diffusers', or model.type='cogvideox' with model.from_pretrained="
-               "'THUDM/CogVideoX-5b-I2V'")
+               "'Wan-AI/Wan2.2-TI2V-5B-Diffusers', model.type='cogvideox' with model.from_pretrained="
+               "'THUDM/CogVideoX-5b-I2V', or model.type='ltx' (LTX-Video 2B)")
 SCORED_CHOICES = "'-1' (a random frame), an index from 1, 'fml', 'all' or 'alt'"
 MOST_LISTED = 5  # image problems named one by one in a message; the rest are counted
 

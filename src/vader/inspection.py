@@ -209,7 +209,9 @@ def _summary(built: MetaModel, cfg: VaderConfig) -> str:
     lines.append(f"  weights in {dtype_name}: {_size(weight_bytes)}"
                  + ("" if built.part != "text_encoder" else " (always fp32; used once per prompt, then dropped)"))
     if built.part == "denoiser":
-        targets = backend_module(cfg.backend).LORA_TARGETS
+        module = backend_module(cfg.backend)
+        # a checkpoint may widen them (Wan2.1-I2V: the image cross-attention's add_k_proj / add_v_proj)
+        targets = module.lora_targets(cfg) if hasattr(module, "lora_targets") else module.LORA_TARGETS
         lora = lora_summary(model, targets, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         per_target = ", ".join(f"{n} {name} {i}->{o}" for (name, i, o), n in sorted(
             lora.modules.items(), key=lambda kv: lora.targets.index(kv[0][0]) if kv[0][0] in lora.targets else 99))

@@ -85,6 +85,35 @@ def bake(state: dict[str, Tensor], config: Any) -> tuple[dict[str, Tensor], dict
     return out, metadata
 
 
+# diffusers' WanTransformer3DModel module names -> the original Wan checkpoint's (what ComfyUI's Wan model
+# and the Wan-Video code name them): the inverse of diffusers' `_convert_non_diffusers_wan_lora_to_diffusers`
+WAN_ORIGINAL_NAMES = (
+    (".attn1.to_out.0", ".self_attn.o"), (".attn1.to_q", ".self_attn.q"), (".attn1.to_k", ".self_attn.k"),
+    (".attn1.to_v", ".self_attn.v"), (".attn2.to_out.0", ".cross_attn.o"), (".attn2.to_q", ".cross_attn.q"),
+    (".attn2.to_k", ".cross_attn.k"), (".attn2.to_v", ".cross_attn.v"), (".attn2.add_k_proj", ".cross_attn.k_img"),
+    (".attn2.add_v_proj", ".cross_attn.v_img"), (".ffn.net.0.proj", ".ffn.0"), (".ffn.net.2", ".ffn.2"),
+)
+ORIGINAL_WAN_PREFIX = "diffusion_model."
+
+
+def original_wan_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A baked diffusers-format Wan LoRA (`transformer.blocks.N.attn1.to_q.lora_A.weight`) under the
+    original Wan names (`diffusion_model.blocks.N.self_attn.q.lora_A.weight`), the names ComfyUI's Wan
+    loader maps. No `.alpha` keys: the strength is in B, and a loader without alpha applies scale 1.
+    A module outside the blocks' attention and FFN has no original name here: ValueError."""
+    out = {}
+    for key, value in state.items():
+        name = key[len(TRANSFORMER_PREFIX):] if key.startswith(TRANSFORMER_PREFIX) else key
+        module, _, tail = name.partition(".lora_")
+        for ours, theirs in WAN_ORIGINAL_NAMES:
+            if module.startswith("blocks.") and module.endswith(ours):
+                out[f"{ORIGINAL_WAN_PREFIX}{module[:-len(ours)]}{theirs}.lora_{tail}"] = value
+                break
+        else:
+            raise ValueError(f"LoRA key {key!r} has no original Wan name (only the blocks' attention and FFN do)")
+    return out
+
+
 # ---- in -------------------------------------------------------------------------------------------
 
 

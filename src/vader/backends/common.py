@@ -335,6 +335,29 @@ def save_diffusers_lora(pipeline_class: type, lora: nn.Module | dict[str, Tensor
     return folder
 
 
+def save_renamed_lora(lora: nn.Module | dict[str, Tensor], file: str | os.PathLike[str], rename: Callable[
+        [dict[str, Tensor]], dict[str, Tensor]], config=None) -> Path:  # type: ignore[no-untyped-def]
+    """One .safetensors of the baked LoRA (as `save_diffusers_lora` bakes it) under `rename`'s key names
+    (e.g. `lora_formats.original_wan_keys` for ComfyUI), written to a temporary name and moved into place."""
+    from safetensors.torch import save_file
+
+    from vader.lora_formats import TRANSFORMER_PREFIX, bake
+
+    state, config = peft_state_and_config(lora, config)
+    state, _ = bake(state, config)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise VaderError(f"refusing to save the LoRA to {file}: {bad} holds NaN or inf")
+    state = rename({f"{TRANSFORMER_PREFIX}{k}": v.contiguous() for k, v in state.items()})
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "ss_network_dim": str(config.r),
+                                         "ss_network_alpha": str(config.r)})
+    os.replace(tmp, file)
+    return file
+
+
 # ---- sampling ----------------------------------------------------------------------------------
 
 
