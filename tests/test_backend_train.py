@@ -87,6 +87,26 @@ def test_run_folder_holds_our_lora_and_a_diffusers_lora_the_pipeline_loads(train
     assert any(v.abs().max() > 0 for k, v in ours.items() if "lora_B" in k)  # trained (peft starts B at 0)
 
 
+def test_wan_run_folder_holds_a_comfyui_lora_under_the_original_wan_names(trained):
+    """ComfyUI's Wan loader maps the original checkpoint's names (blocks.N.self_attn.q), not diffusers'.
+    The file diffusers' own converter of those names (WanPipeline.lora_state_dict) turns back into
+    exactly the diffusers file's tensors."""
+    import diffusers
+
+    name, _, _, _, run = trained
+    files = sorted((run / "lora" / "comfyui").glob("*.safetensors"))
+    if name != "wan":
+        assert not files  # the format is Wan's
+        return
+    assert [f.name for f in files] == [f"{run.name}.safetensors"]
+    comfy = load_file(str(files[0]))
+    assert comfy and all(k.startswith("diffusion_model.blocks.") for k in comfy)
+    assert any(".self_attn.q.lora_A." in k for k in comfy) and any(".cross_attn.o.lora_B." in k for k in comfy)
+    theirs = load_file(str(run / "lora" / "diffusers" / "pytorch_lora_weights.safetensors"))
+    back = diffusers.WanPipeline.lora_state_dict(str(files[0]))
+    assert back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
+
+
 def test_gradients_reach_only_the_lora(backend, tmp_path):
     from vader.methods.vader import micro_step
     from vader.run import Run, make_accelerator

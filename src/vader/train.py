@@ -45,6 +45,7 @@ from vader.sharding import shard
 # settings dicts a resume compares by the values they resolve to (None == the defaults)
 SETTINGS_DEFAULTS = {"grpo": asdict(GRPOSettings())}
 DIFFUSERS_LORA = Path("lora") / "diffusers"  # in the run folder: the final LoRA in diffusers' format (backends)
+COMFYUI_LORA = Path("lora") / "comfyui"  # in the run folder: the final LoRA under ComfyUI's names (Wan)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: VaderConfig) -> torch.optim.Optimizer:
@@ -163,6 +164,9 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
         save_adapter(run.dir / "lora", t.gen.denoiser, t.lora, extra={"step": final, "config": cfg.to_dict()})
         if "diffusers" in t.gen.lora_formats:  # for diffusers: `pipe.load_lora_weights(run / "lora" / "diffusers")`
             t.gen.save_lora_diffusers(t.gen.denoiser, run.dir / DIFFUSERS_LORA, config=t.lora)
+        if "comfyui" in t.gen.lora_formats:  # one file to copy into ComfyUI/models/loras
+            t.gen.save_lora_comfyui(t.gen.denoiser, run.dir / COMFYUI_LORA / f"{run.dir.name}.safetensors",
+                                    config=t.lora)
     if cfg.is_sample_preview:
         after: list = []
         run.validate(t.gen, t.reward, final, previews=after)

@@ -38,7 +38,8 @@ class VideoBackend(Protocol):
     dtype: torch.dtype
     lora_target_modules: list[str]
     # what the final LoRA is saved as beside peft's adapter: "diffusers" means the generator also has
-    # save_lora_diffusers(lora, folder, config) -> Path (a file `pipe.load_lora_weights` reads)
+    # save_lora_diffusers(lora, folder, config) -> Path (a file `pipe.load_lora_weights` reads); "comfyui":
+    # save_lora_comfyui(lora, file, config) -> Path (one file under the names ComfyUI's loader maps)
     lora_formats: tuple[str, ...]
 
     @property

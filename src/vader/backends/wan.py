@@ -591,6 +591,9 @@ class WanGenerator(common.PromptsAndVideos):
     first_frames: dict[str, FirstFrame] = field(default_factory=dict)  # set_images' per prompt
 
     lora_target_modules = LORA_TARGETS
+    # beside diffusers' file, one under the original Wan names: ComfyUI's Wan LoRA loader maps those, not
+    # diffusers' (its loader run on the diffusers file patched none of 32 keys; on this one, all, to 6e-8)
+    lora_formats = ("diffusers", "comfyui")
 
     backend_name, settings_class, pipeline_class = "wan", WanSettings, "WanPipeline"
     model_classes = ("transformers.UMT5EncoderModel", "diffusers.WanTransformer3DModel", "diffusers.AutoencoderKLWan")
@@ -681,6 +684,13 @@ class WanGenerator(common.PromptsAndVideos):
                 raise VaderError(f"max_sequence_length={self.settings.max_sequence_length!r} with an image-to-video "
                                  "transformer: diffusers' Wan attention separates the image tokens from "
                                  f"{TEXT_LENGTH_I2V} text tokens; set text_encoder.model_max_length={TEXT_LENGTH_I2V}")
+
+    def save_lora_comfyui(self, lora: nn.Module | dict[str, Tensor], file: str | Path, config=None) -> Path:  # type: ignore[no-untyped-def]
+        """One .safetensors for ComfyUI's LoraLoader (and the Wan-Video code): `diffusion_model.blocks.N.
+        self_attn.q.lora_A.weight`..., the strength baked into B as in the diffusers file."""
+        from vader.lora_formats import original_wan_keys
+
+        return common.save_renamed_lora(lora, file, original_wan_keys, config)
 
     # ---- text ----
     def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> common.PromptEncoder:
