@@ -26,6 +26,7 @@ from torch import nn
 
 from vader.errors import VaderError
 from vader.lora_formats import (
+    ADAPTER_FILE,
     DIFFUSERS_FILE,
     is_foreign,
     load_into,
@@ -36,7 +37,6 @@ from vader.lora_formats import (
 )
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel adds; the original's .pt files carry it
-ADAPTER_FILE = "adapter_model.safetensors"
 STATE_FILE = "state.json"
 
 

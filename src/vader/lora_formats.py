@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from vader.errors import VaderError
 
+ADAPTER_FILE = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME: our LoRA folders
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 PEFT_PREFIX = "base_model.model."
 TRANSFORMER_PREFIX = "transformer."  # diffusers' prefix of the denoiser's LoRA keys
@@ -120,8 +121,6 @@ def original_wan_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def lora_file(path: str | Path) -> Path:
     """The weights file a LoRA path names: a folder's adapter_model.safetensors (ours), else its
     pytorch_lora_weights.safetensors (diffusers'); a file as given. The path may not exist."""
-    from vader.checkpoint import ADAPTER_FILE
-
     path = Path(path)
     if path.is_dir():
         ours, theirs = path / ADAPTER_FILE, path / DIFFUSERS_FILE
