@@ -351,7 +351,7 @@ def test_shipped_inference_configs_differ_from_training_only_in_what_they_set():
     configs = TINY_TRAIN.parents[1]
     tiny_train, tiny_infer = load_config_file(TINY_TRAIN), load_config_file(TINY_INFER)
     assert tiny_infer == {**tiny_train, "is_vader_training": False}
-    for name, sampler in (("wan2.1-t2v-1.3b", {"cfg_scale": 5.0, "shift": 3.0}),
+    for name, sampler in (("wan2.1-t2v-1.3b", {"cfg_scale": 5.0, "shift": 3.0, "solver": "published"}),
                           ("cogvideox-2b", {"cfg_scale": 6.0, "use_dynamic_cfg": False, "solver": "differentiable"})):
         train, infer = (load_config_file(configs / name / f"vader_{k}.py") for k in ("train", "inference"))
         assert infer == {**train, "scheduler": {"num_sampling_steps": 50, **sampler}, "is_vader_training": False,

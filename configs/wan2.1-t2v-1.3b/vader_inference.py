@@ -5,7 +5,8 @@
 # --lora_ckpt_path (our lora/ or checkpoint folder) brings its own rank and alpha.
 _base_ = "vader_train.py"  # model, sizes, dtype, seed of the training config (next to this file); below, what differs
 
-scheduler = dict(num_sampling_steps=50)  # WanPipeline's default (training samples with 30); the rest as training
+scheduler = dict(num_sampling_steps=50, solver="published")  # WanPipeline's default steps (training: 30), UniPC as
+# the Wan repos ship it (no step here needs gradients); the rest as training
 is_vader_training = False
 logger_type = "none"
 debug = True

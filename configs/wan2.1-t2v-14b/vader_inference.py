@@ -3,7 +3,7 @@
 #         --lora_ckpt_path project_dir/<run>/lora
 _base_ = "vader_train.py"  # model, sizes, dtype, seed of the training config (next to this file); below, what differs
 
-scheduler = dict(num_sampling_steps=50)  # Wan's and WanPipeline's default (training samples with 30)
+scheduler = dict(num_sampling_steps=50, solver="published")  # Wan's default steps (training: 30), with its UniPC
 is_vader_training = False
 logger_type = "none"
 debug = True

@@ -4,7 +4,8 @@
 #         --lora_ckpt_path project_dir/<run>/lora
 _base_ = "vader_train.py"  # model, sizes, guidance, shift, dtype, seed of the training config; below, what differs
 
-scheduler = dict(num_sampling_steps=40)  # Wan2.2 t2v-A14B's sample_steps: 25 high-noise + 15 low-noise steps
+scheduler = dict(num_sampling_steps=40, solver="published")  # Wan2.2 t2v-A14B's sample_steps, with its UniPC
+# (`vader config` shows how many steps each expert takes)
 is_vader_training = False
 logger_type = "none"
 debug = True
