@@ -157,10 +157,14 @@ def image_problems(cfg, found: PromptList, command: str = "infer") -> list[str]:
 
 
 def decode_frame_problems(cfg, found: PromptList) -> list[str]:  # type: ignore[no-untyped-def]
-    """Training on image prompts with a decode_frame that only ever scores frame 0, which reproduces the
-    given image: the reward would see no generated frame (and give no gradient worth having)."""
+    """Training on image prompts with a decode_frame that only ever scores frame 0 where frame 0 is the given
+    image's latent (Wan2.2-TI2V, LTX-Video): the reward would see no generated frame and give no gradient.
+    A backend whose frame 0 is generated says so with `first_frame_generated(cfg)` (Wan2.1-I2V, CogVideoX-I2V)."""
     from vader.frames import max_decode_index
 
+    ask = getattr(backend_module(cfg.backend), "first_frame_generated", None)
+    if ask is not None and ask(cfg):  # frame 0 is sampled (conditioned on the image): scoring it trains the model
+        return []
     last = max_decode_index(cfg.decode_strategy, cfg.frames, cfg.vae.micro_frame_size)
     if last == 0:
         unit = "frame" if cfg.decode_strategy != "latent" else "latent frame (decode_strategy='latent')"

@@ -165,5 +165,12 @@ class BackendModule(Protocol):
         the preflight; a module without it counts as "none"."""
         ...
 
+    def first_frame_generated(self, cfg) -> bool:  # type: ignore[no-untyped-def]
+        """With first frames: True when the video's frame 0 is sampled, conditioned on the image (the image
+        latents are extra channels: Wan2.1-I2V, CogVideoX-5B-I2V), so a reward on frame 0 trains the model;
+        False (or absent) when frame 0 is the image's own latent (Wan2.2-TI2V, LTX-Video), where training on
+        frame 0 alone is refused: no gradient reaches it."""
+        ...
+
 
 __all__ = ["BackendModule", "FlowSampler", "FlowState", "MetaModel", "VideoBackend"]

@@ -574,6 +574,12 @@ def image_input(cfg) -> str:  # type: ignore[no-untyped-def]
     return "required" if checkpoint_pipeline(settings(cfg)) == I2V_PIPELINE else "none"
 
 
+def first_frame_generated(cfg) -> bool:  # type: ignore[no-untyped-def]
+    """CogVideoX-5B-I2V concatenates the image latents as extra channels and samples every latent frame: the
+    video's frame 0 is generated (conditioned on the image), so a reward on it trains the model."""
+    return True
+
+
 def _published_scheduler(s: CogVideoXSettings):  # type: ignore[no-untyped-def]
     """The checkpoint's scheduler (its config, in the class it names) when its files are on this machine,
     else the published repo's CogVideoXDDIMScheduler (CogVideoX-2b's for any other source); its values

@@ -967,6 +967,12 @@ def image_input(cfg) -> str:  # type: ignore[no-untyped-def]
     return checkpoint_layout(settings(cfg)).image_input
 
 
+def first_frame_generated(cfg) -> bool:  # type: ignore[no-untyped-def]
+    """Wan2.1-I2V (and the I2V-A14B layout) sample latent frame 0 with the image latents beside it as extra
+    channels: frame 0 is generated. TI2V-5B keeps the image's latent as frame 0 (no gradient reaches it)."""
+    return checkpoint_layout(settings(cfg)).image_input == "required"
+
+
 def lora_targets(cfg) -> list[str]:  # type: ignore[no-untyped-def]
     """The LoRA's target module names for this config's checkpoint: Wan2.1-I2V adds its image cross-attention's
     add_k_proj / add_v_proj to LORA_TARGETS (what the generator's `lora_target_modules` says once built)."""
