@@ -345,18 +345,8 @@ class CogVideoXGenerator(common.PromptsAndVideos):
 
     # ---- text ----
     def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> common.PromptEncoder:
-        length = self.settings.max_sequence_length
-
-        def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-            # CogVideoXPipeline._get_t5_prompt_embeds: padded to max length and encoded WITHOUT the
-            # attention mask (the transformer was trained on embeddings of the padding too)
-            tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                               add_special_tokens=True, return_tensors="pt")
-            hidden = model(tokens.input_ids.to(self.device))[0].to(model.dtype)
-            return hidden, tokens.attention_mask.long()
-
-        return common.PromptEncoder(encode, name=f"cogvideox:{name}", dtype=model.dtype, model_max_length=length,
-                                    output_dim=int(model.config.d_model))
+        return common.padded_t5_encoder(tokenizer, model, f"cogvideox:{name}", self.device,
+                                        self.settings.max_sequence_length)
 
     @property
     def _spatial(self) -> int:

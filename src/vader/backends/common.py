@@ -258,6 +258,21 @@ class PromptEncoder:
 # ---- decoding -----------------------------------------------------------------------------------
 
 
+def padded_t5_encoder(tokenizer, model: nn.Module, name: str, device: torch.device, length: int) -> PromptEncoder:  # type: ignore[no-untyped-def]
+    """T5 prompt embeddings as CogVideoXPipeline and LTXPipeline compute them (`_get_t5_prompt_embeds`):
+    padded to `length` and encoded WITHOUT the attention mask (CogVideoX's transformer was trained on the
+    padding's embeddings too); the mask is returned beside them (LTX's cross-attention takes it)."""
+
+    def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
+        tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                           add_special_tokens=True, return_tensors="pt")
+        hidden = model(tokens.input_ids.to(device))[0].to(model.dtype)
+        return hidden, tokens.attention_mask.long()
+
+    return PromptEncoder(encode, name=name, dtype=model.dtype, model_max_length=length,
+                         output_dim=int(model.config.d_model))
+
+
 def decode_until(chunks: Iterator[Tensor], frames: list[int] | None, total: int) -> Tensor:
     """Take a causal VAE's decoded chunks ([B, 3, f, H, W], in order) only until the last wanted
     output frame exists, then pick `frames` (None: all `total`). Later chunks are never decoded."""

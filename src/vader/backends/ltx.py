@@ -247,18 +247,8 @@ class LTXGenerator(common.PromptsAndVideos):
 
     # ---- text ----
     def _prompt_encoder(self, tokenizer, model: nn.Module, name: str) -> common.PromptEncoder:
-        length = self.settings.max_sequence_length
-
-        def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-            # LTXPipeline._get_t5_prompt_embeds: padded to max length, encoded WITHOUT the attention mask;
-            # the mask goes to the transformer's cross-attention instead
-            tokens = tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                               add_special_tokens=True, return_tensors="pt")
-            hidden = model(tokens.input_ids.to(self.device))[0].to(model.dtype)
-            return hidden, tokens.attention_mask.long()
-
-        return common.PromptEncoder(encode, name=f"ltx:{name}", dtype=model.dtype, model_max_length=length,
-                                    output_dim=int(model.config.d_model))
+        return common.padded_t5_encoder(tokenizer, model, f"ltx:{name}", self.device,
+                                        self.settings.max_sequence_length)
 
     def encode_prompts(self, prompts: list[str], cache=None) -> None:  # type: ignore[no-untyped-def]
         """Encode every new prompt (and the negative prompt when guidance is on) once, keeping its mask."""
