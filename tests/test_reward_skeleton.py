@@ -25,11 +25,14 @@ from vader.rewards.kinetics import KINETICS_400
 from vader.rewards.pickscore import PickScoreReward
 from vader.rewards.skeleton import PICK_SCORE_PROCESSOR, OfflineClipTokenizer
 from vader.rewards.toy import ToyAlignment, ToySize
+from vader.rewards.videoreward import VideoReward
+from vader.rewards.xclip import XCLIPReward
 
 CLASSES = {
     "colorfulness": Colorfulness, "brightness": Brightness, "aesthetic": AestheticReward, "hps": HPSReward,
     "aesthetic_hps": AestheticHPSReward, "pick_score": PickScoreReward, "actpred": ActPred,
-    "toy_alignment": ToyAlignment, "toy_size": ToySize,
+    "toy_alignment": ToyAlignment, "toy_size": ToySize, "xclip": XCLIPReward,
+    **dict.fromkeys(("videoreward", "videoreward_vq", "videoreward_mq", "videoreward_ta"), VideoReward),
 }
 MODEL_REWARDS = ["aesthetic", "hps", "aesthetic_hps", "pick_score", "actpred"]
 TINY_HPS = "vader-skeleton-tiny-hps"  # open_clip config name registered by the fixture
@@ -41,6 +44,10 @@ TINY_HPS = "vader-skeleton-tiny-hps"  # open_clip config name registered by the 
 # the toy classifier 158,705 (159k in the README).
 CLIP_L14_VISION_WITH_PROJECTION = 303_966_208
 VIT_H_14 = 986_109_441
+# microsoft/xclip-base-patch32 (transformers' XCLIPConfig defaults; "197M" on its card with 127 position ids);
+# VideoReward: Qwen2-VL-2B-Instruct (2,208,985,600) with VideoAlign's 151,660-row vocabulary and its reward head
+XCLIP_BASE_PATCH32 = 196_585_729
+VIDEOREWARD_2B = 2_208_563_200
 VIDEOMAE_BASE_K400 = 86_534_800
 AESTHETIC_MLP_768 = (768 * 1024 + 1024) + (1024 * 128 + 128) + (128 * 64 + 64) + (64 * 16 + 16) + (16 + 1)
 TOY_CLASSIFIER = 158_705
@@ -54,6 +61,8 @@ PARAMS = {
     "toy_size": TOY_CLASSIFIER,
     "colorfulness": 0,
     "brightness": 0,
+    "xclip": XCLIP_BASE_PATCH32,
+    **dict.fromkeys(("videoreward", "videoreward_vq", "videoreward_mq", "videoreward_ta"), VIDEOREWARD_2B),
 }
 # prompts each reward accepts (ActPred needs a Kinetics action, toy_alignment a toy caption)
 PROMPTS = {
@@ -317,14 +326,18 @@ def fake_step(name: str, dtype: torch.dtype, autocast: bool, frames: int = 2, **
     return meter, weights
 
 
-@pytest.mark.parametrize("name", reward_names())
+# VideoReward's single dimensions are its one model read at one token: the mix `videoreward` stands for them
+SAME_MODEL = ("videoreward_vq", "videoreward_mq", "videoreward_ta")
+
+
+@pytest.mark.parametrize("name", [n for n in reward_names() if n not in SAME_MODEL])
 def test_full_size_forward_and_backward_on_fake_tensors(name: str) -> None:
     meter, weights = fake_step(name, torch.bfloat16, autocast=True)
     assert weights >= 2 * PARAMS[name]  # bf16 weights of the published size (+ buffers)
     assert meter.peak > weights
 
 
-@pytest.mark.parametrize("name", [n for n in reward_names() if n != "aesthetic_hps"])
+@pytest.mark.parametrize("name", [n for n in reward_names() if n != "aesthetic_hps" and n not in SAME_MODEL])
 def test_fp32_weights_without_autocast(name: str) -> None:
     """The original's weights precision (fp32) with autocast off also runs end to end."""
     meter, weights = fake_step(name, torch.float32, autocast=False)

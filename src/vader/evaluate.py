@@ -67,6 +67,7 @@ from vader.prompts import PromptList, read_prompt_file
 from vader.report import eval_report, format_ci, format_number
 from vader.rewards import build_reward, check_reward_weights, reward_names
 from vader.rewards.callable import load_callable_reward
+from vader.rewards.videoreward import set_video_fps
 from vader.run import build_generator, load_prompts, make_accelerator, step_seed
 
 MAX_EVAL_VIDEOS = 10_000  # prompts x seeds per model: beyond it an eval runs for days (and holds every video)
@@ -330,8 +331,10 @@ def stop_on_signals() -> Iterator[None]:
 def _build_reward(cfg, name: str | dict[str, float], device: torch.device):
     if is_callable_spec(name):
         return load_callable_reward(name, key="--rewards")
-    return build_reward(name, device=device, dtype=torch_dtype(cfg.dtype), hps_version=cfg.hps_version,
-                        sources=cfg.reward_sources, resize=cfg.reward_resize)
+    reward = build_reward(name, device=device, dtype=torch_dtype(cfg.dtype), hps_version=cfg.hps_version,
+                          sources=cfg.reward_sources, resize=cfg.reward_resize)
+    set_video_fps(reward, cfg.save_fps)  # VideoReward samples the decoded clip at 2 fps of the saved rate
+    return reward
 
 
 def _load_lora(gen, lora_path: Path, saved, cfg) -> None:

@@ -52,7 +52,7 @@ from vader.methods import method_module
 from vader.methods.base import PlannedStep
 from vader.models.presets import torch_dtype
 from vader.preflight import preflight
-from vader.rewards import reward_skeleton
+from vader.rewards import check_decode_frame, reward_skeleton
 from vader.rewards.skeleton import callable_skeleton
 from vader.run import Run, load_prompts, make_accelerator
 from vader.sharding import (
@@ -592,6 +592,11 @@ def _knob_applies(cfg: VaderConfig, knob: tuple[str, str, bool]) -> bool:
         return False
     if key == "dtype" and value == "fp8":
         if "fp8" not in DTYPES:
+            return False
+    if key == "decode_frame" and not is_callable_spec(cfg.reward_fn):
+        try:  # a clip reward (actpred, xclip, videoreward) refuses a one-frame decode: not a knob for it
+            check_decode_frame(cfg.reward_fn, value)
+        except VaderError:
             return False
     return _value(cfg, key) != value
 

@@ -101,7 +101,8 @@ def make_reward(cfg: VaderConfig, gen, run: Run, device: torch.device, reward_fn
     else:
         reward = build_reward(reward_fn, device=device, dtype=torch_dtype(cfg.dtype),
                               hps_version=cfg.hps_version, grad_checkpoint=cfg.reward_grad_checkpoint,
-                              sources=cfg.reward_sources, resize=cfg.reward_resize)
+                              sources=cfg.reward_sources, resize=cfg.reward_resize,
+                              video_fps=cfg.save_fps)  # a clip reward sampling in time (VideoReward: 2 fps)
     labels = {gen.reward_prompts([p])[0]: label for p, label in run.labels.items()}
     reward.prepare(list(dict.fromkeys(gen.reward_prompts(run.prompts))), labels)
     targets = getattr(reward, "targets", None)

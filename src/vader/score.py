@@ -30,6 +30,7 @@ from vader.errors import ArgumentParser, VaderError
 from vader.media import read_video
 from vader.prompts import read_prompt_file, read_prompt_lines
 from vader.rewards.base import Reward, WeightedReward
+from vader.rewards.videoreward import set_video_fps
 
 FRAME_CHUNK = 16  # frames per call for per-frame rewards (bounds memory on long videos)
 
@@ -48,6 +49,18 @@ def _is_per_frame(reward) -> bool:
     if isinstance(reward, WeightedReward):  # a mix is per frame when every part is
         return all(_is_per_frame(part) for part in reward.parts.values())
     return type(reward).forward is Reward.forward
+
+
+def video_fps(path: Path) -> float | None:
+    """An mp4's frame rate (its stream's average rate), or None when the file does not say."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            rate = container.streams.video[0].average_rate
+    except Exception:  # unreadable here: _read says why
+        return None
+    return float(rate) if rate else None
 
 
 def _read(path: Path) -> torch.Tensor:
@@ -98,6 +111,7 @@ def score_rows(reward, videos: list[Path], prompts: list[str], labels: dict[str,
     target_of = getattr(reward, "target_label", None)
     rows = []
     for video_path, prompt in zip(videos, prompts):
+        set_video_fps(reward, video_fps(video_path))  # VideoReward samples the clip at 2 fps of its own rate
         r, loss = score_video(reward, _read(video_path), prompt, device)
         rows.append(VideoScore(video_path, prompt, r, loss, target_of(prompt) if target_of else None))
     return rows

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from vader.errors import VaderError
-from vader.rewards import actpred, aesthetic, builtin, hps, pickscore, skeleton, toy
+from vader.rewards import actpred, aesthetic, builtin, hps, pickscore, skeleton, toy, videoreward, xclip
 from vader.rewards.base import (
     RESIZE_MODES,
     Reward,
@@ -115,6 +115,16 @@ REWARDS: dict[str, RewardSpec] = {spec.name: spec for spec in (
                needs_clip=toy.NEEDS_CLIP, source_keys=toy.SOURCE_DOCS),
     RewardSpec("toy_size", "toy world: the object's area in % of the frame", toy.build_toy_size,
                skeleton.toy_size_skeleton, toy.classifier_sources, source_keys=toy.SOURCE_DOCS),
+    *(RewardSpec(name, doc, *videoreward.factory(name), videoreward.videoreward_sources,
+                 needs_clip=videoreward.NEEDS_CLIP, source_keys=videoreward.SOURCE_DOCS)
+      for name, doc in (
+          ("videoreward", "VideoReward (VideoAlign, Qwen2-VL-2B): VQ + MQ + TA, normalised (its 'Overall')"),
+          ("videoreward_vq", "VideoReward visual quality (normalised)"),
+          ("videoreward_mq", "VideoReward motion quality (normalised)"),
+          ("videoreward_ta", "VideoReward text alignment (normalised)"))),
+    RewardSpec("xclip", "X-CLIP text-video similarity (microsoft/xclip-base-patch32, 8 frames)", xclip.build_xclip,
+               xclip.xclip_skeleton, xclip.xclip_sources, needs_clip=xclip.NEEDS_CLIP,
+               source_keys=xclip.SOURCE_DOCS),
 )}
 
 
