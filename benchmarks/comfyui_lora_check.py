@@ -6,7 +6,7 @@ patch 1x2x2; seeded random weights) gets vader's LoRA (`checkpoint.lora_config(r
 own code: the ComfyUI one (`save_renamed_lora(model, file, lora_formats.original_wan_keys)`) and, for
 comparison, diffusers' (`save_diffusers_lora(WanPipeline, model, folder)`).
 
-ComfyUI (`COMFYUI_PATH`, default /tmp/comfy; its extra packages in `COMFYUI_DEPS`, default /tmp/comfydeps)
+ComfyUI (`COMFYUI_PATH`, default ./ComfyUI; packages it needs beyond vader's in `COMFYUI_DEPS`, a pip --target folder, if any)
 loads the base weights under the original Wan names (`comfy.sd.load_diffusion_model_state_dict`; the
 renaming of the base model is checked against diffusers' own Wan converter), reads each LoRA file with
 `comfy.utils.load_torch_file`, applies it with `comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0)`
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-COMFY = Path(os.environ.get("COMFYUI_PATH", "/tmp/comfy"))
-DEPS = Path(os.environ.get("COMFYUI_DEPS", "/tmp/comfydeps"))
+COMFY = Path(os.environ.get("COMFYUI_PATH", "ComfyUI"))
+DEPS = os.environ.get("COMFYUI_DEPS", "")
 RANK, ALPHA = 4, 3.0
 TOLERANCE = 1e-5
 
@@ -117,7 +117,7 @@ def import_comfy():  # type: ignore[no-untyped-def]
     """comfy.sd and comfy.utils set up for the CPU, or a reason why not."""
     if not (COMFY / "comfy" / "sd.py").is_file():
         return None, f"ComfyUI not found at {COMFY}: skipped"
-    for path in (str(DEPS), str(COMFY)):
+    for path in (p for p in (DEPS, str(COMFY)) if p):
         if path not in sys.path:
             sys.path.insert(0, path)
     try:
