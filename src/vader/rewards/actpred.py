@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES
 from vader.rewards.aesthetic import quiet_transformers
-from vader.rewards.base import Reward, RewardOutput, as_dtype
+from vader.rewards.base import Reward, RewardOutput, as_dtype, flag_checkpointed_as_training
 from vader.rewards.hub import WeightSource, folder_source
 from vader.rewards.kinetics import prompt_key, resolve_label
 from vader.weights import download_command, download_hint
@@ -226,9 +226,7 @@ class ActPred(Reward):
         reads nothing else from the flag; dropout inside stays off)."""
         super().train(False)
         if self.grad_checkpoint:
-            for module in self.model.modules():
-                if getattr(module, "gradient_checkpointing", False) is True:
-                    module.training = True
+            flag_checkpointed_as_training(self.model)
         return self
 
     @property

@@ -200,6 +200,15 @@ class TextEmbeddingCache:
         return torch.stack([self._cache[p].to(device) for p in prompts])
 
 
+def flag_checkpointed_as_training(model: nn.Module) -> None:
+    """After `model.train(False)`: transformers checkpoints a module only in training mode, so the modules
+    its `gradient_checkpointing_enable` flagged are marked training again (their forward reads nothing else
+    from the flag; dropout stays off), and the reward checkpoints in eval mode."""
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+
+
 def checkpoint_layers(layers: Iterable[nn.Module]) -> None:
     """Activation checkpointing for each layer whenever autograd is on, in eval mode too."""
     for layer in layers:

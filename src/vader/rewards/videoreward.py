@@ -49,7 +49,14 @@ from torch import Tensor, nn
 
 from vader.errors import VaderError
 from vader.rewards.aesthetic import quiet_transformers
-from vader.rewards.base import CLIP_MEAN, CLIP_STD, Reward, RewardOutput, as_dtype
+from vader.rewards.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    Reward,
+    RewardOutput,
+    as_dtype,
+    flag_checkpointed_as_training,
+)
 from vader.rewards.hub import WeightSource, folder_source, load_error, pretrained_path
 from vader.weights import download_command, offline
 
@@ -361,9 +368,7 @@ class VideoReward(Reward):
         (transformers checkpoints only in training mode; Qwen2-VL has no dropout at inference settings)."""
         super().train(False)
         if self.grad_checkpoint:
-            for module in self.model.modules():
-                if getattr(module, "gradient_checkpointing", False) is True:
-                    module.training = True
+            flag_checkpointed_as_training(self.model)
         return self
 
     @property
