@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vader.backends import MODEL_TYPES, backend_module, backend_of
-from vader.dtypes import DTYPES
+from vader.dtypes import BACKEND_DTYPES, DTYPES
 from vader.errors import VaderError
 from vader.frames import max_decode_index
 from vader.methods import METHODS, method_module
@@ -81,6 +81,14 @@ class VAEConfig:
         "the part alone); None or the Open-Sora default = the pipeline's own"))
     micro_frame_size: int = field(default=17, metadata=_doc("frames per temporal VAE chunk", gt=0))
     micro_batch_size: int = field(default=4, metadata=_doc("frames per spatial VAE micro-batch", gt=0))
+    dtype: str | None = field(default=None, metadata=_doc(
+        "diffusers backends: dtype of the VAE's weights and decode; None = the pipeline's own (Wan: fp32, as "
+        "diffusers' Wan examples load it; CogVideoX and LTX-Video: the run's dtype). 'bf16' halves the Wan "
+        "decode's memory with gradients (on a tiny random VAE: frames within 0.04 of fp32's on [-1, 1], the "
+        "gradient's cosine to fp32's 0.999)", choices=BACKEND_DTYPES))
+    offload_cache: bool = field(default=False, metadata=_doc(
+        "model.type='wan' with grad_checkpoint: keep the causal decode's checkpointed feature caches in CPU "
+        "memory until backward (the same values and gradients, for a copy to the CPU and back per kept cache)"))
 
 
 @dataclass

@@ -157,6 +157,22 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class PlannedHostMemory:
+    """The plan's stand-in for `wan_decode.HostMemory`: a copy put in host (CPU) memory counts 0 bytes
+    on the card from then on; one brought back is a new tensor on the card, counted as any other."""
+
+    def __init__(self, meter: LiveBytes) -> None:
+        self.meter = meter
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        copy = tensor.detach().clone()
+        self.meter.recount(copy, 0, "host memory")
+        return copy
+
+    def get(self, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return tensor.clone()
+
+
 def materialise_generator_models(meter: LiveBytes, denoiser: nn.Module, vae: nn.Module, dtype: torch.dtype,
                                  vae_dtype: torch.dtype) -> None:
     """A generator's denoiser (its LoRA parameters, if any, in fp32 and counted as 'lora') and VAE given

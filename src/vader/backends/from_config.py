@@ -15,7 +15,7 @@ from vader.checkpoint import lora_on_meta
 from vader.config import ModelConfig, TextEncoderConfig, VaderConfig, VAEConfig
 from vader.dtypes import BACKEND_DTYPES
 from vader.errors import VaderError
-from vader.memory import LiveBytes, materialise, materialise_generator_models
+from vader.memory import LiveBytes, PlannedHostMemory, materialise, materialise_generator_models
 from vader.models.presets import torch_dtype
 
 # text_encoder.model_max_length's default, Open-Sora's T5 length: for a backend it means "the pipeline's own"
@@ -58,6 +58,9 @@ def check_config(cfg: VaderConfig, default_repo: str, example_size: tuple[int, i
     if cfg.text_encoder.offload:
         raise VaderError(f"text_encoder.offload=True is for Open-Sora's T5; model.type={name!r} encodes the "
                          "prompts on the run's device once and releases the encoder: set it to False")
+    if cfg.vae.offload_cache and name != "wan":
+        raise VaderError(f"vae.offload_cache=True is for Wan's checkpointed causal decode; model.type={name!r} "
+                         "keeps no feature caches for backward: set it to False")
     if cfg.image_size is None:
         raise VaderError(f"model.type={name!r} needs image_size=(height, width) in pixels, e.g. "
                          f"{example_size} (resolution/aspect_ratio are Open-Sora's size tables)")
@@ -101,6 +104,8 @@ def settings(cfg: VaderConfig, settings_class: type, **extra: Any) -> Any:
     if cfg.negative_prompt is not None:
         values["negative_prompt"] = cfg.negative_prompt
     values.update({k: v for k, v in extra.items() if v is not None})
+    if cfg.vae.dtype is not None:  # the user's choice over the backend's (the pipeline's own) VAE dtype
+        values["vae_dtype"] = cfg.vae.dtype
     return settings_class(**values)
 
 
@@ -196,6 +201,8 @@ class DiffusersBackend:
                 with meter.phase("denoiser"):  # the other expert is loaded beside the trained one, frozen
                     materialise(other, dtype)
                 gen = self.wrap(s, transformer, vae, other)
+            if hasattr(gen, "host_memory"):  # what goes to CPU memory is not on the card: the plan counts it apart
+                gen.host_memory = PlannedHostMemory(meter)
             with meter.phase("prompts"):
                 for prompt in dict.fromkeys([*prompts, s.negative_prompt]):
                     gen.embeddings[prompt] = torch.zeros(1, s.max_sequence_length, width, dtype=dtype)

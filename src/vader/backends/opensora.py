@@ -214,7 +214,8 @@ def check_config(cfg: VaderConfig) -> None:
     for key, value, unset in (("negative_prompt", cfg.negative_prompt, None),
                               ("scheduler.shift", cfg.scheduler.shift, None),
                               ("scheduler.cfg_scale_2", cfg.scheduler.cfg_scale_2, None),
-                              ("scheduler.use_dynamic_cfg", cfg.scheduler.use_dynamic_cfg, False)):
+                              ("scheduler.use_dynamic_cfg", cfg.scheduler.use_dynamic_cfg, False),
+                              ("vae.dtype", cfg.vae.dtype, None), ("vae.offload_cache", cfg.vae.offload_cache, False)):
         if value != unset:
             raise VaderError(f"{key}={value!r} is for the diffusers backends; model.type={cfg.model.type!r} "
                              f"(Open-Sora) needs {key}={unset!r}")

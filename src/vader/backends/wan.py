@@ -236,6 +236,7 @@ class WanSettings:
     tokenizer: str | None = None
     dtype: str = "bf16"  # transformer and text encoder weights
     vae_dtype: str = "fp32"  # as diffusers' Wan examples load the VAE
+    offload_vae_cache: bool = False  # the checkpointed decode keeps its kept feature caches in CPU memory
     height: int = 480
     width: int = 832
     num_frames: int = 81
@@ -589,6 +590,9 @@ class WanGenerator(common.PromptsAndVideos):
     image_encoder: nn.Module | None = None  # Wan2.1-I2V's CLIPVisionModel, until `set_images` has run
     image_processor: Any = None  # its CLIPImageProcessor
     first_frames: dict[str, FirstFrame] = field(default_factory=dict)  # set_images' per prompt
+    # where the checkpointed decode keeps its kept feature caches with settings.offload_vae_cache
+    # (`vader plan` puts its own counter here)
+    host_memory: Any = field(default_factory=wan_decode.HostMemory)
 
     lora_target_modules = LORA_TARGETS
     # beside diffusers' file, one under the original Wan names: ComfyUI's Wan LoRA loader maps those, not
@@ -936,14 +940,17 @@ class WanGenerator(common.PromptsAndVideos):
         latent frame (4 output frames) at a time with its feature cache; decoding stops after the
         last latent frame a chosen frame needs. Gradients flow back to `latents`, exactly; with
         `grad_checkpoint` each causal chunk and residual block is recomputed in backward and the feature
-        caches replayed (`wan_decode`): a late frame of 480x832x33 needs 26.6 GiB instead of 209 GiB.
+        caches replayed (`wan_decode`): a late frame of 480x832x33 needs 26.6 GiB instead of 209 GiB;
+        19.6 GiB with the kept caches in host memory (`settings.offload_vae_cache`), 11.1 GiB with that in bf16.
 
         No autocast inside: WanPipeline decodes in the VAE's own dtype (fp32 as Wan's examples load it);
         under the training loop's bf16 autocast the convolutions would run in bf16 (on the tiny test VAE
         the video moved by up to 0.18)."""
         common.check_frames(frames, self.num_frames)
         with common.autocast_off(self.device):
-            chunks = wan_decode.decode_chunks(self.vae, latents.to(self.vae.dtype), grad_checkpoint=grad_checkpoint)
+            host = self.host_memory if self.settings.offload_vae_cache else None
+            chunks = wan_decode.decode_chunks(self.vae, latents.to(self.vae.dtype), grad_checkpoint=grad_checkpoint,
+                                              host=host)
             video = common.decode_until(chunks, frames, self.num_frames)
         return video.float()
 
@@ -951,14 +958,14 @@ class WanGenerator(common.PromptsAndVideos):
 
 Generator = WanGenerator
 Settings = WanSettings
-MEMORY_KNOBS = from_config.MEMORY_KNOBS
+MEMORY_KNOBS = (*from_config.MEMORY_KNOBS, "vae.offload_cache", "vae.dtype")  # the causal decode's own two
 LOG_PROB_SAMPLING = True  # flow-matching Euler: a rectified flow (FlowSampler)
 
 
 def settings(cfg) -> WanSettings:  # type: ignore[no-untyped-def]
     return from_config.settings(cfg, WanSettings, shift=None if cfg.scheduler.shift is None
                                 else float(cfg.scheduler.shift), guidance_scale_2=cfg.scheduler.cfg_scale_2,
-                                solver=cfg.scheduler.solver)
+                                solver=cfg.scheduler.solver, offload_vae_cache=cfg.vae.offload_cache)
 
 
 def image_input(cfg) -> str:  # type: ignore[no-untyped-def]

@@ -13,6 +13,9 @@ gradient:
 - the caches the chunks' checkpoints would keep as inputs (3.3 GiB per chunk at 480x832) are kept
   for every ceil(sqrt(n))-th chunk only, and the others recomputed in backward from the last kept one;
 - a cache's gradient gets its own storage instead of staying a slice of a conv's padded gradient.
+
+With a `host` (config `vae.offload_cache`) the kept caches wait for backward in CPU memory (6.6 GiB of
+the 26.6 at 480x832x33 fp32), copied back when backward reaches them: the same values and gradients.
 """
 
 from __future__ import annotations
@@ -142,15 +145,29 @@ def _chunk_step(decoder: nn.Module, first_chunk: bool) -> CachedStep:
     return step
 
 
+class HostMemory:
+    """CPU memory for tensors backward needs again later: `put` copies one there, `get` brings it back to
+    `device`. Synchronous copies: the caches are read back once per chunk of backward, and a non-blocking
+    copy into pageable memory would be synchronous anyway."""
+
+    def put(self, tensor: Tensor) -> Tensor:
+        return tensor.detach().to("cpu", copy=True)
+
+    def get(self, tensor: Tensor, device: torch.device) -> Tensor:
+        return tensor.to(device)
+
+
 class _CacheReplay:
     """Stands in for the feature caches that the chunks' checkpoints keep as inputs. The cache left by
     every `every`-th chunk is kept; the others are saved as (chunk, position) and recomputed in
     backward, just before the chunk that reads them is, by decoding the chunks since the last kept
     cache again without gradients: the same operations on the same values, so the same cache.
-    Forward keeps n / every caches instead of n, for (every - 1) / 2 extra chunk decodes per chunk."""
+    Forward keeps n / every caches instead of n, for (every - 1) / 2 extra chunk decodes per chunk.
+    With `host` the kept caches are held in its memory (the CPU) and brought back when backward needs them."""
 
-    def __init__(self, decoder: nn.Module, x: Tensor, initial: FeatCache, every: int) -> None:
-        self.decoder, self.x, self.every = decoder, x.detach(), every
+    def __init__(self, decoder: nn.Module, x: Tensor, initial: FeatCache, every: int,
+                 host: HostMemory | None = None) -> None:
+        self.decoder, self.x, self.every, self.host = decoder, x.detach(), every, host
         self.kept: dict[int, FeatCache] = {-1: list(initial)}  # the cache chunk k left (-1: none yet)
         self.replayed: dict[int, tuple[list[Tensor], list[int]]] = {}  # k -> (tensors, how many not handed out)
         self.autocast: dict[int, list[tuple[str, bool, torch.dtype]]] = {}  # chunk -> its forward's autocast
@@ -163,9 +180,12 @@ class _CacheReplay:
         device_types = [t for t in dict.fromkeys([self.x.device.type, "cpu"]) if torch.amp.is_autocast_available(t)]
         self.autocast[k + 1] = [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in device_types]
         if k < 0 or (k + 1) % self.every == 0:
-            self.kept[k] = [entry.detach() if isinstance(entry, Tensor) else entry for entry in cache]
-            yield
-            return
+            kept = [entry.detach() if isinstance(entry, Tensor) else entry for entry in cache]
+            if self.host is None:  # the checkpoint holds the same tensors as its inputs
+                self.kept[k] = kept
+                yield
+                return
+            self.kept[k] = [self.host.put(entry) if isinstance(entry, Tensor) else entry for entry in kept]
         # by id: the hooks live as long as the graph, and must not keep the tensors alive themselves
         positions = {id(t): j for j, t in enumerate(_split(cache)[1])}
 
@@ -180,6 +200,9 @@ class _CacheReplay:
             yield
 
     def _tensor(self, k: int, j: int) -> Tensor:
+        if k in self.kept:  # in host memory (the kept ones are saved as positions only with a host)
+            assert self.host is not None
+            return self.host.get(_split(self.kept[k])[1][j], self.x.device)
         # checkpoint unpacks a chunk's inputs one by one: replay once, hand out each tensor, then forget
         if k not in self.replayed:
             tensors = _split(self._replay(k))[1]
@@ -192,7 +215,8 @@ class _CacheReplay:
 
     def _replay(self, k: int) -> FeatCache:
         start = max(b for b in self.kept if b < k)
-        cache = self.kept[start]
+        cache = self.kept[start] if self.host is None else _join(_split(self.kept[start])[0],
+                                                                  self._on_device(self.kept[start]))
         with torch.no_grad():
             for i in range(start + 1, k + 1):
                 cache = list(cache)
@@ -202,14 +226,19 @@ class _CacheReplay:
                     self.decoder(self.x[:, :, i: i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
         return cache
 
+    def _on_device(self, cache: FeatCache) -> list[Tensor]:
+        assert self.host is not None
+        return [self.host.get(t, self.x.device) for t in _split(cache)[1]]
 
-def decode_chunks(vae: nn.Module, latents: Tensor, grad_checkpoint: bool = False) -> Iterator[Tensor]:
+
+def decode_chunks(vae: nn.Module, latents: Tensor, grad_checkpoint: bool = False,
+                  host: HostMemory | None = None) -> Iterator[Tensor]:
     """Decoded chunks [B, 3, f, H, W] in [-1, 1], in order: the first latent frame alone (one output
     frame), then one latent frame (4 output frames) per chunk, each with the feature cache of the
     chunks before it. Gradients flow back to `latents`. With `grad_checkpoint` (and autograd
     recording), backward recomputes what it needs instead of forward keeping it: the same values and
     gradients, for memory of about one chunk plus sqrt(chunks) feature caches, and about twice the
-    decode's compute."""
+    decode's compute; with a `host`, those sqrt(chunks) caches wait in its (CPU) memory instead."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
     cfg = vae.config
@@ -228,7 +257,7 @@ def decode_chunks(vae: nn.Module, latents: Tensor, grad_checkpoint: bool = False
         replay = None
         if grad_checkpoint and torch.is_grad_enabled():
             # sqrt(n) caches kept, at most sqrt(n) - 1 chunks replayed for each of the others
-            replay = _CacheReplay(vae.decoder, x, cache, every=math.ceil(math.sqrt(n)))
+            replay = _CacheReplay(vae.decoder, x, cache, every=math.ceil(math.sqrt(n)), host=host)
         for i in range(n):
             chunk = x[:, :, i: i + 1]
             if replay is not None:
