@@ -93,6 +93,12 @@ def test_user_errors_exit_2(videos, tmp_path, capsys) -> None:
     assert score_main(["--help"]) == 0
     assert "--hps-version" in capsys.readouterr().out
     assert score_main(["--reward", "colorfulness"]) == 2  # no videos: argparse usage error
+    capsys.readouterr()
+    for sources, needle in (("{'nope': '/x'}", "--reward-sources: unknown reward source key(s) 'nope'; valid keys:"),
+                            ("[1, 2]", "--reward-sources='[1, 2]' is not a dict of names to paths")):
+        assert score_main(["--reward", "colorfulness", "--prompt", "x", "--reward-sources", sources, str(grey)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
 
 
 def test_score_actpred_tiny(videos, tmp_path, monkeypatch, capsys) -> None:

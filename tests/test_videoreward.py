@@ -283,6 +283,11 @@ def test_published_checkpoint_loads_strictly_and_merges_like_peft(tiny, tmp_path
     assert isinstance(loaded.model.lm_head, torch.nn.Identity)  # the reward reads hidden states only
     for k, v in loaded.model.state_dict().items():
         torch.testing.assert_close(v, state[k])
+    # a weighted dict's second dimension takes the loaded model rather than loading another copy
+    sources = {"videoreward": str(reward_dir), "videoreward_base": str(base_dir)}
+    ta = vr.build_videoreward("videoreward_ta", sources=sources)
+    assert ta.model is loaded.model and ta.dims == ("TA",) and loaded.dims == ("VQ",)
+    assert vr.build_videoreward("videoreward_ta", sources=sources, dtype=torch.bfloat16).model is not loaded.model
 
 
 def published_key_to_module(old: str) -> str:
@@ -382,6 +387,17 @@ def test_score_reads_the_files_frame_rate(published, tmp_path):
         normed = vq.normalise(vq.scores(read_video(path)[None], ["a cat runs"]))[0]
     assert rows[0].reward == pytest.approx(float(normed[0] + 0.5 * normed[2]), abs=1e-5)
     assert "clip.mp4" in format_table(rows, reward_name="videoreward_vq+videoreward_ta")
+
+
+def test_score_cli_takes_the_reward_sources(published, tmp_path, capsys):
+    from vader.media import write_video
+    from vader.score import score_main
+
+    torch.manual_seed(6)
+    path = write_video(tmp_path / "clip.mp4", torch.rand(3, 9, 56, 84) * 2 - 1, fps=8, quality="lossless")
+    assert score_main([str(path), "--reward", "videoreward_vq", "--prompt", "a cat runs",
+                       "--reward-sources", repr(published), "--device", "cpu"]) == 0
+    assert "clip.mp4" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -207,9 +207,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--actpred-frames", default="decoded", choices=["decoded", "resample"],
                    help="actpred: classify the video's frames as they are (default, the original's) or resampled "
                         "to the classifier's own length (16)")
+    p.add_argument("--reward-sources", default=None, metavar="DICT",
+                   help="local folders or hub ids of the reward models, as the config's reward_sources: "
+                        "\"{'videoreward': '/models/VideoReward', 'videoreward_base': '/models/Qwen2-VL-2B-Instruct'}\"")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default="fp32", choices=sorted(TORCH_NAMES), help="reward model dtype (default fp32)")
     return p
+
+
+def parse_sources(text: str | None) -> dict[str, str]:
+    """`--reward-sources`: a dict literal of source keys to paths or hub ids, checked as reward_sources is."""
+    if text is None:
+        return {}
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise VaderError(f"--reward-sources={text!r} is not a dict of names to paths; write it as "
+                         "\"{'videoreward': '/models/VideoReward'}\" (keys: " + ", ".join(rewards.SOURCE_KEYS) + ")")
+    try:
+        return rewards.validate_sources(value)
+    except VaderError as exc:
+        raise VaderError(f"--reward-sources: {exc}") from None
 
 
 def _prompts_from(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -229,6 +249,7 @@ def _prompts_from(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 def run_score(args: argparse.Namespace) -> list[VideoScore]:
     """Build the reward, score the videos and print the table (raises VaderError on user mistakes)."""
     reward_fn = parse_reward(args.reward)
+    sources = parse_sources(args.reward_sources)
     prompts, labels = _prompts_from(args)
     prompts = match_prompts(prompts, len(args.videos), "prompts in " + repr(args.prompts) if args.prompts else "prompts")
     missing = [v for v in args.videos if not Path(v).is_file()]
@@ -236,9 +257,10 @@ def run_score(args: argparse.Namespace) -> list[VideoScore]:
         raise VaderError(f"no such video: {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = parse_dtype("--dtype", args.dtype)
-    rewards.check_reward_weights(reward_fn, hps_version=args.hps_version)  # every missing model named at once
+    # every missing model named at once
+    rewards.check_reward_weights(reward_fn, hps_version=args.hps_version, sources=sources)
     reward = rewards.build_reward(reward_fn, device=device, dtype=dtype, hps_version=args.hps_version,
-                                  actpred_frames=args.actpred_frames)
+                                  actpred_frames=args.actpred_frames, sources=sources)
     reward = reward.to(device)
     rows = score_rows(reward, [Path(v) for v in args.videos], prompts, labels, device)
     print(format_table(rows, reward_name=_reward_label(reward_fn)))

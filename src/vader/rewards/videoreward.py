@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -653,13 +654,28 @@ def set_video_fps(reward: Any, fps: float | None) -> None:
 DIMS_OF = {"videoreward": DIMENSIONS, "videoreward_vq": ("VQ",), "videoreward_mq": ("MQ",), "videoreward_ta": ("TA",)}
 
 
+# A weighted dict of dimensions ({'videoreward_vq': 1.0, 'videoreward_ta': 0.5}) builds one reward per
+# entry: while one is alive the others take its loaded model (4.1 GiB in bf16) instead of loading their own.
+_LOADED: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
+
+
 def build_videoreward(name: str = "videoreward", *, device=None, dtype: torch.dtype | str = torch.float32,
                       sources: dict | None = None, grad_checkpoint: bool = False, video_fps: float | None = None,
                       **_: Any) -> VideoReward:
-    """The registry's factory for `name` (one of DIMS_OF)."""
+    """The registry's factory for `name` (one of DIMS_OF). Rewards built from the same folders, dtype and
+    device share one model (each keeps its own dimensions, frame rate and text cache)."""
     reward_src, base_src = videoreward_sources(sources)
-    model, tokenizer, transform, norm = load_videoreward(reward_src, base_src, dtype=as_dtype(dtype))
-    reward = VideoReward(drop_lm_head(model), tokenizer, transform, dims=DIMS_OF[name], norm=norm, video_fps=video_fps,
+    key = (repr(reward_src), repr(base_src), as_dtype(dtype), str(device), bool(grad_checkpoint))
+    model = _LOADED.get(key)
+    if model is None:
+        model, tokenizer, transform, norm = load_videoreward(reward_src, base_src, dtype=as_dtype(dtype))
+        model = drop_lm_head(model)
+        if device is not None:
+            model.to(device=device)
+        model._vader_videoreward = (tokenizer, transform, norm)  # what a second reward needs beside it
+        _LOADED[key] = model
+    tokenizer, transform, norm = model._vader_videoreward
+    reward = VideoReward(model, tokenizer, transform, dims=DIMS_OF[name], norm=norm, video_fps=video_fps,
                          grad_checkpoint=grad_checkpoint, name=name)
     return reward.to(device=device) if device is not None else reward
 
