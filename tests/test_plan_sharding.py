@@ -312,6 +312,9 @@ def _real_fsdp2(rank: int, world: int, port: int, out: str) -> None:
     dist.all_gather_single = all_gather
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    # both ranks leave together: a rank tearing its gloo group down while the other still had work in
+    # flight aborted once under load ("terminate called without an active exception", SIGABRT)
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -243,19 +243,13 @@ def test_offline_preflight_names_the_download(monkeypatch, tmp_path) -> None:
 # vader score / vader eval
 
 
-def test_vader_score(folder, tmp_path, monkeypatch, capsys) -> None:
+def test_vader_score(folder, tmp_path, capsys) -> None:
     from vader.media import write_video
     from vader.score import score_main
 
-    real_build = rewards.build_reward
-
-    def build_with_tiny(name, **kw):  # `vader score` has no --sources: the tiny folder is given here
-        return real_build(name, sources={"xclip": str(folder)}, **kw)
-
-    monkeypatch.setattr(rewards, "build_reward", build_with_tiny)
-    monkeypatch.setattr(rewards, "check_reward_weights", lambda *a, **k: None)
     video = write_video(tmp_path / "clip.mp4", as_video(uint8_clip(10, 48, 64)))
-    assert score_main(["--reward", "xclip", "--prompt", PROMPTS[0], "--device", "cpu", str(video)]) == 0
+    assert score_main(["--reward", "xclip", "--prompt", PROMPTS[0], "--device", "cpu", str(video),
+                       "--reward-sources", repr({"xclip": str(folder)})]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["video", "prompt", "xclip", "loss"]
     row = out.splitlines()[2].split()
