@@ -143,10 +143,12 @@ def test_cli_plan_of_grpo_plans_the_group_and_its_updates(tmp_path, capsys):
 
     assert main(["plan", str(TINY_TRAIN), *FAST, "--project_dir", str(tmp_path), "--method", "grpo"]) == 0
     out = capsys.readouterr().out
-    assert "GRPO: 4 samples per prompt, 4 of 4 recorded steps trained one at a time x 1 inner epoch(s)" in out
+    # int(0.99 x 4) = 3: Flow-GRPO's first K steps, the last one left out
+    assert "GRPO: 4 samples per prompt, 3 of 4 recorded steps trained one at a time x 1 inner epoch(s)" in out
     half = load_config(TINY_TRAIN, [*FAST, "--project_dir", str(tmp_path), "--method", "grpo",
                                     "--grpo", "{'train_steps_fraction': 0.5}"])
-    full = load_config(TINY_TRAIN, [*FAST, "--project_dir", str(tmp_path), "--method", "grpo"])
+    full = load_config(TINY_TRAIN, [*FAST, "--project_dir", str(tmp_path), "--method", "grpo",
+                                    "--grpo", "{'train_steps_fraction': 1.0}"])
     f_half, f_full = make_plan(half, training=True).train.flops, make_plan(full, training=True).train.flops
     assert f_half["backward"] == pytest.approx(f_full["backward"] / 2, rel=1e-6)
     assert f_half["sampling (no gradients)"] == pytest.approx(f_full["sampling (no gradients)"], rel=1e-6)

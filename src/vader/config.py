@@ -256,8 +256,13 @@ class VaderConfig:
         "gradient (the reward needs no gradient: any registered reward or reward_fn='module:function')",
         choices=METHODS))
     grpo: dict[str, Any] | None = field(default=None, metadata=_doc(
-        "method='grpo' settings: group_size 4, noise_level 0.7, clip_range 1e-4, kl_beta 0.0, "
-        "train_steps_fraction 1.0, inner_epochs 1, adv_clip_max 5.0 (Flow-GRPO's defaults but group_size)"))
+        "method='grpo' settings (Flow-GRPO's defaults but group_size): group_size 4, noise_level 0.7, clip_range 1e-4, "
+        "kl_beta 0.0 (kl_units 'flow_grpo': ||mean - mean_ref||^2 / 2 s_t^2, or 'gaussian': / 2 s_t^2 dt), "
+        "train_steps_fraction 0.99 (int(): all steps but the last), train_steps 'first' (or 'random', 'per_sample'), "
+        "train_steps_start 0 (a window start..K-1), inner_epochs 1, updates_per_round None (2 where the "
+        "gradient_accumulation_steps micro-batches split evenly), adv_clip_max 5.0, std 'global' (or 'group'), "
+        "drop_zero_std True, uncond 'detached' (or 'trained'), same_noise False, ema False (ema_decay 0.9, "
+        "ema_interval 8: validation and the final LoRA use the EMA)"))
     sharding: str = field(default="none", metadata=_doc(
         "'fsdp' shards the frozen denoiser's weights over the processes with FSDP2 (each block gathered for its "
         "forward and freed after), so a model larger than one card trains; the LoRA stays whole on every process "

@@ -7,7 +7,9 @@ nothing about rewards or training: it takes a denoiser and conditioning, returns
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +120,32 @@ def sample(
     return z
 
 
+# Classifier-free guidance, one home for every backend: uncond + scale * (cond - uncond). GRPO trains with
+# the unconditional branch detached, as Flow-GRPO does (its gradient is not the policy's): inside
+# `uncond_detached()`, that branch gives no gradient (a separate call runs under no_grad).
+_UNCOND_DETACHED: contextvars.ContextVar[bool] = contextvars.ContextVar("uncond_detached", default=False)
+
+
+@contextlib.contextmanager
+def uncond_detached(enabled: bool = True) -> Iterator[None]:
+    token = _UNCOND_DETACHED.set(enabled)
+    try:
+        yield
+    finally:
+        _UNCOND_DETACHED.reset(token)
+
+
+def uncond_context() -> contextlib.AbstractContextManager:
+    """Around a separate unconditional denoiser call: no_grad inside `uncond_detached()`."""
+    return torch.no_grad() if _UNCOND_DETACHED.get() else contextlib.nullcontext()
+
+
+def cfg_combine(v_uncond: Tensor, v_cond: Tensor, scale: float | Tensor) -> Tensor:
+    if _UNCOND_DETACHED.get():
+        v_uncond = v_uncond.detach()
+    return v_uncond + scale * (v_cond - v_uncond)
+
+
 def guided_velocity(
     denoiser: nn.Module, z: Tensor, t: Tensor, y: Tensor, mask: Tensor, cond: dict[str, Tensor],
     cfg_scale: float, use_checkpoint: bool,
@@ -134,7 +162,7 @@ def guided_velocity(
     # pred_sigma models return [v, sigma] along channels; only v drives the flow
     v = out[:, : z.shape[1]].float()
     v_cond, v_uncond = v.chunk(2, dim=0)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return cfg_combine(v_uncond, v_cond, cfg_scale)
 
 
 def _call(denoiser: nn.Module, z: Tensor, t: Tensor, y: Tensor, mask: Tensor, cond: dict[str, Tensor]) -> Tensor:

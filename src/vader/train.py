@@ -6,6 +6,7 @@ Read top to bottom. What one step does lives in the method (`vader.methods.vader
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -37,7 +38,7 @@ from vader.errors import VaderError
 from vader.methods import method_module
 from vader.methods.base import MethodModule
 from vader.methods.grpo_settings import GRPOSettings
-from vader.methods.update import StepResult
+from vader.methods.update import LoraEMA, StepResult
 from vader.preflight import preflight
 from vader.run import Run, build_generator, is_stopped_report, load_prompts, make_accelerator, make_reward
 from vader.sharding import shard
@@ -83,6 +84,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
 
     method: MethodModule
+    ema: LoraEMA | None = None  # grpo.ema: the LoRA average that validation and the final LoRA use
 
     def step(self, step: int) -> StepResult:
         return self.method.step(self.gen, self.reward, self.optimizer, self.params, self.cfg, self.accelerator,
@@ -108,7 +110,24 @@ def setup(cfg: VaderConfig, accelerator: Accelerator, run: Run) -> Trainer:
         run.note(f"sharding='fsdp': the frozen denoiser split over {accelerator.num_processes} process(es) in "
                  f"{units} FSDP unit(s)" if units else "sharding='fsdp' on one process: nothing to split")
     optimizer = accelerator.prepare(make_optimizer(params, cfg))
-    return Trainer(cfg, accelerator, run, gen, reward, lora, params, optimizer, method_module(cfg.method))
+    ema = _make_ema(cfg, params, optimizer)
+    return Trainer(cfg, accelerator, run, gen, reward, lora, params, optimizer, method_module(cfg.method), ema)
+
+
+def _make_ema(cfg: VaderConfig, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer) -> LoraEMA | None:
+    """grpo.ema (absent for method='vader', whose config refuses grpo keys): updated after every optimizer
+    update, in the middle of a GRPO round too, as Flow-GRPO's."""
+    settings = GRPOSettings.from_config(cfg)
+    if not settings.ema:
+        return None
+    ema = LoraEMA(params, settings.ema_decay, settings.ema_interval)
+    ema.attach(optimizer)
+    return ema
+
+
+def _evaluated(t: Trainer) -> contextlib.AbstractContextManager:
+    """The LoRA that validation and the final LoRA use: the EMA when grpo.ema is on, else the trained one."""
+    return t.ema.applied() if t.ema is not None else contextlib.nullcontext()
 
 
 def train(cfg: VaderConfig) -> Path:
@@ -155,21 +174,27 @@ def _train(cfg: VaderConfig, accelerator: Accelerator, run: Run, resume_dir: Pat
             _save_checkpoint(t, done, counters)
         if cfg.is_sample_preview and cfg.validation_steps and (done == 1 or done % cfg.validation_steps == 0):
             if done < total:
-                run.validate(t.gen, t.reward, done)
+                with _evaluated(t):
+                    run.validate(t.gen, t.reward, done)
 
     final = max(total, start)
     _check_ranks_agree(t.params, accelerator)
     _save_checkpoint(t, final, {"nonfinite_steps": nonfinite_total, "nonfinite_in_a_row": in_a_row})
-    if accelerator.is_main_process:
-        save_adapter(run.dir / "lora", t.gen.denoiser, t.lora, extra={"step": final, "config": cfg.to_dict()})
-        if "diffusers" in t.gen.lora_formats:  # for diffusers: `pipe.load_lora_weights(run / "lora" / "diffusers")`
-            t.gen.save_lora_diffusers(t.gen.denoiser, run.dir / DIFFUSERS_LORA, config=t.lora)
-        if "comfyui" in t.gen.lora_formats:  # one file to copy into ComfyUI/models/loras
-            t.gen.save_lora_comfyui(t.gen.denoiser, run.dir / COMFYUI_LORA / f"{run.dir.name}.safetensors",
-                                    config=t.lora)
-    if cfg.is_sample_preview:
+    # the final LoRA (every format) and its validation: the EMA's when grpo.ema, said in lora/state.json
+    weights = t.ema.describe() if t.ema is not None else "the trained LoRA"
+    with _evaluated(t):
+        if accelerator.is_main_process:
+            save_adapter(run.dir / "lora", t.gen.denoiser, t.lora,
+                         extra={"step": final, "weights": weights, "config": cfg.to_dict()})
+            if "diffusers" in t.gen.lora_formats:  # for diffusers: `pipe.load_lora_weights(run / "lora" / "diffusers")`
+                t.gen.save_lora_diffusers(t.gen.denoiser, run.dir / DIFFUSERS_LORA, config=t.lora)
+            if "comfyui" in t.gen.lora_formats:  # one file to copy into ComfyUI/models/loras
+                t.gen.save_lora_comfyui(t.gen.denoiser, run.dir / COMFYUI_LORA / f"{run.dir.name}.safetensors",
+                                        config=t.lora)
         after: list = []
-        run.validate(t.gen, t.reward, final, previews=after)
+        if cfg.is_sample_preview:
+            run.validate(t.gen, t.reward, final, previews=after)
+    if cfg.is_sample_preview:
         before: list = []
         with lora_disabled(t.gen.denoiser):  # the base model, same prompts and seeds
             _, base_reward, base_gold = run.sample_videos(t.gen, t.reward, run.dir / "samples" / "base",
@@ -292,6 +317,8 @@ def _save_checkpoint(t: Trainer, step: int, counters: dict[str, int]) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {"step": step, "optimizer": t.optimizer.state_dict(), **_layout(t.cfg, accelerator), **counters}
+        if t.ema is not None:  # the checkpoint's LoRA stays the trained one: resuming continues from it
+            state["ema"] = t.ema.state_dict()
         save_adapter(t.run.dir / "checkpoints" / f"checkpoint-{step:06d}", t.gen.denoiser, t.lora,
                      extra={"step": step, "run": t.run.dir.name}, training_state=state)
         prune_checkpoints(t.run.dir / "checkpoints", t.cfg.checkpoints_total_limit)
@@ -317,6 +344,10 @@ def _resume(cfg: VaderConfig, folder: Path, t: Trainer, changes: dict[str, tuple
                          "saved with another use_AdamW8bit or LoRA layout?") from None
     for group in t.optimizer.param_groups:  # the saved state carries the old lr; cfg.lr is the one to use
         group["lr"] = cfg.lr
+    if t.ema is not None and "ema" in state:
+        t.ema.load_state_dict(state["ema"])
+    elif t.ema is not None:  # grpo.ema switched on at this resume (allow_config_change): averaged from here
+        t.run.note(f"grpo.ema: {folder} holds no EMA; it starts from the resumed LoRA")
     step = int(state["step"])
     run = t.run
     run.keep_history_until(step, redo_end=total is not None and step >= total)

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 
 from vader.backends import common, from_config
 from vader.errors import VaderError
+from vader.sampling import cfg_combine
 
 COGVIDEOX_REPO = "THUDM/CogVideoX-2b"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the joint text-video attention of every block
@@ -485,7 +486,7 @@ class CogVideoXGenerator(common.PromptsAndVideos):
                                   ofs=ofs, image_rotary_emb=rotary, return_dict=False)[0].float()
                 if self.uses_guidance:
                     v_uncond, v_cond = v.chunk(2)
-                    v = v_uncond + step.guidance * (v_cond - v_uncond)
+                    v = cfg_combine(v_uncond, v_cond, step.guidance)
                 dpm = None if grad else step.dpm
                 if dpm is None:
                     x0 = step.sqrt_alpha * z - step.sqrt_beta * v  # v-prediction

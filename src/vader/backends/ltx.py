@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from vader.backends import common, from_config
 from vader.backends.base import FlowState
 from vader.errors import VaderError
+from vader.sampling import cfg_combine
 
 LTX_REPO = "Lightricks/LTX-Video"
 # LTX-Video-Trainer's and diffusers' LTX LoRA scripts: the self- and cross-attention projections of every block
@@ -367,7 +368,7 @@ class LTXGenerator(common.PromptsAndVideos):
         if not self.uses_guidance:
             return u
         u_uncond, u_cond = u.chunk(2)
-        return u_uncond + self.settings.guidance_scale * (u_cond - u_uncond)
+        return cfg_combine(u_uncond, u_cond, self.settings.guidance_scale)
 
     def sample_latents(self, prompts: list[str], generator: torch.Generator, *, cutoff: int | None = None,
                        grad_checkpoint: bool = False, progress: Callable | None = None) -> Tensor:

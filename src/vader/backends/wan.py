@@ -107,6 +107,7 @@ from torch import Tensor, nn
 from vader.backends import common, from_config, wan_decode
 from vader.backends.base import FlowState
 from vader.errors import VaderError
+from vader.sampling import cfg_combine, uncond_context
 from vader.weights import is_repo_id, local_file, offline
 
 WAN_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
@@ -907,9 +908,10 @@ class WanGenerator(common.PromptsAndVideos):
         v = model(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False, **extra)[0].float()
         if uncond is None:
             return v
-        v_uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond, return_dict=False,
-                         **extra)[0].float()
-        return v_uncond + guidance * (v - v_uncond)
+        with uncond_context():
+            v_uncond = model(hidden_states=x, timestep=t, encoder_hidden_states=uncond, return_dict=False,
+                             **extra)[0].float()
+        return cfg_combine(v_uncond, v, guidance)
 
     def flow_start(self, prompts: list[str], generator: torch.Generator) -> FlowState:
         """The noise (drawn as `sample_latents` draws it), the schedule as timesteps sigma * 1000 and the

@@ -19,12 +19,19 @@ With noise_level = 0 this is exactly the ODE step; the extra drift keeps the SDE
 the ODE. The log-probability of a transition is averaged (not summed) over the latent dimensions, as
 Flow-GRPO does: its clip_range default (1e-4) is calibrated for that scale.
 
-A step (`grpo_step`): for each prompt, `group_size` SDE trajectories without gradients, recording every
-latent and log-probability; rewards on the decoded videos under no_grad; advantages normalised within
-each prompt's group and clipped to +-adv_clip_max; then `inner_epochs` optimizer updates of the
-PPO-clipped objective over the recorded transitions (all steps, or a random `train_steps_fraction` of
-them), re-evaluating the LoRA denoiser on the SAME recorded latents. Every step of the trajectory is
-stochastic (no SDE/ODE mixing): simple, and every transition has a log-probability to train on.
+A round (`grpo_step`): for each prompt, `group_size` SDE trajectories without gradients, recording every
+latent and log-probability (optionally from one initial noise per group); rewards on the decoded videos
+under no_grad; advantages against the group's mean over the round's std ('global', Flow-GRPO's recipes)
+or the group's, clipped to +-adv_clip_max, groups of tied rewards dropped; then `inner_epochs` passes,
+each split into `updates_per_round` optimizer updates of the PPO-clipped objective over the recorded
+transitions (the first int(0.99 N) steps, as Flow-GRPO; or random ones), re-evaluating the LoRA
+denoiser on the SAME recorded latents with the guidance's unconditional branch detached. Every step of
+the trajectory is stochastic (no SDE/ODE mixing): simple, and every transition has a log-probability.
+
+CFG-free training (Flow-GRPO's train.cfg=False with guidance_scale 1) is `scheduler.cfg_scale=1`: the
+backends then sample and train on the conditional branch alone (Open-Sora runs both branches, but at
+scale 1 the unconditional one has zero weight). grpo.ema keeps an EMA of the LoRA (`update.LoraEMA`)
+that validation and the final LoRA use (vader.train).
 """
 
 from __future__ import annotations
@@ -48,9 +55,11 @@ from vader.methods.base import PlannedStep
 from vader.methods.grpo_settings import GRPOSettings
 from vader.methods.update import StepResult, any_process, apply_update, average_gradients, clip_gradients
 from vader.rewards.base import RewardOutput
+from vader.sampling import uncond_detached
 from vader.seeds import make_generator, pick_prompts, set_step_seed
 
-METRICS = ("reward_queries", "clip_fraction", "ratio_max_dev", "kl")  # logged beside the loop's own
+METRICS = ("reward_queries", "clip_fraction", "ratio_max_dev", "approx_kl", "log_ratio_abs", "kl", "updates",
+           "zero_std_groups")  # logged beside the loop's own
 DIFFERENTIABLE_REWARD = False  # scores only: a 'module:function' reward trains it
 # `vader plan --fit` knobs with no effect here: recorded steps train one at a time (no backprop cutoff),
 # and the reward runs under no_grad (nothing for its checkpointing to save)
@@ -119,13 +128,18 @@ class Trajectory:
 
 
 def sample_with_logprobs(gen: FlowSampler, prompts: list[str], generator: torch.Generator,
-                         noise_level: float) -> Trajectory:
+                         noise_level: float, same_noise_group: int | None = None) -> Trajectory:
     """The whole SDE trajectory for `prompts`, without gradients.
 
     Same schedule, conditioning, guidance and initial noise draw as the generator's `sample_latents`
     (`gen.flow_start`); the per-step noise comes from the same `generator`, so a step seed reproduces
-    the trajectory exactly."""
+    the trajectory exactly. `same_noise_group`: consecutive groups of that many samples start from their
+    first sample's noise (the SDE's own noise still differs)."""
     state = gen.flow_start(prompts, generator)
+    if same_noise_group:
+        n = state.noise
+        first = n.view(-1, same_noise_group, *n.shape[1:])[:, :1]
+        state.noise = first.expand(-1, same_noise_group, *n.shape[1:]).reshape(n.shape).contiguous()
     traj = Trajectory(state, [state.noise], torch.empty(0))
     z = state.noise
     log_probs = []
@@ -143,30 +157,45 @@ def sample_with_logprobs(gen: FlowSampler, prompts: list[str], generator: torch.
 # ---------------------------------------------------------------- advantages and the objective
 
 
-def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
-    """(r - mean) / (std + eps) within consecutive groups of `group_size` (one prompt's samples);
-    std is the population std, as Flow-GRPO's per-prompt stat tracker (numpy's default). A group of
-    equal rewards gets exactly zero advantages."""
+def group_advantages(rewards: Tensor, group_size: int, eps: float = 1e-4, std: str = "group",
+                     spread: Tensor | float | None = None) -> Tensor:
+    """(r - group mean) / (std + eps) over consecutive groups of `group_size` (one prompt's samples); std
+    is the population std (numpy's default, as Flow-GRPO's stat tracker) of the group ('group') or of
+    every reward given ('global', Flow-GRPO's global_std recipes; `spread`: that std when the round's
+    rewards are more than these, e.g. gathered from every process). A group of equal rewards gets
+    exactly zero advantages."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     groups = rewards.view(-1, group_size)
     mean = groups.mean(1, keepdim=True)
-    std = groups.std(1, unbiased=False, keepdim=True)
-    advantages = (groups - mean) / (std + eps)
+    if std == "group":
+        spread = groups.std(1, unbiased=False, keepdim=True)
+    elif spread is None:
+        spread = rewards.std(unbiased=False)
+    advantages = (groups - mean) / (torch.as_tensor(spread, dtype=torch.float32) + eps)
     # equal rewards carry no signal; the mean's rounding would otherwise leave ~1e-4 advantages
     tied = (groups.max(1, keepdim=True).values == groups.min(1, keepdim=True).values)
     return torch.where(tied, torch.zeros_like(advantages), advantages).reshape(-1)
 
 
+def informative(rewards: Tensor, group_size: int) -> Tensor:
+    """[B] bool: the sample's group has rewards that differ (Flow-GRPO drops the others from training)."""
+    groups = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1, group_size)
+    differ = groups.max(1).values != groups.min(1).values
+    return differ.repeat_interleave(group_size)
+
+
 def clipped_objective(log_prob: Tensor, log_prob_old: Tensor, advantages: Tensor,
-                      clip_range: float) -> tuple[Tensor, Tensor]:
-    """PPO's pessimistic loss mean(max(-A r, -A clip(r, 1 - c, 1 + c))), r = exp(logp - logp_old);
+                      clip_range: float, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """PPO's pessimistic loss max(-A r, -A clip(r, 1 - c, 1 + c)), r = exp(logp - logp_old), averaged over
+    the batch, or summed with `weights` [B] (the samples trained on this step, over their count);
     returns (loss, ratio)."""
     ratio = torch.exp(log_prob - log_prob_old)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    return torch.maximum(unclipped, clipped).mean(), ratio
+    per_sample = torch.maximum(unclipped, clipped)
+    return (per_sample.mean() if weights is None else (per_sample * weights).sum()), ratio
 
 
 @dataclass
@@ -178,28 +207,38 @@ class LossParts:
 
 
 def grpo_loss(gen, traj: Trajectory, advantages: Tensor, i: int, settings: GRPOSettings,
-              grad_checkpoint: bool = False) -> LossParts:
+              grad_checkpoint: bool = False, weights: Tensor | None = None) -> LossParts:
     """The clipped objective on recorded transition i (z_i -> z_{i+1}), with gradients to the LoRA
-    (`grad_checkpoint`: recompute the denoiser call in the backward, as VADER's sampler does).
+    (`grad_checkpoint`: recompute the denoiser call in the backward, as VADER's sampler does). `weights`
+    [B]: each sample's share of the loss (0 for a sample not trained on step i); None: the batch mean.
+    With uncond='detached' the guidance's unconditional branch gives no gradient, as in Flow-GRPO.
 
-    The KL term is that of the two transition Gaussians (same std, the base model's mean with the LoRA
-    disabled), averaged over the latent dims: ||mean - mean_ref||^2 / (2 std^2), std the transition's
-    std. Flow-GRPO divides by its s_t^2 instead (without dt); per-dim Gaussian KL is the honest reading.
+    The KL term compares the transition's mean with the base model's (LoRA disabled), averaged over the
+    latent dims: ||mean - mean_ref||^2 / (2 s_t^2) with kl_units='flow_grpo' (Flow-GRPO's: s_t the SDE's
+    noise scale, without dt, so its beta values carry over), or / (2 s_t^2 dt) with 'gaussian' (the KL of
+    the two transition Gaussians; 1/dt = 4-40x larger over a 12-step schedule).
     """
     t, t_next = traj.timesteps[i], traj.next_t(i)
     z, prev = traj.latents[i], traj.latents[i + 1]
-    v = gen.flow_velocity(traj.state, z, i, grad_checkpoint)
+    with uncond_detached(settings.uncond == "detached"):
+        v = gen.flow_velocity(traj.state, z, i, grad_checkpoint)
     _, log_prob, mean, std = sde_step(v, z, t, t_next, settings.noise_level, prev=prev,
                                       num_timesteps=traj.num_timesteps)
+    w = None if weights is None else weights.to(log_prob.device)
     policy, ratio = clipped_objective(log_prob, traj.log_probs[:, i], advantages.to(log_prob.device),
-                                      settings.clip_range)
+                                      settings.clip_range, w)
     kl = torch.zeros((), device=policy.device)
     if settings.kl_beta > 0:
         with torch.no_grad(), lora_disabled(gen.denoiser):
             v_ref = gen.flow_velocity(traj.state, z, i)
         _, _, mean_ref, _ = sde_step(v_ref, z, t, t_next, settings.noise_level, prev=prev,
                                      num_timesteps=traj.num_timesteps)
-        kl = ((mean - mean_ref) ** 2 / (2 * std**2)).mean(dim=tuple(range(1, mean.ndim))).mean()
+        variance = std**2  # s_t^2 dt
+        if settings.kl_units == "flow_grpo":
+            dt = ((t - t_next).float() / traj.num_timesteps).view((-1,) + (1,) * (mean.ndim - 1))
+            variance = variance / dt  # s_t^2
+        per_sample = ((mean - mean_ref) ** 2 / (2 * variance)).mean(dim=tuple(range(1, mean.ndim)))
+        kl = per_sample.mean() if w is None else (per_sample * w).sum()
     return LossParts(policy + settings.kl_beta * kl, policy, kl, ratio.detach())
 
 
@@ -216,35 +255,60 @@ def _scores(reward, video: Tensor, prompts: list[str]) -> Tensor:
 @dataclass
 class GRPOStepResult(StepResult):
     reward_queries: int = 0  # videos scored by this step on this process
-    clip_fraction: float = 0.0  # share of ratios outside [1 - clip_range, 1 + clip_range] (last inner epoch)
-    ratio_max_dev: float = 0.0  # max |ratio - 1| over the last inner epoch
+    clip_fraction: float = 0.0  # share of the round's trained ratios outside [1 - clip_range, 1 + clip_range]
+    ratio_max_dev: float = 0.0  # max |ratio - 1| over the round
+    approx_kl: float = 0.0  # 0.5 mean (log ratio)^2 over the round (Flow-GRPO's approx_kl): how off-policy
+    log_ratio_abs: float = 0.0  # mean |log ratio| over the round's trained transitions
     kl: float = 0.0  # mean KL to the base model (0 when kl_beta is 0)
+    updates: int = 0  # optimizer updates made in the round
+    zero_std_groups: float = 0.0  # share of this process's groups whose rewards are all equal (Flow-GRPO's zero_std_ratio)
 
 
 @dataclass
 class _Batch:
     traj: Trajectory
-    advantages: Tensor
-    train_steps: list[int]
+    advantages: Tensor  # [B]
+    weights: Tensor  # [B, N]: each sample's share of a step's loss; 0 where not trained (or its group dropped)
+
+    def steps(self) -> list[int]:
+        return [i for i in range(self.weights.shape[1]) if bool(self.weights[:, i].any())]
+
+
+def train_mask(num_steps: int, batch: int, settings: GRPOSettings, rng: random.Random) -> Tensor:
+    """[B, N] bool: the sampling steps each sample is trained on. K = int(fraction x N): the first K
+    ('first', Flow-GRPO: with 0.99 all but the last; from train_steps_start, the window start..K-1), one
+    random K for the round ('random') or a random K per sample ('per_sample', DanceGRPO)."""
+    settings.check_steps(num_steps)
+    k = settings.trained_steps(num_steps)
+    mask = torch.zeros(batch, num_steps, dtype=torch.bool)
+    if settings.train_steps == "first":
+        mask[:, settings.train_steps_start:settings.last_step(num_steps)] = True
+    elif settings.train_steps == "random":
+        mask[:, sorted(rng.sample(range(num_steps), k))] = True
+    else:
+        for row in mask:
+            row[sorted(rng.sample(range(num_steps), k))] = True
+    return mask
 
 
 def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, prompts: list[str], step: int,
               settings: GRPOSettings | None = None) -> GRPOStepResult:
-    """One GRPO step: sample group_size videos per prompt of each micro-step (prompts and seeds as
-    `vader.methods.vader.micro_step` picks them), score them, then `inner_epochs` clipped-objective updates.
+    """One GRPO round: sample group_size videos per prompt of each micro-step (prompts and seeds as
+    `vader.methods.vader.micro_step` picks them) and score them; advantages against the group's mean over
+    the round's std (or the group's); then `inner_epochs` passes over the round, each split into
+    `updates` optimizer updates of the PPO-clipped objective (the micro-batches in consecutive shares):
+    from the second update on the policy has moved, the ratio departs from 1 and the clip acts.
 
-    LoRA dropout stays off while sampling and training: the ratio compares one deterministic policy
-    (with dropout, logp_old would come from another sub-network and the first ratio would not be 1).
-    A non-finite reward, loss or gradient skips the update as VADER's step does; so does a batch
-    whose advantages are all zero with kl_beta 0 (no gradient: only AdamW's weight decay would move).
+    LoRA dropout stays off while sampling and training: the ratio compares one deterministic policy.
+    A non-finite reward, loss or gradient skips the update as VADER's step does; so does a round with no
+    signal (every group tied, or every advantage zero) when kl_beta is 0.
     """
     settings = settings or GRPOSettings.from_config(cfg)
     optimizer.zero_grad(set_to_none=True)
     set_lora_dropout(gen.denoiser, False)
     rank, world = accelerator.process_index, accelerator.num_processes
     g = settings.group_size
-    batches: list[_Batch] = []
-    rewards: list[Tensor] = []
+    sampled: list[tuple[Trajectory, Tensor, random.Random]] = []
     for micro in range(cfg.gradient_accumulation_steps):
         rng = set_step_seed(cfg.seed, step, micro, rank)
         picked = pick_prompts(prompts, cfg, step, micro, rank, world)
@@ -253,61 +317,78 @@ def grpo_step(gen, reward, optimizer, params, cfg, accelerator: Accelerator, pro
         frames = select_frames(cfg.decode_frame, gen.num_frames, rng, cfg.decode_strategy, vae)
         generator = make_generator(rng)
         with accelerator.autocast(), torch.no_grad():
-            traj = sample_with_logprobs(gen, group, generator, settings.noise_level)
+            traj = sample_with_logprobs(gen, group, generator, settings.noise_level, g if settings.same_noise else None)
             video = gen.decode(traj.final, frames)
             scores = _scores(reward, video, gen.reward_prompts(group))
             del video  # the updates need the trajectory and the scores, not the pixels
-        train_steps = _train_steps(len(traj.timesteps), settings.train_steps_fraction, rng)
-        advantages = group_advantages(scores, g).clamp(-settings.adv_clip_max, settings.adv_clip_max)
-        batches.append(_Batch(traj, advantages.to(gen.device), train_steps))
-        rewards.append(scores)
-    local = torch.cat(rewards)
+        sampled.append((traj, scores, rng))
+    local = torch.cat([scores for _, scores, _ in sampled])
     reward_all = accelerator.gather(local.to(accelerator.device))
     queries = local.numel()
     stats = dict(reward=reward_all.mean().item(), reward_std=reward_all.std(unbiased=False).item(),
                  cutoff=None, reward_queries=queries)
     if any_process(not bool(torch.isfinite(reward_all).all()), accelerator):
         return GRPOStepResult(loss=math.nan, grad_norm=math.nan, skipped=True, nonfinite=True, **stats)
-    no_signal = all(bool((b.advantages == 0).all()) for b in batches) and settings.kl_beta == 0
+    spread = reward_all.float().std(unbiased=False).cpu()  # the round's, over every process (global_std)
+    batches = []
+    tied = torch.cat([~informative(scores, g) for _, scores, _ in sampled]).float().mean().item()
+    stats["zero_std_groups"] = tied
+    for traj, scores, rng in sampled:
+        advantages = group_advantages(scores, g, std=settings.std, spread=spread)
+        advantages = advantages.clamp(-settings.adv_clip_max, settings.adv_clip_max)
+        keep = informative(scores, g) if settings.drop_zero_std else torch.ones(scores.numel(), dtype=torch.bool)
+        mask = train_mask(len(traj.timesteps), scores.numel(), settings, rng) & keep[:, None]
+        # a step's loss averages over the samples kept (Flow-GRPO filters the tied groups out first)
+        weights = mask.float() / max(1, int(keep.sum()))
+        batches.append(_Batch(traj, advantages.to(gen.device), weights))
+    no_signal = all(not b.steps() or bool((b.advantages == 0).all()) for b in batches) and settings.kl_beta == 0
     if not any_process(not no_signal, accelerator):
         return GRPOStepResult(loss=0.0, grad_norm=0.0, skipped=True, **stats)
 
+    updates = settings.updates(len(batches))
+    share = len(batches) // updates
+    k = settings.trained_steps(len(sampled[0][0].timesteps))
     skipped = nonfinite = False
     loss_mean = grad_norm = math.nan
+    losses, kls, ratios, log_ratios = [], [], [], []
+    made = 0
     for _ in range(settings.inner_epochs):
-        optimizer.zero_grad(set_to_none=True)
-        losses, kls, ratios = [], [], []
-        for b in batches:
-            scale = 1.0 / (len(b.train_steps) * cfg.gradient_accumulation_steps)
-            for i in b.train_steps:
-                with accelerator.autocast():
-                    parts = grpo_loss(gen, b.traj, b.advantages, i, settings, cfg.grad_checkpoint)
-                accelerator.backward(parts.loss * scale)
-                losses.append(parts.loss.detach().float())
-                kls.append(parts.kl.detach().float())
-                ratios.append(parts.ratio)
-        average_gradients(params, accelerator)
-        grad_norm = clip_gradients(params, cfg.max_grad_norm, accelerator)
-        loss_all = accelerator.gather(torch.stack(losses).mean().reshape(1).to(accelerator.device))
-        loss_mean = loss_all.mean().item()
-        skipped, nonfinite = apply_update(optimizer, params, cfg.lr, accelerator, step,
-                                           bool(torch.isfinite(loss_all).all()), grad_norm)
-        ratio = torch.cat(ratios)
+        for u in range(updates):
+            optimizer.zero_grad(set_to_none=True)
+            update_losses = []
+            for b in batches[u * share:(u + 1) * share]:
+                for i in b.steps():
+                    with accelerator.autocast():
+                        parts = grpo_loss(gen, b.traj, b.advantages, i, settings, cfg.grad_checkpoint, b.weights[:, i])
+                    accelerator.backward(parts.loss / (k * share))
+                    update_losses.append(parts.loss.detach().float())
+                    kls.append(parts.kl.detach().float())
+                    trained = b.weights[:, i] > 0
+                    ratios.append(parts.ratio[trained.to(parts.ratio.device)].float())
+                    log_ratios.append(ratios[-1].log())
+            average_gradients(params, accelerator)
+            grad_norm = clip_gradients(params, cfg.max_grad_norm, accelerator)
+            local_loss = torch.stack(update_losses).sum() / k if update_losses else torch.zeros(())
+            loss_all = accelerator.gather(local_loss.reshape(1).to(accelerator.device))
+            loss_mean = loss_all.mean().item()
+            losses.append(loss_mean)
+            skipped, nonfinite = apply_update(optimizer, params, cfg.lr, accelerator, step,
+                                               bool(torch.isfinite(loss_all).all()), grad_norm)
+            made += not (skipped or nonfinite)
+            if nonfinite or skipped:
+                break
         if nonfinite or skipped:
             break
     optimizer.zero_grad(set_to_none=True)
-    return GRPOStepResult(loss=loss_mean, grad_norm=grad_norm, skipped=skipped, nonfinite=nonfinite,
+    ratio = torch.cat(ratios) if ratios else torch.ones(1)
+    log_ratio = torch.cat(log_ratios) if log_ratios else torch.zeros(1)
+    return GRPOStepResult(loss=losses[-1] if losses else loss_mean, grad_norm=grad_norm, skipped=skipped,
+                          nonfinite=nonfinite,
                           clip_fraction=((ratio - 1).abs() > settings.clip_range).float().mean().item(),
-                          ratio_max_dev=(ratio - 1).abs().max().item(), kl=torch.stack(kls).mean().item(),
-                          **stats)
-
-
-def _train_steps(num_steps: int, fraction: float, rng: random.Random) -> list[int]:
-    """The sampling steps trained on: all, or a random subset (at least one) from the step's RNG."""
-    count = max(1, round(fraction * num_steps))
-    if count >= num_steps:
-        return list(range(num_steps))
-    return sorted(rng.sample(range(num_steps), count))
+                          ratio_max_dev=(ratio - 1).abs().max().item(),
+                          approx_kl=0.5 * log_ratio.square().mean().item(),
+                          log_ratio_abs=log_ratio.abs().mean().item(),
+                          kl=torch.stack(kls).mean().item() if kls else 0.0, updates=made, **stats)
 
 
 def check_config(cfg: VaderConfig) -> None:
@@ -317,7 +398,9 @@ def check_config(cfg: VaderConfig) -> None:
         able = [name for name in BACKENDS if backend_module(name).LOG_PROB_SAMPLING]
         raise VaderError(f"method='grpo' needs a sampler with a log-probability (a rectified flow: "
                          f"{', '.join(able)}); model.type={cfg.model.type!r} samples with DDIM: use method='vader'")
-    GRPOSettings.from_config(cfg)  # one line naming the bad grpo.* key
+    settings = GRPOSettings.from_config(cfg)  # one line naming the bad grpo.* key
+    settings.updates(cfg.gradient_accumulation_steps)
+    settings.check_steps(cfg.scheduler.num_sampling_steps)
 
 
 def plan_step(gen: FlowSampler, reward, cfg: VaderConfig, prompts: list[str], frames: list[int],  # type: ignore[no-untyped-def]
@@ -330,7 +413,8 @@ def plan_step(gen: FlowSampler, reward, cfg: VaderConfig, prompts: list[str], fr
     group = [p for p in prompts for _ in range(settings.group_size)]
     n = len(group)
     num_steps = cfg.scheduler.num_sampling_steps
-    trained = len(_train_steps(num_steps, settings.train_steps_fraction, random.Random(0)))
+    # per sample, the union of the samples' steps is (nearly) every step: each runs on the whole batch
+    trained = num_steps if settings.train_steps == "per_sample" else settings.trained_steps(num_steps)
     set_lora_dropout(gen.denoiser, False)  # grpo_step samples and trains without LoRA dropout
     with meter.phase("sampling_nograd"), torch.no_grad():
         state = gen.flow_start(group, torch.Generator().manual_seed(0))
@@ -362,4 +446,5 @@ def plan_step(gen: FlowSampler, reward, cfg: VaderConfig, prompts: list[str], fr
 step = grpo_step  # the MethodModule entry point
 
 __all__ = ["GRPOSettings", "GRPOStepResult", "Trajectory", "check_config", "clipped_objective", "grpo_loss",
-           "grpo_step", "group_advantages", "plan_step", "sample_with_logprobs", "sde_step", "step"]
+           "grpo_step", "group_advantages", "informative", "plan_step", "sample_with_logprobs", "sde_step", "step",
+           "train_mask"]

@@ -3,7 +3,9 @@ processes, clipped, and the step applied or skipped on every process alike."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,4 +84,65 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, accelerato
     return float(torch.stack(grads).norm()) if grads else 0.0
 
 
-__all__ = ["StepResult", "any_process", "apply_update", "average_gradients", "clip_gradients"]
+class LoraEMA:
+    """An exponential moving average of the trainable LoRA parameters, as Flow-GRPO's EMAModuleWrapper
+    (flow_grpo/ema.py): after the n-th optimizer update, when (n + 1) % interval == 0,
+    ema += (1 - min((1 + n) / (10 + n), decay)) * (param - ema). fp32 copies on the parameters' device.
+
+    `attach(optimizer)` runs `update` after every optimizer step actually taken (a step skipped for a
+    non-finite value, or by fp16's loss scaler, never reaches the optimizer's step), whatever the method."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float, interval: int) -> None:
+        self.params = params
+        self.decay, self.interval = decay, interval
+        self.shadow = [p.detach().float().clone() for p in params]
+        self.updates = 0  # optimizer updates seen (Flow-GRPO's global_step)
+
+    def current_decay(self, n: int) -> float:
+        """Flow-GRPO's warm-up: early averages follow the LoRA closely, later ones at most `decay`."""
+        return min((1 + n) / (10 + n), self.decay)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        n = self.updates
+        if (n + 1) % self.interval:
+            return
+        weight = 1 - self.current_decay(n)
+        for ema, p in zip(self.shadow, self.params, strict=True):
+            ema.add_(weight * (p.detach().float() - ema))
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        # accelerate's wrapper calls the wrapped optimizer's step: the hook belongs on that one
+        inner = getattr(optimizer, "optimizer", optimizer)
+        inner.register_step_post_hook(lambda *_: self.update())
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA in the LoRA's place (validation, the final LoRA); the trained values back after."""
+        kept = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, ema in zip(self.params, self.shadow, strict=True):
+                    p.copy_(ema.to(p.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, kept, strict=True):
+                    p.copy_(value)
+
+    def describe(self) -> str:
+        return f"EMA of the trained LoRA (decay {self.decay}, every {self.interval} updates, {self.updates} updates)"
+
+    def state_dict(self) -> dict:
+        return {"shadow": [t.cpu() for t in self.shadow], "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        shadow = state["shadow"]
+        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow)):
+            raise VaderError("the checkpoint's LoRA EMA does not fit this LoRA (another rank or target modules?)")
+        self.shadow = [t.to(device=p.device, dtype=torch.float32).clone() for t, p in zip(shadow, self.params)]
+        self.updates = int(state["updates"])
+
+
+__all__ = ["LoraEMA", "StepResult", "any_process", "apply_update", "average_gradients", "clip_gradients"]
