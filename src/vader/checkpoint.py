@@ -286,6 +286,7 @@ RESUME_FREE_KEYS = frozenset({
     "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "is_sample_preview", "num_val_runs",
     "val_batch_size", "save_fps", "video_quality", "max_train_steps", "num_train_epochs", "max_nonfinite_steps",
     "allow_config_change", "grad_checkpoint", "sharding", "reward_grad_checkpoint", "vae.micro_batch_size",
+    "vae.offload_cache",
     "model.enable_flash_attn", "model.enable_layernorm_kernel", "frame_interval", "multi_resolution",
     "condition_frame_length", "align", "guard_drop", "gold_reward",
 })
