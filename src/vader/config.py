@@ -642,6 +642,10 @@ def _check_rewards(cfg: VaderConfig) -> None:
         _rewards().callable.load_callable_reward(cfg.reward_fn)  # imports it now: a typo fails before anything loads
         return
     validate_reward(cfg.reward_fn)
+    if method_module(cfg.method).DIFFERENTIABLE_REWARD and not _rewards().is_differentiable(cfg.reward_fn):
+        raise VaderError(f"reward_fn={cfg.reward_fn!r} has no gradient (a gold reward such as 'toy_judge'); "
+                         f"method={cfg.method!r} backpropagates through the reward: use it as gold_reward, "
+                         "or --method grpo")
     validate_reward_inputs(cfg)
 
 
