@@ -24,14 +24,15 @@ from vader.rewards.hps import AestheticHPSReward, HPSReward
 from vader.rewards.kinetics import KINETICS_400
 from vader.rewards.pickscore import PickScoreReward
 from vader.rewards.skeleton import PICK_SCORE_PROCESSOR, OfflineClipTokenizer
-from vader.rewards.toy import ToyAlignment, ToySize
+from vader.rewards.toy import ToyAlignment, ToyFrame, ToyJudgeReward, ToySize
 from vader.rewards.videoreward import VideoReward
 from vader.rewards.xclip import XCLIPReward
 
 CLASSES = {
     "colorfulness": Colorfulness, "brightness": Brightness, "aesthetic": AestheticReward, "hps": HPSReward,
     "aesthetic_hps": AestheticHPSReward, "pick_score": PickScoreReward, "actpred": ActPred,
-    "toy_alignment": ToyAlignment, "toy_size": ToySize, "xclip": XCLIPReward,
+    "toy_alignment": ToyAlignment, "toy_size": ToySize, "toy_frame": ToyFrame, "xclip": XCLIPReward,
+    "toy_judge": ToyJudgeReward,
     **dict.fromkeys(("videoreward", "videoreward_vq", "videoreward_mq", "videoreward_ta"), VideoReward),
 }
 MODEL_REWARDS = ["aesthetic", "hps", "aesthetic_hps", "pick_score", "actpred"]
@@ -51,6 +52,7 @@ VIDEOREWARD_2B = 2_208_563_200
 VIDEOMAE_BASE_K400 = 86_534_800
 AESTHETIC_MLP_768 = (768 * 1024 + 1024) + (1024 * 128 + 128) + (128 * 64 + 64) + (64 * 16 + 16) + (16 + 1)
 TOY_CLASSIFIER = 158_705
+TOY_JUDGE = 222_040  # vader.toyworld.judge's default architecture
 PARAMS = {
     "aesthetic": CLIP_L14_VISION_WITH_PROJECTION + AESTHETIC_MLP_768,
     "hps": VIT_H_14,
@@ -59,6 +61,8 @@ PARAMS = {
     "actpred": VIDEOMAE_BASE_K400,
     "toy_alignment": TOY_CLASSIFIER,
     "toy_size": TOY_CLASSIFIER,
+    "toy_frame": TOY_CLASSIFIER,
+    "toy_judge": TOY_JUDGE,
     "colorfulness": 0,
     "brightness": 0,
     "xclip": XCLIP_BASE_PATCH32,
@@ -70,6 +74,7 @@ PROMPTS = {
     "toy_alignment": ["a small red circle moving left on a dark background",
                       "a large blue square moving up on a light background"],
 }
+PROMPTS["toy_frame"] = PROMPTS["toy_judge"] = PROMPTS["toy_alignment"]
 DEFAULT_PROMPTS = ["a red fox jumping over a fence", "a city street at night in the rain"]
 
 
@@ -261,8 +266,8 @@ def _audit(event: str, args: tuple) -> None:
 
 
 def test_builds_read_no_file_but_package_data(monkeypatch) -> None:
-    """No hub call and no file outside the packages: open_clip's BPE vocabulary and the toy classifier's
-    config.json are the only files read (imports warmed up first: their .py files do not count)."""
+    """No hub call and no file outside the packages: open_clip's BPE vocabulary and the toy classifier's and
+    judge's config.json are the only files read (imports warmed up first: their .py files do not count)."""
     import huggingface_hub
     import transformers
 
@@ -286,8 +291,9 @@ def test_builds_read_no_file_but_package_data(monkeypatch) -> None:
         _AUDITING.clear()
     open_clip_dir = Path(open_clip.__file__).parent
     from vader.rewards.toy import DEFAULT_FOLDER
+    from vader.toyworld.judge import FOLDER as JUDGE_FOLDER
 
-    allowed = {str(Path(DEFAULT_FOLDER) / "config.json")}
+    allowed = {str(Path(DEFAULT_FOLDER) / "config.json"), str(Path(JUDGE_FOLDER) / "config.json")}
     assert _OPENED, "the audit hook saw nothing"
     assert {p for p in _OPENED if p not in allowed and not Path(p).is_relative_to(open_clip_dir)} == set()
 
@@ -317,12 +323,14 @@ def fake_step(name: str, dtype: torch.dtype, autocast: bool, frames: int = 2, **
         weights = sum(t.numel() * t.element_size() for t in tensors(reward))
         with torch.no_grad():
             reward.prepare(prompts)
-        video = torch.randn(len(prompts), 3, frames, 240, 426, requires_grad=True)
+        differentiable = REWARDS[name].differentiable  # toy_judge: a gold reward, scored without gradient
+        video = torch.randn(len(prompts), 3, frames, 240, 426, requires_grad=differentiable)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             out = reward(video, prompts)
         assert out.loss.shape == out.reward.shape == (len(prompts),)
-        out.loss.mean().backward()
-        assert video.grad is not None and video.grad.shape == video.shape
+        if differentiable:
+            out.loss.mean().backward()
+            assert video.grad is not None and video.grad.shape == video.shape
     return meter, weights
 
 

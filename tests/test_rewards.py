@@ -242,7 +242,7 @@ def test_every_record_is_complete(name: str) -> None:
 def test_derived_tables_agree_with_the_records() -> None:
     assert rewards.reward_names() == tuple(REWARDS) == tuple(n for n, _ in rewards.describe_rewards())
     needs_clip = [n for n, spec in REWARDS.items() if spec.needs_clip]
-    assert needs_clip == ["actpred", "toy_alignment", "videoreward", "videoreward_vq", "videoreward_mq",
+    assert needs_clip == ["actpred", "toy_alignment", "toy_judge", "videoreward", "videoreward_vq", "videoreward_mq",
                           "videoreward_ta", "xclip"]  # the clip readers today
     for name, spec in REWARDS.items():
         for one_frame in ("-1", "3"):
@@ -261,7 +261,8 @@ def test_derived_tables_agree_with_the_records() -> None:
         assert rewards.required_weights(name) == [w.pair for w in weights]
     with pytest.raises(VaderError, match="'actpred' classifies a clip"):  # registry order decides the first
         rewards.check_decode_frame(dict.fromkeys(reversed(REWARDS), 1.0), "-1")
-    assert rewards.is_differentiable(dict.fromkeys(REWARDS, 1.0))
+    assert rewards.is_differentiable({n: 1.0 for n, spec in REWARDS.items() if spec.differentiable})
+    assert not rewards.is_differentiable({"toy_alignment": 1.0, "toy_judge": 1.0})  # the judge measures only
     assert rewards.is_differentiable("my_rewards:score") is CallableReward.differentiable is False
     assert rewards.required_weights("colorfulness") == rewards.required_weights("brightness") == []
     assert set(rewards.SOURCE_KEYS) == {key for spec in REWARDS.values() for key in spec.source_keys}

@@ -4,7 +4,8 @@
 # held-out captions the base model never saw. Everything is offline; a 2-core CPU is enough:
 #     vader train configs/toy/vader_train.py
 # The run folder shows the change: before_after.png (base vs LoRA, same prompts and seeds),
-# reward_curve.png, samples/ and base_val_reward / val_reward in metrics.jsonl.
+# reward_curve.png, samples/, base_val_reward / val_reward in metrics.jsonl, and report.html with the
+# independent judge's accuracy per attribute, base model vs LoRA (gold_reward below).
 _base_ = "vader_inference.py"  # the world's model, sizes, sampler and held-out prompts (next to this file)
 
 is_vader_training = True
@@ -12,6 +13,10 @@ train_batch_size = 2
 num_val_runs = 3  # 24 validation videos: the base-vs-LoRA comparison needs more than a few
 lr = 6e-4  # higher rates raise the reward faster but start to fool the classifier (see README)
 reward_fn = "toy_alignment"
+# scored on the validation videos, never trained on: the independent judge's share of the caption's
+# attributes it reads back (another classifier than the reward's); the report shows each attribute,
+# base model vs LoRA
+gold_reward = "toy_judge"
 gradient_accumulation_steps = 1
 lora_rank = 8
 lora_alpha = 8.0

@@ -484,10 +484,17 @@ def _generate(cfg, gen, accelerator, scorers: dict, prompts: list[str], reward_p
                     finite = torch.isfinite(out.detach().float()).flatten(1).all(dim=1).cpu()
                     bad_videos[side] += int((~finite).sum())
                     for name, reward in scorers.items():
-                        values = reward(out, [reward_prompts[i] for i in idx]).reward.float().cpu()
-                        for i, v, ok in zip(idx, values.tolist(), finite.tolist()):
-                            scores[name][side][i].append(v)
-                            bad_scores[name, side] += int(ok and not math.isfinite(v))
+                        batch_prompts = [reward_prompts[i] for i in idx]
+                        found = {name: reward(out, batch_prompts).reward}
+                        parts = getattr(reward, "parts", None)  # a reward made of parts (toy_judge's attributes)
+                        if parts is not None:  # is compared part by part too, as <name>/<part>
+                            found.update({f"{name}/{k}": v for k, v in parts(out, batch_prompts).items()})
+                        for key, values in found.items():
+                            rows = scores.setdefault(key, {sd: [[] for _ in prompts] for sd in SIDES})
+                            for i, v, ok in zip(idx, values.float().cpu().tolist(), finite.tolist()):
+                                rows[side][i].append(v)
+                                bad = int(ok and not math.isfinite(v))
+                                bad_scores[key, side] = bad_scores.get((key, side), 0) + bad
                 out = out.float().cpu()
                 for i, video, ok in zip(idx, out, finite.tolist()):
                     videos[side][i].append(video)

@@ -294,6 +294,25 @@ def _guard_curves(rows: list[dict]) -> str | None:
     return png_data_uri(fig)
 
 
+def _gold_parts(rows: list[dict]) -> str | None:
+    """The gold reward's parts (the toy judge: the share of each attribute it reads back), base vs LoRA on
+    the end-of-run videos, from the last row that has them."""
+    row = next((r for r in reversed(rows) if "gold_videos" in r), None)
+    if row is None:
+        return None
+    names = [k[len("gold_"):-len("_base")] for k in row if k.startswith("gold_") and k.endswith("_base")]
+    body = [[n, f"{row[f'gold_{n}_base']:.3f}", f"{row[f'gold_{n}']:.3f}", f"{row[f'gold_{n}'] - row[f'gold_{n}_base']:+.3f}"]
+            for n in names if finite_number(row.get(f"gold_{n}_base")) and finite_number(row.get(f"gold_{n}"))]
+    if not body:
+        return None
+    name = row.get("gold_name")
+    what = f"Gold reward {_e(name)} by part" if isinstance(name, str) else "Gold reward by part"
+    if name == "toy_judge":  # say what the numbers are: the independent judge's accuracy, not a score
+        what = "Gold reward toy_judge by part: the independent judge's accuracy per attribute"
+    return (f"<h2>{what} (base vs LoRA, {int(row['gold_videos'])} end-of-run videos, "
+            "same prompts and seeds)</h2>" + table(["part", "base model", "LoRA", "change"], body))
+
+
 def training_report(run_dir: str | Path, before: list | None = None, after: list | None = None,
                     fps: int = 8, stopped: str | None = None) -> Path:
     """<run>/report.html from metrics.jsonl and, when given, the end-of-run base/LoRA previews
@@ -329,6 +348,9 @@ def training_report(run_dir: str | Path, before: list | None = None, after: list
         summary.append(["gold reward, base model", f"{base_gold[-1]:.4f}"])
     if summary:
         sections.append(table(["", "value"], summary))
+    parts = _gold_parts(rows)
+    if parts:
+        sections.append(parts)
     warnings = [r["guard_warning"] for r in rows if r.get("guard_warning")]
     sections += [f'<div class="warn">{_e(w)}</div>' for w in warnings]
     if steps or vals:

@@ -386,6 +386,7 @@ class Run:
                 fh.write(_json_line({"step": step, **row}))
             if self.accelerator.trackers:
                 self.accelerator.log(row, step=step)
+        self.log_gold_breakdown(step, before, after)
         if before and after:
             plot_before_after(before, after, self.dir / "before_after.png")
             lora = [s for _, _, s in after if s is not None]
@@ -393,6 +394,27 @@ class Run:
                 self.note(f"validation reward: base {base_reward:.4f} -> LoRA {sum(lora) / len(lora):.4f} "
                           f"(same prompts and seeds; grid in {self.dir / 'before_after.png'})")
                 self.check_guards(step, base_reward, sum(lora) / len(lora), before, after)
+
+    def log_gold_breakdown(self, step: int, before: list, after: list) -> None:
+        """A gold reward that scores parts (the toy judge: each attribute it reads back) logs each part for
+        the base model and the LoRA on the end-of-run videos (this process's; same prompts and seeds):
+        gold_<part>_base and gold_<part> in metrics.jsonl, a table in report.html."""
+        breakdown = getattr(self.gold, "breakdown", None)
+        if breakdown is None or not before or not after:
+            return
+        with torch.no_grad():
+            base, lora = (breakdown(torch.stack([v for _, v, _ in rows]), [p for p, _, _ in rows])
+                          for rows in (before, after))
+        parts = {**{f"gold_{k}_base": v for k, v in base.items()}, **{f"gold_{k}": v for k, v in lora.items()}}
+        name = getattr(self.gold, "name", None)
+        row = {"step": step, "gold_videos": len(after), **({"gold_name": name} if isinstance(name, str) else {}),
+               **parts}
+        with open(self.dir / "metrics.jsonl", "a") as fh:
+            fh.write(_json_line(row))
+        accelerator = getattr(self, "accelerator", None)
+        if accelerator is not None and accelerator.trackers:
+            accelerator.log(parts, step=step)
+        self.note("gold reward by part, base -> LoRA: " + ", ".join(f"{k} {base[k]:.2f} -> {lora[k]:.2f}" for k in lora))
 
     def check_guards(self, step: int, base_reward: float, lora_reward: float, before: list, after: list) -> None:
         """Reward-hacking guards on the end-of-run videos (same prompts and seeds for base and LoRA):

@@ -115,6 +115,12 @@ REWARDS: dict[str, RewardSpec] = {spec.name: spec for spec in (
                needs_clip=toy.NEEDS_CLIP, source_keys=toy.SOURCE_DOCS),
     RewardSpec("toy_size", "toy world: the object's area in % of the frame", toy.build_toy_size,
                skeleton.toy_size_skeleton, toy.classifier_sources, source_keys=toy.SOURCE_DOCS),
+    RewardSpec("toy_frame", "toy world: log p(the prompt's shape, colour, size, background | each frame alone)",
+               toy.build_toy_frame, skeleton.toy_frame_skeleton, toy.classifier_sources,
+               source_keys=toy.SOURCE_DOCS),
+    RewardSpec("toy_judge", "toy world: share of the prompt's attributes the independent judge reads (no "
+               "gradient; a gold reward)", toy.build_toy_judge, skeleton.toy_judge_skeleton, toy.judge_sources,
+               needs_clip=toy.NEEDS_CLIP_JUDGE, differentiable=False, source_keys={toy.JUDGE_KEY: toy.JUDGE_DOC}),
     *(RewardSpec(name, doc, *videoreward.factory(name), videoreward.videoreward_sources,
                  needs_clip=videoreward.NEEDS_CLIP, source_keys=videoreward.SOURCE_DOCS)
       for name, doc in (

@@ -40,7 +40,7 @@ from vader.rewards.base import Reward, RewardOutput
 from vader.rewards.hps import AestheticHPSReward, HPSReward, hps_version_file, quiet_root_warnings
 from vader.rewards.kinetics import KINETICS_400
 from vader.rewards.pickscore import PickScoreReward
-from vader.rewards.toy import DEFAULT_FOLDER, ToyAlignment, ToySize
+from vader.rewards.toy import DEFAULT_FOLDER, ToyAlignment, ToyFrame, ToyJudgeReward, ToySize
 from vader.toyworld.classifier import ToyClassifier, ToyClassifierConfig
 
 __all__ = [
@@ -204,6 +204,19 @@ def _toy_classifier() -> nn.Module:
 
 def toy_alignment_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
     return ToyAlignment(_toy_classifier().to(dtype=dtype))
+
+
+def toy_frame_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:
+    return ToyFrame(_toy_classifier().to(dtype=dtype))
+
+
+def toy_judge_skeleton(**_: Any) -> Reward:
+    from vader.toyworld.judge import FOLDER, ToyJudge, ToyJudgeConfig
+
+    path = Path(FOLDER) / "config.json"
+    config = ToyJudgeConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    with torch.device("meta"):
+        return ToyJudgeReward(ToyJudge(config).eval().requires_grad_(False))
 
 
 def toy_size_skeleton(*, dtype: torch.dtype, **_: Any) -> Reward:

@@ -1,4 +1,6 @@
-"""The toy world's judge: a small video classifier trained on world.py's ground truth.
+"""The toy world's reward classifier (behind toy_alignment, toy_size and toy_frame): a small video
+classifier trained on world.py's ground truth. (vader.toyworld.judge is a second, independent one that
+no training reward uses: the gold measure.)
 
 One head per attribute (shape 3, colour 4, size 2, motion 5, background 2) and one regression head
 for the object's area (percent of the frame, mean over the clip). It reads [B, 3, T, H, W] clips in

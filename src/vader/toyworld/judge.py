@@ -1,0 +1,172 @@
+"""The toy world's independent judge: a second video classifier that no reward uses, for measuring what
+training on `toy_alignment` (whose classifier is vader.toyworld.classifier) really changed.
+
+Independent of the reward's classifier by construction:
+- another architecture: a (2+1)D conv network over 8 frames resampled from the clip (two per-frame
+  spatial layers, then two 3D layers that mix time), each frame paired with its temporal difference,
+  pooled over space and time at the end (the reward's classifier runs a 2D stack per frame and compares
+  only the first, last and mean feature maps, keeping their positions);
+- another seed, batch size and schedule, and other augmentations (random resized crops, channel mixing,
+  posterisation, small cut-outs, dropped or repeated frames; the classifier's are blur, jitter,
+  downscaling and flicker), in tools/toyworld/train_judge.py;
+- five heads (shape, colour, size, motion, background) and no area regression.
+
+Its accuracy on fresh seeds, clean and augmented, is in `training.json` beside its weights
+(vader/assets/toyworld/judge/). `judge_accuracy(videos, captions)` is the share of each attribute it
+reads back; the `toy_judge` reward (vader.rewards.toy) turns that into a held-out gold measure.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vader.errors import VaderError
+from vader.toyworld import WEIGHTS, world
+
+MODEL_TYPE = "vader_toy_judge"
+HEADS = tuple(world.ATTRIBUTES)
+FOLDER = str(Path(WEIGHTS) / "judge")
+
+
+@dataclass
+class ToyJudgeConfig:
+    channels: tuple[int, ...] = (24, 48, 64, 64)  # Conv3d stack: two spatial layers, then two spatio-temporal
+    frames: int = 8  # clips are resampled to this many frames, first and last kept
+    hidden: int = 96
+    resolution: int = world.RESOLUTION
+    classes: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in world.ATTRIBUTES.items()})
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, **asdict(self), "channels": list(self.channels)}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "config") -> ToyJudgeConfig:
+        if data.get("model_type") != MODEL_TYPE:
+            raise VaderError(f"{where}: model_type={data.get('model_type')!r}; expected {MODEL_TYPE!r}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known - {"model_type"})
+        if unknown:
+            raise VaderError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        if "channels" in kwargs:
+            kwargs["channels"] = tuple(int(c) for c in kwargs["channels"])
+        cfg = cls(**kwargs)
+        if set(cfg.classes) != set(HEADS):
+            raise VaderError(f"{where}: classes has heads {sorted(cfg.classes)}; expected {sorted(HEADS)}")
+        return cfg
+
+
+def resample(clips: Tensor, frames: int) -> Tensor:
+    """[B, 3, T, H, W] -> [B, 3, frames, H, W]: evenly spaced frames by index, first and last kept."""
+    t = clips.shape[2]
+    index = torch.linspace(0, t - 1, frames).round().long().to(clips.device)
+    return clips.index_select(2, index)
+
+
+class ToyJudge(nn.Module):
+    def __init__(self, config: ToyJudgeConfig | None = None):
+        super().__init__()
+        self.config = config = config or ToyJudgeConfig()
+        layers: list[nn.Module] = []
+        c_in = 6  # the frame and its difference to the previous one
+        for i, c in enumerate(config.channels):
+            # (2+1)D: the first two layers see each frame alone (a 3D kernel from the start mixed a moving
+            # object's positions into its outline, and shape stayed at chance for 350 steps), the last two
+            # mix time (8 frames -> 2) for motion; space halves at every layer, so the last sees 33 pixels
+            spatial = i < 2
+            kernel = ((1, 5, 5) if i == 0 else (1, 3, 3)) if spatial else (3, 3, 3)
+            stride = (1, 2, 2) if spatial else (2, 2, 2)
+            layers += [nn.Conv3d(c_in, c, kernel, stride=stride, padding=tuple(k // 2 for k in kernel)),
+                       nn.GroupNorm(8, c), nn.GELU()]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        self.trunk = nn.Sequential(nn.Linear(2 * c_in, config.hidden), nn.GELU())
+        self.heads = nn.ModuleDict({k: nn.Linear(config.hidden, len(config.classes[k])) for k in HEADS})
+
+    def forward(self, clips: Tensor) -> dict[str, Tensor]:
+        """{head: logits [B, classes]} of clips [B, 3, T >= 2, H, W] in [-1, 1]."""
+        b, c, t, h, w = clips.shape
+        if c != 3 or t < 2:
+            raise VaderError(f"the toy judge reads clips [B, 3, T>=2, H, W]; got shape {tuple(clips.shape)}")
+        x = resample(clips.float().clamp(-1, 1), self.config.frames)
+        r = self.config.resolution
+        if (h, w) != (r, r):
+            n = x.shape[2]
+            flat = x.permute(0, 2, 1, 3, 4).reshape(b * n, 3, h, w)
+            flat = F.interpolate(flat, size=(r, r), mode="bilinear", align_corners=False, antialias=h > r or w > r)
+            x = flat.view(b, n, 3, r, r).permute(0, 2, 1, 3, 4)
+        diff = torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, 1:] - x[:, :, :-1]], dim=2)
+        maps = self.net(torch.cat([x, diff], dim=1))
+        pooled = torch.cat([maps.mean(dim=(2, 3, 4)), maps.amax(dim=(2, 3, 4))], dim=1)
+        h = self.trunk(pooled)
+        return {k: head(h) for k, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, clips: Tensor) -> list[world.Attributes]:
+        logits = self(clips)
+        picks = {k: logits[k].argmax(-1).tolist() for k in HEADS}
+        return [world.Attributes(**{k: self.config.classes[k][picks[k][i]] for k in HEADS})
+                for i in range(clips.shape[0])]
+
+    # -- published layout ------------------------------------------------------------------------
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path = FOLDER) -> ToyJudge:
+        """The judge saved in `folder` (default: the package's); a one-line VaderError unless config.json and
+        model.safetensors are there and fill exactly this architecture."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise VaderError(f"toy judge folder {folder}: {path.name} is missing; it needs config.json and "
+                                 "model.safetensors (as ToyJudge.save_pretrained writes them)")
+        try:
+            data = json.loads(config_path.read_text())
+            state = load_file(str(weights_path))
+        except (OSError, ValueError) as exc:
+            raise VaderError(f"toy judge folder {folder} could not be read ({type(exc).__name__}: {exc})") from exc
+        model = cls(ToyJudgeConfig.from_dict(data, where=str(config_path)))
+        expected = model.state_dict()
+        if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in expected):
+            odd = sorted(set(expected) ^ set(state)) or sorted(k for k in expected if expected[k].shape != state[k].shape)
+            raise VaderError(f"toy judge {weights_path} does not match its config.json: {', '.join(odd[:3])}")
+        model.load_state_dict(state, strict=True)
+        return model.eval().requires_grad_(False)
+
+
+def judge_accuracy(judge: ToyJudge, videos: Tensor, captions: list[str], batch: int = 32) -> dict[str, float]:
+    """{attribute: share of the videos whose attribute the judge reads as the caption names it}."""
+    if len(captions) != videos.shape[0]:
+        raise ValueError(f"{len(captions)} captions for {videos.shape[0]} videos")
+    targets = []
+    for caption in captions:
+        attrs = world.parse_caption(caption)
+        if attrs is None:
+            raise VaderError(f"the toy judge cannot read caption {caption!r}: it names no toy clip")
+        targets.append(attrs)
+    hits = {k: 0 for k in HEADS}
+    for start in range(0, len(targets), batch):
+        for got, want in zip(judge.predict(videos[start:start + batch]), targets[start:start + batch]):
+            for k in HEADS:
+                hits[k] += getattr(got, k) == getattr(want, k)
+    return {k: hits[k] / len(targets) for k in HEADS}
+
+
+__all__ = ["FOLDER", "HEADS", "MODEL_TYPE", "ToyJudge", "ToyJudgeConfig", "judge_accuracy", "resample"]
