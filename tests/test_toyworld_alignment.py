@@ -30,3 +30,7 @@ def test_short_vader_run_raises_toy_alignment_on_heldout_captions(tmp_path):
     lora = [r["val_reward"] for r in rows if "val_reward" in r][-1]
     assert lora - base > MIN_GAIN, f"toy_alignment on held-out captions: base {base:.3f} -> LoRA {lora:.3f}"
     assert (run / "before_after.png").is_file()
+    # the independent judge (gold_reward='toy_judge') is logged per attribute, base model and LoRA
+    judged = next(r for r in rows if "gold_videos" in r)
+    assert {f"gold_{k}" for k in ("shape", "colour", "size", "motion", "background")} <= set(judged)
+    assert any("val_gold_reward" in r for r in rows) and any("base_val_gold_reward" in r for r in rows)
