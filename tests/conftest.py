@@ -46,3 +46,18 @@ def tiny_cfg(tmp_path):
         return load_config(TINY_TRAIN, argv)
 
     return make
+
+
+@pytest.fixture
+def trainer(tiny_cfg):
+    """trainer(*overrides) -> a set-up tiny Trainer (run folder under tmp_path), for tests that call
+    train_step / grpo_step directly."""
+    from vader.run import Run, make_accelerator
+    from vader.train import setup
+
+    def make(*extra: str):
+        cfg = tiny_cfg("--run_name", "t", *extra)
+        accelerator = make_accelerator(cfg)
+        return setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
+
+    return make

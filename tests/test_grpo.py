@@ -23,19 +23,7 @@ from vader.methods.grpo import (
 )
 from vader.rewards.base import RewardOutput
 from vader.rewards.callable import load_callable_reward
-from vader.run import Run, make_accelerator
 from vader.seeds import pick_prompts
-from vader.train import setup
-
-
-@pytest.fixture
-def trainer(tiny_cfg):
-    def make(*extra: str):
-        cfg = tiny_cfg("--run_name", "g", *extra)
-        accelerator = make_accelerator(cfg)
-        return setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
-
-    return make
 
 
 def _latents(seed: int, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,24 +17,13 @@ from vader.errors import VaderError
 from vader.methods.grpo import GRPOSettings, grpo_loss, grpo_step, sample_with_logprobs, train_mask
 from vader.methods.update import LoraEMA
 from vader.rewards.base import RewardOutput
-from vader.run import Run, make_accelerator
-from vader.train import setup, train
+from vader.train import train
 
 GRPO = ["--method", "grpo", "--reward_fn", "grpo_rewards:mean_red"]
 
 
 def _lora(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(str(folder / "adapter_model.safetensors"))
-
-
-@pytest.fixture
-def trainer(tiny_cfg):
-    def make(*extra: str):
-        cfg = tiny_cfg("--run_name", "g", *extra)
-        accelerator = make_accelerator(cfg)
-        return setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
-
-    return make
 
 
 def test_ema_is_flow_grpos_closed_form():

@@ -20,19 +20,7 @@ from vader.methods.grpo import (
     sample_with_logprobs,
 )
 from vader.rewards.base import RewardOutput
-from vader.run import Run, make_accelerator
 from vader.sampling import cfg_combine, uncond_detached
-from vader.train import setup
-
-
-@pytest.fixture
-def trainer(tiny_cfg):
-    def make(*extra: str):
-        cfg = tiny_cfg("--run_name", "g", *extra)
-        accelerator = make_accelerator(cfg)
-        return setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
-
-    return make
 
 
 def test_global_std_is_the_rounds_and_tied_groups_are_marked():

@@ -23,21 +23,8 @@ from vader.frames import select_frames
 from vader.methods.update import any_process, average_gradients
 from vader.methods.vader import backprop_cutoff, micro_step
 from vader.rewards.base import RewardOutput
-from vader.run import Run, make_accelerator
 from vader.seeds import make_generator, pick_prompts, set_step_seed
-from vader.train import setup, total_train_steps
-
-
-@pytest.fixture
-def trainer(tiny_cfg):
-    """trainer(*overrides) -> a set-up tiny Trainer (run folder under tmp_path)."""
-
-    def make(*extra: str):
-        cfg = tiny_cfg("--run_name", "t", *extra)
-        accelerator = make_accelerator(cfg)
-        return setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
-
-    return make
+from vader.train import total_train_steps
 
 
 def _spy_step(t) -> list[list[torch.Tensor]]:

@@ -16,7 +16,6 @@ Saved in the published layout: `config.json` (hyper-parameters + class names) an
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES, select_frames
-from vader.toyworld import world
+from vader.toyworld import layout, world
 
 MODEL_TYPE = "vader_toy_classifier"
 HEADS = tuple(world.ATTRIBUTES)  # shape, colour, size, motion, background
@@ -109,52 +108,22 @@ class ToyClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, clips: Tensor) -> list[world.Attributes]:
-        """The most likely attributes of each clip (what the judge sees, for logs and accuracy checks)."""
-        logits, _ = self(clips)
-        picks = {k: logits[k].argmax(-1).tolist() for k in HEADS}
-        return [world.Attributes(**{k: self.config.classes[k][picks[k][i]] for k in HEADS})
-                for i in range(clips.shape[0])]
+        """The most likely attributes of each clip (what the classifier sees, for logs and accuracy checks)."""
+        return layout.attributes(self(clips)[0], self.config.classes)
 
     # -- published layout ------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        layout.save(self, self.config.to_dict(), folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> ToyClassifier:
         """The classifier saved in `folder`; VaderError (one line) unless config.json and
         model.safetensors are there and the weights fill exactly this architecture."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise VaderError(f"toy classifier folder {folder}: {path.name} is missing; it needs config.json and "
-                                 "model.safetensors (as ToyClassifier.save_pretrained writes them)")
-        try:
-            data = json.loads(config_path.read_text())
-            state = load_file(str(weights_path))
-        except (OSError, ValueError) as exc:
-            raise VaderError(f"toy classifier folder {folder} could not be read ({type(exc).__name__}: {exc})") from exc
+        data, state, config_path, weights_path = layout.read(folder, "toy classifier",
+                                                             "ToyClassifier.save_pretrained")
         model = cls(ToyClassifierConfig.from_dict(data, where=str(config_path)))
-        expected = model.state_dict()
-        problems = []
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        mismatched = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-        for kind, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)):
-            if keys:
-                problems.append(f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
-        if problems:
-            raise VaderError(f"toy classifier {weights_path} does not match its config.json: {'; '.join(problems)}")
-        model.load_state_dict(state, strict=True)
+        layout.load_strict(model, state, weights_path, "toy classifier")
         return model.eval()
 
 

@@ -18,7 +18,6 @@ reads back; the `toy_judge` reward (vader.rewards.toy) turns that into a held-ou
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vader.errors import VaderError
-from vader.toyworld import WEIGHTS, world
+from vader.toyworld import WEIGHTS, layout, world
 
 MODEL_TYPE = "vader_toy_judge"
 HEADS = tuple(world.ATTRIBUTES)
@@ -109,45 +108,20 @@ class ToyJudge(nn.Module):
 
     @torch.no_grad()
     def predict(self, clips: Tensor) -> list[world.Attributes]:
-        logits = self(clips)
-        picks = {k: logits[k].argmax(-1).tolist() for k in HEADS}
-        return [world.Attributes(**{k: self.config.classes[k][picks[k][i]] for k in HEADS})
-                for i in range(clips.shape[0])]
+        return layout.attributes(self(clips), self.config.classes)
 
     # -- published layout ------------------------------------------------------------------------
 
     def save_pretrained(self, folder: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        layout.save(self, self.config.to_dict(), folder)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path = FOLDER) -> ToyJudge:
         """The judge saved in `folder` (default: the package's); a one-line VaderError unless config.json and
         model.safetensors are there and fill exactly this architecture."""
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise VaderError(f"toy judge folder {folder}: {path.name} is missing; it needs config.json and "
-                                 "model.safetensors (as ToyJudge.save_pretrained writes them)")
-        try:
-            data = json.loads(config_path.read_text())
-            state = load_file(str(weights_path))
-        except (OSError, ValueError) as exc:
-            raise VaderError(f"toy judge folder {folder} could not be read ({type(exc).__name__}: {exc})") from exc
+        data, state, config_path, weights_path = layout.read(folder, "toy judge", "ToyJudge.save_pretrained")
         model = cls(ToyJudgeConfig.from_dict(data, where=str(config_path)))
-        expected = model.state_dict()
-        if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in expected):
-            odd = sorted(set(expected) ^ set(state)) or sorted(k for k in expected if expected[k].shape != state[k].shape)
-            raise VaderError(f"toy judge {weights_path} does not match its config.json: {', '.join(odd[:3])}")
-        model.load_state_dict(state, strict=True)
+        layout.load_strict(model, state, weights_path, "toy judge")
         return model.eval().requires_grad_(False)
 
 
