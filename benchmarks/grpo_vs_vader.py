@@ -1,21 +1,29 @@
-"""VADER (reward backprop) vs GRPO (policy gradient) on one harness: held-out reward against reward
-queries and against wall time, several training seeds, an lr sweep per method, and sample diversity.
+"""VADER (reward backprop) vs GRPO (Flow-GRPO policy gradient) on the toy world, judged by a model the
+reward never saw: held-out judged accuracy against reward queries and training time, an lr sweep per
+method, several seeds, bootstrap intervals.
 
-    python benchmarks/grpo_vs_vader.py --out benchmarks/grpo_vs_vader  [--steps 120 --seeds 200 201 202 ...]
+    # runs (resumable: a finished run's JSON is skipped; several processes may share one --out)
+    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_vader.py run --out benchmarks/grpo_vs_vader_results \\
+        --variants vader grpo-g8 --seeds 200 201 202 --lrs vader=1e-4,3e-4,1e-3 grpo-g8=3e-4,1e-3,3e-3
+    # the report: table.md, curves.png, summary.json from every run JSON in --out
+    python benchmarks/grpo_vs_vader.py report --out benchmarks/grpo_vs_vader_results
 
-Defaults are the study on the toy world (configs/toy/vader_train.py, reward toy_alignment): its 48
-captions are split into training prompts and held-out prompts (--heldout, the last ones), which
-training never sees. Every method starts from the same base and LoRA (rank from the config).
-Methods: vader-last (backprop_mode 'last'), vader-rand ('rand') and grpo (vader.methods.grpo, Flow-GRPO's
-defaults unless --group_size/--noise_level say otherwise). Held-out reward: ODE samples (what users
-generate) of every held-out prompt from fixed noise, scored on the whole clip. Diversity: for each
-held-out prompt, --div_samples videos from different noise; the RMS pixel difference between pairs,
-averaged (lower = more alike; a collapse toward one video shows as a drop from the base model's).
+The harness: the toy preset (configs/toy/vader_train.py, reward toy_alignment). Its 48 captions are split
+into training prompts and held-out prompts (the last --heldout), which training never sees. Every run
+starts from the same base and LoRA. A run stops after --queries reward queries (videos scored for
+training) and is evaluated every --eval_queries queries, the same interval for every method: ODE samples
+(what users generate) of every held-out prompt from fixed noise, scored by
 
-Writes <out>/curves.json, <out>/curves.png and <out>/table.md; `--merge DIR...` reports the runs of
-several earlier --out folders together (methods run as parallel processes, one thread each). Wall time counts training only
-(evaluation excluded), on whatever machine runs it: compare methods within one run of the script.
-`--config configs/tiny/vader_train.py --reward_fn brightness` gives a smoke run in seconds.
+- the judge (vader.toyworld.judge: another architecture, seed and augmentations than the reward's
+  classifier, used by no reward): the share of the caption's five attributes it reads back, the gold
+  measure the study decides on;
+- the training reward (toy_alignment) on the same videos;
+- diversity: --div_samples videos per held-out prompt from different noise, the mean RMS pixel
+  difference between pairs (a collapse toward one video shows as a drop from the base model's).
+
+Variants (VARIANTS): 'vader' (the preset: backprop through the last 3 of 12 steps), 'vader-full' (all
+12 steps with checkpointing: AlignProp / DRaFT-full), and GRPO with Flow-GRPO's defaults at group sizes
+a practitioner picks ('grpo-g8': 8 videos per prompt, 4 prompts per round).
 """
 
 from __future__ import annotations
@@ -23,6 +31,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import os
+import random
 import statistics
 import sys
 import tempfile
@@ -32,200 +43,294 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("vader-last", "vader-rand", "grpo")
+
+# label -> (method, config overrides, grpo settings or None)
+VARIANTS: dict[str, tuple[str, list[str], dict | None]] = {
+    "vader": ("vader", [], None),
+    "vader-full": ("vader", ["--backprop_mode", "12", "--grad_checkpoint", "True"], None),
+    # 4 prompts x 8 videos = 32 videos per round, split into 2 optimizer steps (Flow-GRPO splits its
+    # round into several; its recipes sample 12-24 per prompt, more than a 2-core CPU affords)
+    "grpo-g8": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 8}),
+    "grpo-g4": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 4}),
+}
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(REPO / "configs" / "toy" / "vader_train.py"))
-    p.add_argument("--reward_fn", default=None, help="override the config's reward")
-    p.add_argument("--out", required=True)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
-    p.add_argument("--eval_every", type=int, default=20)
-    p.add_argument("--seeds", type=int, nargs="+", default=[200, 201, 202])
-    p.add_argument("--vader_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    p.add_argument("--grpo_lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    p.add_argument("--group_size", type=int, default=4)
-    p.add_argument("--noise_level", type=float, default=0.7)
-    p.add_argument("--heldout", type=int, default=12, help="the last N prompts are held out (never trained on)")
-    p.add_argument("--div_samples", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
-                   help="only report: the runs of these earlier --out folders together (e.g. methods run as two "
-                        "processes side by side), written to --out")
-    p.add_argument("--overrides", nargs=argparse.REMAINDER, default=[], help="extra config overrides, last")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train and evaluate the runs not done yet")
+    run.add_argument("--out", required=True)
+    run.add_argument("--config", default=str(REPO / "configs" / "toy" / "vader_train.py"))
+    run.add_argument("--variants", nargs="+", default=["vader", "grpo-g8"], choices=sorted(VARIANTS))
+    run.add_argument("--lrs", nargs="+", default=[], metavar="VARIANT=LR,LR",
+                     help="learning rates per variant, e.g. vader=1e-4,3e-4 grpo-g8=1e-3")
+    run.add_argument("--seeds", type=int, nargs="+", default=[200, 201, 202])
+    run.add_argument("--queries", type=int, default=1024, help="reward queries per run")
+    run.add_argument("--eval_queries", type=int, default=64, help="evaluate every N reward queries")
+    run.add_argument("--heldout", type=int, default=12, help="the last N prompts are held out (never trained on)")
+    run.add_argument("--div_samples", type=int, default=2)
+    run.add_argument("--shard", default="0/1", help="i/n: this process runs every n-th run from the i-th")
+    run.add_argument("--grpo", default="{}", help="extra GRPO settings for every grpo variant (a dict literal)")
+    rep = sub.add_parser("report", help="tables, curves and intervals from the runs in --out")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--bootstrap", type=int, default=2000)
     return p.parse_args()
 
 
-def build(args, method: str, lr: float, seed: int, project: str):
+# ---- one run --------------------------------------------------------------------------------------------
+
+
+def build(args, variant: str, lr: float, seed: int, project: str):
     from vader.config import load_config
     from vader.run import Run, make_accelerator
     from vader.train import setup
 
+    method, overrides, grpo = VARIANTS[variant]
     argv = ["--project_dir", project, "--verbose", "0", "--logger_type", "none", "--is_sample_preview", "False",
-            "--checkpointing_steps", "0", "--lr", repr(lr), "--seed", str(seed), "--max_train_steps", str(args.steps)]
-    if args.reward_fn:
-        argv += ["--reward_fn", args.reward_fn]
-    if method.startswith("vader-"):
-        argv += ["--backprop_mode", method.split("-", 1)[1]]
-    cfg = load_config(args.config, argv + args.overrides)
+            "--checkpointing_steps", "0", "--lr", repr(lr), "--seed", str(seed), "--method", method, *overrides]
+    if grpo is not None:
+        argv += ["--grpo", repr({**grpo, **eval_literal(args.grpo)})]
+    cfg = load_config(args.config, argv)
     accelerator = make_accelerator(cfg)
     return setup(cfg, accelerator, Run.create(cfg, accelerator, kind="train"))
 
 
+def eval_literal(text: str) -> dict:
+    import ast
+
+    value = ast.literal_eval(text)
+    if not isinstance(value, dict):
+        sys.exit(f"--grpo={text!r} must be a dict literal")
+    return value
+
+
 @torch.no_grad()
-def evaluate(t, prompts: list[str], div_samples: int) -> tuple[float, float]:
-    """(mean held-out reward of ODE samples from fixed noise, mean pairwise RMS pixel difference)."""
+def evaluate(t, prompts: list[str], div_samples: int, judge) -> dict:
+    """Judged accuracy (per attribute and mean), training reward and diversity of held-out ODE samples."""
     from vader.checkpoint import set_lora_dropout
 
     set_lora_dropout(t.gen.denoiser, False)
     samples = [t.gen.generate(prompts, torch.Generator().manual_seed(10_000 + k)).cpu()
                for k in range(max(1, div_samples))]
     reward = t.reward(samples[0], t.gen.reward_prompts(prompts)).reward.float().mean().item()
+    accuracy = judge(torch.cat(samples), prompts * len(samples))  # every sample judged: finer than 1 / prompts
     pairs = [((a - b) ** 2).mean(dim=(1, 2, 3, 4)).sqrt() for a, b in itertools.combinations(samples, 2)]
-    return reward, torch.stack(pairs).mean().item() if pairs else float("nan")
+    return {"reward": reward, "judge": statistics.mean(accuracy.values()), "judge_by_attribute": accuracy,
+            "diversity": torch.stack(pairs).mean().item() if pairs else math.nan}
 
 
-def run_one(args, method: str, lr: float, seed: int) -> dict:
-    from vader.methods.grpo import GRPOSettings, grpo_step
+def make_judge():
+    """judge(videos [B,3,T,H,W] in [-1, 1], captions) -> {attribute: share read back correctly}."""
+    from vader.toyworld.judge import ToyJudge, judge_accuracy
+
+    judge = ToyJudge.from_pretrained()
+    return lambda videos, captions: judge_accuracy(judge, videos, captions)
+
+
+def run_one(args, variant: str, lr: float, seed: int, judge) -> dict:
+    from vader.methods.grpo import grpo_step
     from vader.methods.vader import train_step
 
+    method = VARIANTS[variant][0]
     with tempfile.TemporaryDirectory() as project:
-        t = build(args, method, lr, seed, project)
+        t = build(args, variant, lr, seed, project)
         prompts = t.run.prompts
-        if args.heldout >= len(prompts):
-            sys.exit(f"--heldout {args.heldout} leaves no training prompt of {len(prompts)}")
         train_prompts, heldout = prompts[: -args.heldout], prompts[-args.heldout:]
-        settings = GRPOSettings(group_size=args.group_size, noise_level=args.noise_level)
-        reward, diversity = evaluate(t, heldout, args.div_samples)
-        curve = [{"step": 0, "queries": 0, "seconds": 0.0, "reward": reward, "diversity": diversity}]
-        queries, seconds = 0, 0.0
-        for step in range(args.steps):
+        curve = [{"step": 0, "queries": 0, "seconds": 0.0, **evaluate(t, heldout, args.div_samples, judge)}]
+        queries, seconds, step, next_eval = 0, 0.0, 0, args.eval_queries
+        while queries < args.queries:
             start = time.perf_counter()
             if method == "grpo":
-                result = grpo_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, train_prompts, step,
-                                   settings)
+                result = grpo_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, train_prompts, step)
                 queries += result.reward_queries
             else:
                 train_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, train_prompts, step)
                 queries += t.cfg.train_batch_size * t.cfg.gradient_accumulation_steps
             seconds += time.perf_counter() - start
-            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                reward, diversity = evaluate(t, heldout, args.div_samples)
-                curve.append({"step": step + 1, "queries": queries, "seconds": seconds, "reward": reward,
-                              "diversity": diversity})
-                print(f"{method} lr={lr:g} seed={seed} step {step + 1}: held-out reward {reward:.4f} "
-                      f"({queries} queries, {seconds:.0f} s)", flush=True)
-    return {"method": method, "lr": lr, "seed": seed, "curve": curve}
+            step += 1
+            if queries >= next_eval or queries >= args.queries:
+                point = {"step": step, "queries": queries, "seconds": seconds,
+                         **evaluate(t, heldout, args.div_samples, judge)}
+                curve.append(point)
+                next_eval = (queries // args.eval_queries + 1) * args.eval_queries
+                print(f"{variant} lr={lr:g} seed={seed} step {step}: judge {point['judge']:.3f} reward "
+                      f"{point['reward']:.3f} ({queries} queries, {seconds:.0f} s)", flush=True)
+    return {"variant": variant, "method": method, "lr": lr, "seed": seed, "queries_per_run": args.queries,
+            "eval_queries": args.eval_queries, "heldout": heldout, "curve": curve,
+            "grpo": {**(VARIANTS[variant][2] or {}), **eval_literal(args.grpo)} if method == "grpo" else None}
 
 
-def mean_curve(runs: list[dict]) -> list[dict]:
-    """Average over seeds, point by point (every run of one method and lr logs the same steps);
-    reward_std is the seeds' spread of the gain over their own step-0 reward."""
-    out = []
-    starts = [r["curve"][0]["reward"] for r in runs]
-    for points in zip(*(r["curve"] for r in runs)):
-        rewards = [p["reward"] for p in points]
-        gains = [p["reward"] - s for p, s in zip(points, starts)]  # spread of the gain, not of the seeds' bases
-        out.append({"step": points[0]["step"], "queries": statistics.mean(p["queries"] for p in points),
-                    "seconds": statistics.mean(p["seconds"] for p in points), "reward": statistics.mean(rewards),
-                    "reward_std": statistics.pstdev(gains), "diversity": statistics.mean(p["diversity"] for p in points)})
-    return out
+def run_file(out: Path, variant: str, lr: float, seed: int) -> Path:
+    return out / "runs" / f"{variant}_lr{lr:g}_seed{seed}.json"
 
 
-def first_reaching(curve: list[dict], level: float) -> dict | None:
-    return next((p for p in curve if p["reward"] >= level), None)
+def run_all(args) -> None:
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    lrs: dict[str, list[float]] = {}
+    for item in args.lrs:
+        name, _, values = item.partition("=")
+        lrs[name] = [float(v) for v in values.split(",") if v]
+    # in the order given: each variant's first lr (the one expected best) over every seed first, so that a
+    # study cut short still compares the methods
+    todo = sorted(((v, lr, s) for v in args.variants for lr in lrs.get(v, [3e-4]) for s in args.seeds),
+                  key=lambda x: (lrs.get(x[0], [3e-4]).index(x[1]), args.seeds.index(x[2]), args.variants.index(x[0])))
+    index, count = (int(x) for x in args.shard.split("/"))
+    judge = make_judge()
+    for k, (variant, lr, seed) in enumerate(todo):
+        path = run_file(out, variant, lr, seed)
+        if k % count != index or path.exists():
+            continue
+        result = run_one(args, variant, lr, seed, judge)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, path)  # a killed run leaves no half-written result
 
 
-def report(args, runs: list[dict], out: Path) -> None:
+# ---- the report ---------------------------------------------------------------------------------------------
+
+
+def load_runs(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+
+
+def mean_curve(runs: list[dict], key: str = "judge") -> list[tuple[float, float]]:
+    """(queries, seed-mean of `key`) at each evaluation (every run of one setting evaluates at the same queries)."""
+    return [(points[0]["queries"], statistics.mean(p[key] for p in points)) for points in zip(*(r["curve"] for r in runs))]
+
+
+def first_reaching(curve: list[tuple[float, float]], level: float) -> float | None:
+    return next((q for q, v in curve if v >= level - 1e-12), None)
+
+
+def interval(xs: list[float]) -> tuple[float, float]:
+    xs = sorted(xs)
+    return xs[int(0.025 * (len(xs) - 1))], xs[int(0.975 * (len(xs) - 1))]
+
+
+def report(args) -> None:
+    out = Path(args.out)
+    runs = load_runs(out)
+    if not runs:
+        sys.exit(f"no runs in {out / 'runs'}")
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
-        groups.setdefault((r["method"], r["lr"]), []).append(r)
-    curves = {key: mean_curve(value) for key, value in groups.items()}
-    best = {}  # per method, the lr with the highest final mean held-out reward
-    for (method, lr), curve in curves.items():
-        if method not in best or curve[-1]["reward"] > curves[(method, best[method])][-1]["reward"]:
-            best[method] = lr
-    base = statistics.mean(c[0]["reward"] for c in curves.values())
-    base_div = statistics.mean(c[0]["diversity"] for c in curves.values())
-    lines = [f"Held-out reward (mean ± std over seeds {', '.join(map(str, args.seeds))}; base model {base:.4f}, "
-             f"base diversity {base_div:.4f}; ± is the seeds' std of the gain over the base); every method at every lr:", "",
-             "| method | lr | final held-out reward | reward queries | train seconds | diversity |",
-             "|---|---|---|---|---|---|"]
-    for (method, lr), curve in sorted(curves.items()):
-        end = curve[-1]
-        mark = " (best)" if best.get(method) == lr else ""
-        lines.append(f"| {method} | {lr:g}{mark} | {end['reward']:.4f} ± {end['reward_std']:.4f} | "
-                     f"{end['queries']:.0f} | {end['seconds']:.0f} | {end['diversity']:.4f} |")
-    if "grpo" in best:
-        target = curves[("grpo", best["grpo"])][-1]["reward"]
-        levels = [base + f * (target - base) for f in (0.25, 0.5, 0.75, 1.0)]
-        lines += ["", "Reward queries (and training seconds) until the seed-mean held-out reward first reaches a "
-                  "level, at each method's best lr; levels are fractions of the way from the base model to GRPO's "
-                  "final reward (100% = GRPO's final; a level at or below the base counts as reached at 0); — = not reached:", "",
-                  "| method | " + " | ".join(f"{int(f * 100)}% ({lv:.4f})" for f, lv in
-                                             zip((0.25, 0.5, 0.75, 1.0), levels)) + " |",
-                  "|---|" + "---|" * len(levels)]
-        for method, lr in sorted(best.items()):
-            cells = []
-            for level in levels:
-                hit = first_reaching(curves[(method, lr)][1:], level) if level > base else curves[(method, lr)][0]
-                cells.append(f"{hit['queries']:.0f} q, {hit['seconds']:.0f} s" if hit else "—")
-            lines.append(f"| {method} (lr {lr:g}) | " + " | ".join(cells) + " |")
+        groups.setdefault((r["variant"], r["lr"]), []).append(r)
+    final = {key: statistics.mean(r["curve"][-1]["judge"] for r in rs) for key, rs in groups.items()}
+    variants = sorted({v for v, _ in groups})
+    best = {v: max((lr for vv, lr in groups if vv == v), key=lambda lr, v=v: final[(v, lr)]) for v in variants}
+    base = statistics.mean(r["curve"][0]["judge"] for r in runs)
+    base_reward = statistics.mean(r["curve"][0]["reward"] for r in runs)
+    base_div = statistics.mean(r["curve"][0]["diversity"] for r in runs)
+    lines = [f"Held-out judged accuracy (the judge's share of the caption's 5 attributes read back, on "
+             f"{len(runs[0]['heldout'])} held-out prompts; mean over seeds, min-max in brackets). Base model: judge "
+             f"{base:.3f}, training reward {base_reward:.3f}, diversity {base_div:.4f}.", "",
+             "| variant | lr | seeds | final judge | final reward | diversity | queries | train seconds |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (variant, lr), rs in sorted(groups.items()):
+        ends = [r["curve"][-1] for r in rs]
+        judged = [e["judge"] for e in ends]
+        lrs = sorted(lr for v, lr in groups if v == variant)
+        mark = ""
+        if best[variant] == lr:
+            mark = " (best" + (", at the edge of the range" if lr in (lrs[0], lrs[-1]) and len(lrs) > 1 else "") + ")"
+        lines.append(f"| {variant} | {lr:g}{mark} | {len(rs)} | {statistics.mean(judged):.3f} "
+                     f"[{min(judged):.3f}-{max(judged):.3f}] | {statistics.mean(e['reward'] for e in ends):.3f} | "
+                     f"{statistics.mean(e['diversity'] for e in ends):.4f} | {ends[0]['queries']} | "
+                     f"{statistics.mean(e['seconds'] for e in ends):.0f} |")
+    summary: dict = {"base_judge": base, "best_lr": best, "final_judge": {f"{v}@{lr:g}": x for (v, lr), x in final.items()}}
+    grpos = [v for v in variants if v.startswith("grpo")]
+    vaders = [v for v in variants if v.startswith("vader")]
+    rng = random.Random(0)
+    if grpos and vaders:
+        g = max(grpos, key=lambda v: final[(v, best[v])])
+        g_runs = groups[(g, best[g])]
+        level = max(v for _, v in mean_curve(g_runs))
+        g_q = first_reaching(mean_curve(g_runs), level)
+        g_secs = _seconds_at(g_runs, g_q)
+        lines += ["", f"GRPO's best judged held-out level: {level:.3f} ({g} at lr {best[g]:g}, seed mean), first "
+                  f"reached at {g_q} queries ({g_secs:.0f} s). Queries (and training seconds) for each variant at its "
+                  "best lr to reach it; 95% bootstrap intervals over seeds (the level recomputed in each resample); "
+                  "'>N' = not reached within the run's N queries:", "",
+                  "| variant | queries to GRPO's best level | 95% interval | seconds | GRPO's queries / these |",
+                  "|---|---|---|---|---|"]
+        for v in sorted(vaders) + [g]:
+            rs = groups[(v, best[v])]
+
+            def stat(sample_v, sample_g, rs=rs):
+                lv = max(x for _, x in mean_curve(sample_g))
+                q_v = first_reaching(mean_curve(sample_v), lv)
+                q_g = first_reaching(mean_curve(sample_g), lv)
+                return (q_v if q_v is not None else math.inf), q_g
+
+            q = first_reaching(mean_curve(rs), level)
+            boots = []
+            for _ in range(args.bootstrap):
+                sample_g = [rng.choice(g_runs) for _ in g_runs]
+                boots.append(stat(sample_g if v == g else [rng.choice(rs) for _ in rs], sample_g))
+            qs = [b[0] for b in boots]
+            ratios = [b[1] / b[0] if math.isfinite(b[0]) and b[0] > 0 else 0.0 for b in boots]
+            lo, hi = interval(qs)
+            rlo, rhi = interval(ratios)
+            shown = f"{q}" if q is not None else f">{rs[0]['queries_per_run']}"
+            ratio = f"{g_q / q:.1f}x [{rlo:.1f}-{rhi:.1f}]" if q else "—"
+            lines.append(f"| {v} (lr {best[v]:g}) | {shown} | {_show(lo)}-{_show(hi)} | "
+                         f"{_seconds_at(rs, q):.0f} | {ratio} |" if q else
+                         f"| {v} (lr {best[v]:g}) | {shown} | {_show(lo)}-{_show(hi)} | — | — |")
+            summary.setdefault("queries_to_grpo_best", {})[v] = {"queries": q, "interval": [lo, hi],
+                                                                 "grpo_over_this": [g_q / q if q else None, rlo, rhi]}
+        summary["grpo_best"] = {"variant": g, "lr": best[g], "level": level, "queries": g_q}
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print("\n".join(lines))
-    plot(curves, best, out / "curves.png")
+    plot(groups, best, out / "curves.png")
 
 
-def plot(curves: dict, best: dict, path: Path) -> None:
+def _show(x: float) -> str:
+    return ">max" if math.isinf(x) else f"{x:.0f}"
+
+
+def _seconds_at(runs: list[dict], queries: float | None) -> float:
+    if queries is None:
+        return math.nan
+    return statistics.mean(next(p["seconds"] for p in r["curve"] if p["queries"] >= queries) for r in runs)
+
+
+def plot(groups: dict, best: dict, path: Path) -> None:
     from vader.media import pyplot
 
     plt = pyplot()
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (method, lr), curve in sorted(curves.items()):
-        style = "-" if best.get(method) == lr else ":"
-        for ax, x in zip(axes, ("queries", "seconds")):
-            xs = [p[x] for p in curve]
-            ys = [p["reward"] for p in curve]
-            sd = [p["reward_std"] for p in curve]
-            line, = ax.plot(xs, ys, style, label=f"{method} lr {lr:g}")
-            if style == "-":
-                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                                color=line.get_color(), alpha=0.15)
-    axes[0].set_xlabel("reward queries")
-    axes[1].set_xlabel("training wall time (s)")
-    for ax in axes:
-        ax.set_ylabel("held-out reward (seed mean)")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for (variant, lr), rs in sorted(groups.items()):
+        if best[variant] != lr:
+            continue
+        for ax, x, key in ((axes[0], "queries", "judge"), (axes[1], "seconds", "judge"), (axes[2], "queries", "reward")):
+            points = list(zip(*(r["curve"] for r in rs)))
+            xs = [statistics.mean(p[x] for p in pts) for pts in points]
+            ys = [statistics.mean(p[key] for p in pts) for pts in points]
+            lo = [min(p[key] for p in pts) for pts in points]
+            hi = [max(p[key] for p in pts) for pts in points]
+            line, = ax.plot(xs, ys, "-o", ms=3, label=f"{variant} lr {lr:g} ({len(rs)} seeds)")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    for ax, (xl, yl) in zip(axes, (("reward queries", "held-out judged accuracy"),
+                                   ("training wall time (s)", "held-out judged accuracy"),
+                                   ("reward queries", "held-out training reward (toy_alignment)"))):
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
-    axes[0].set_xscale("symlog", linthresh=10)
-    axes[1].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("best lr per variant: seed mean, band = min-max over seeds")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main() -> None:
     args = parse()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.merge:
-        loaded = [json.loads((Path(d) / "curves.json").read_text()) for d in args.merge]
-        args.seeds = sorted({seed for data in loaded for seed in data["args"]["seeds"]})
-        runs = [run for data in loaded for run in data["runs"]]
-        (out / "curves.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-        report(args, runs, out)
-        return
-    runs = []
-    for method in args.methods:
-        for lr in args.grpo_lrs if method == "grpo" else args.vader_lrs:
-            for seed in args.seeds:
-                runs.append(run_one(args, method, lr, seed))
-                (out / "curves.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
-    report(args, runs, out)
+    if args.command == "run":
+        run_all(args)
+    else:
+        report(args)
 
 
 if __name__ == "__main__":
