@@ -200,7 +200,13 @@ def mean_curve(runs: list[dict], key: str = "judge") -> list[tuple[float, float]
 
 
 def first_reaching(curve: list[tuple[float, float]], level: float) -> float | None:
-    return next((q for q, v in curve if v >= level - 1e-12), None)
+    """The first evaluation after training began (queries > 0) at or above `level`."""
+    return next((q for q, v in curve if q > 0 and v >= level - 1e-12), None)
+
+
+def best_level(curve: list[tuple[float, float]]) -> float:
+    """The highest seed-mean level a curve reaches after training began."""
+    return max(v for q, v in curve if q > 0)
 
 
 def interval(xs: list[float]) -> tuple[float, float]:
@@ -245,9 +251,14 @@ def report(args) -> None:
     if grpos and vaders:
         g = max(grpos, key=lambda v: final[(v, best[v])])
         g_runs = groups[(g, best[g])]
-        level = max(v for _, v in mean_curve(g_runs))
+        level = best_level(mean_curve(g_runs))
         g_q = first_reaching(mean_curve(g_runs), level)
         g_secs = _seconds_at(g_runs, g_q)
+        g_base = statistics.mean(r["curve"][0]["judge"] for r in g_runs)
+        if level <= g_base:
+            lines += ["", f"GRPO never judged above its base model ({g_base:.3f}) after training began: its best "
+                      f"level {level:.3f} is at or below it, so 'queries to GRPO's best level' below only says when "
+                      "each method first matched that level."]
         lines += ["", f"GRPO's best judged held-out level: {level:.3f} ({g} at lr {best[g]:g}, seed mean), first "
                   f"reached at {g_q} queries ({g_secs:.0f} s). Queries (and training seconds) for each variant at its "
                   "best lr to reach it; 95% bootstrap intervals over seeds (the level recomputed in each resample); "
@@ -258,7 +269,7 @@ def report(args) -> None:
             rs = groups[(v, best[v])]
 
             def stat(sample_v, sample_g, rs=rs):
-                lv = max(x for _, x in mean_curve(sample_g))
+                lv = best_level(mean_curve(sample_g))
                 q_v = first_reaching(mean_curve(sample_v), lv)
                 q_g = first_reaching(mean_curve(sample_g), lv)
                 return (q_v if q_v is not None else math.inf), q_g
