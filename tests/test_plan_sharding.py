@@ -312,10 +312,11 @@ def _real_fsdp2(rank: int, world: int, port: int, out: str) -> None:
     dist.all_gather_single = all_gather
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    # both ranks leave together: a rank tearing its gloo group down while the other still had work in
-    # flight aborted once under load ("terminate called without an active exception", SIGABRT)
+    # Both ranks finish their collectives together, then leave without C++ teardown: destroying the gloo
+    # group (with FSDP2 states of 24 models still referring to it) aborted rank 1 now and then at exit
+    # ("terminate called without an active exception", SIGABRT), in CI too. The results are written.
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)
 
 
 @pytest.mark.slow  # two processes
