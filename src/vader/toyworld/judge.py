@@ -46,19 +46,7 @@ class ToyJudgeConfig:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "config") -> ToyJudgeConfig:
-        if data.get("model_type") != MODEL_TYPE:
-            raise VaderError(f"{where}: model_type={data.get('model_type')!r}; expected {MODEL_TYPE!r}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known - {"model_type"})
-        if unknown:
-            raise VaderError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        kwargs = {k: v for k, v in data.items() if k in known}
-        if "channels" in kwargs:
-            kwargs["channels"] = tuple(int(c) for c in kwargs["channels"])
-        cfg = cls(**kwargs)
-        if set(cfg.classes) != set(HEADS):
-            raise VaderError(f"{where}: classes has heads {sorted(cfg.classes)}; expected {sorted(HEADS)}")
-        return cfg
+        return layout.config_from_dict(cls, data, where, MODEL_TYPE)
 
 
 def resample(clips: Tensor, frames: int) -> Tensor:

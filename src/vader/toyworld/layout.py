@@ -6,11 +6,31 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
 from vader.errors import VaderError
 from vader.toyworld import world
+
+
+def config_from_dict(cls: type, data: dict, where: str, model_type: str) -> Any:
+    """A toy model's config dataclass `cls` from its config.json dict: the model_type checked, unknown keys
+    refused, channels as a tuple, one head per world attribute; each problem one line naming `where`."""
+    if data.get("model_type") != model_type:
+        raise VaderError(f"{where}: model_type={data.get('model_type')!r}; expected {model_type!r}")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(data) - known - {"model_type"})
+    if unknown:
+        raise VaderError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    kwargs = {k: v for k, v in data.items() if k in known}
+    if "channels" in kwargs:
+        kwargs["channels"] = tuple(int(c) for c in kwargs["channels"])
+    cfg = cls(**kwargs)
+    heads = tuple(world.ATTRIBUTES)
+    if set(cfg.classes) != set(heads):
+        raise VaderError(f"{where}: classes has heads {sorted(cfg.classes)}; expected {sorted(heads)}")
+    return cfg
 
 
 def save(model: nn.Module, config: dict, folder: str | Path) -> None:
@@ -61,4 +81,4 @@ def attributes(logits: dict[str, Tensor], classes: dict[str, list[str]]) -> list
     return [world.Attributes(**{k: classes[k][picks[k][i]] for k in world.ATTRIBUTES}) for i in range(n)]
 
 
-__all__ = ["attributes", "load_strict", "read", "save"]
+__all__ = ["attributes", "config_from_dict", "load_strict", "read", "save"]
