@@ -43,7 +43,7 @@ from vader.errors import VaderError
 from vader.frames import CLIP_DECODE_FRAMES
 from vader.rewards.aesthetic import quiet_transformers
 from vader.rewards.base import Reward, RewardOutput, as_dtype, flag_checkpointed_as_training
-from vader.rewards.hub import WeightSource, folder_source
+from vader.rewards.hub import WeightSource, folder_source, loading_problems
 from vader.rewards.kinetics import prompt_key, resolve_label
 from vader.weights import download_command, download_hint
 
@@ -338,11 +338,7 @@ def check_strict(name: str, info: dict) -> None:
     """VaderError unless the checkpoint filled exactly the classifier's weights: a missing weight would
     run with its random init (e.g. a VideoMAE without the Kinetics head), an unexpected one means the
     checkpoint belongs to another architecture."""
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(kind) or []))
-        if keys:
-            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    problems = loading_problems(info)
     if problems:
         raise VaderError(f"ActPred model {name!r} does not match its classifier exactly: {'; '.join(problems)}; "
                          "pass a video classifier saved with save_pretrained (config.json with id2label + weights)")

@@ -182,6 +182,17 @@ def pretrained_path(src: WeightSource) -> str:
     return src.local or src.repo
 
 
+def loading_problems(info: dict) -> list[str]:
+    """from_pretrained(..., output_loading_info=True)'s missing / unexpected / mismatched keys, one phrase per
+    kind that has any (the first four keys named): what a strict load refuses."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(kind) or []))
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    return problems
+
+
 def load_error(src: WeightSource, exc: BaseException) -> VaderError:
     """A one-paragraph VaderError for a `from_pretrained` failure."""
     if src.local:

@@ -60,7 +60,7 @@ from vader.rewards.base import (
     freeze,
     module_dtype,
 )
-from vader.rewards.hub import WeightSource, folder_source, load_error, pretrained_path
+from vader.rewards.hub import WeightSource, folder_source, load_error, loading_problems, pretrained_path
 
 XCLIP_MODEL = "microsoft/xclip-base-patch32"
 SOURCE_DOCS = {
@@ -191,11 +191,7 @@ class XCLIPReward(Reward):
 def check_strict(src: WeightSource, path: str, info: dict) -> None:
     """VaderError unless the checkpoint filled exactly XCLIPModel's weights (none missing, which would run
     with random init; none unexpected or mismatched, which means another architecture or size)."""
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in (info.get(kind) or []))
-        if keys:
-            problems.append(f"{len(keys)} {kind.replace('_', ' ')} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    problems = loading_problems(info)
     if problems:
         raise VaderError(f"{src.what} at {path} is not an XCLIPModel checkpoint of its config: {'; '.join(problems)}")
 
