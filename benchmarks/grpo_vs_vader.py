@@ -51,8 +51,13 @@ VARIANTS: dict[str, tuple[str, list[str], dict | None]] = {
     # 4 prompts x 8 videos = 32 videos per round, split into 2 optimizer steps (Flow-GRPO splits its
     # round into several; its recipes sample 12-24 per prompt, more than a 2-core CPU affords)
     "grpo-g8": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 8}),
-    "grpo-g4": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 4}),
+    # the same 32 videos per round as 8 prompts x 4 videos: more prompts, a noisier group baseline
+    # grpo-g8 with 3x the queries: does GRPO's judged level keep rising past the common budget?
+    "grpo-g8-3x": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 8}),
+    "grpo-g4": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "4"], {"group_size": 4}),
 }
+
+BUDGET = {"grpo-g8-3x": 3}  # variant -> multiple of --queries it runs
 
 
 def parse() -> argparse.Namespace:
@@ -140,7 +145,8 @@ def run_one(args, variant: str, lr: float, seed: int, judge) -> dict:
         train_prompts, heldout = prompts[: -args.heldout], prompts[-args.heldout:]
         curve = [{"step": 0, "queries": 0, "seconds": 0.0, **evaluate(t, heldout, args.div_samples, judge)}]
         queries, seconds, step, next_eval = 0, 0.0, 0, args.eval_queries
-        while queries < args.queries:
+        budget = args.queries * BUDGET.get(variant, 1)
+        while queries < budget:
             start = time.perf_counter()
             if method == "grpo":
                 result = grpo_step(t.gen, t.reward, t.optimizer, t.params, t.cfg, t.accelerator, train_prompts, step)
@@ -150,14 +156,14 @@ def run_one(args, variant: str, lr: float, seed: int, judge) -> dict:
                 queries += t.cfg.train_batch_size * t.cfg.gradient_accumulation_steps
             seconds += time.perf_counter() - start
             step += 1
-            if queries >= next_eval or queries >= args.queries:
+            if queries >= next_eval or queries >= budget:
                 point = {"step": step, "queries": queries, "seconds": seconds,
                          **evaluate(t, heldout, args.div_samples, judge)}
                 curve.append(point)
                 next_eval = (queries // args.eval_queries + 1) * args.eval_queries
                 print(f"{variant} lr={lr:g} seed={seed} step {step}: judge {point['judge']:.3f} reward "
                       f"{point['reward']:.3f} ({queries} queries, {seconds:.0f} s)", flush=True)
-    return {"variant": variant, "method": method, "lr": lr, "seed": seed, "queries_per_run": args.queries,
+    return {"variant": variant, "method": method, "lr": lr, "seed": seed, "queries_per_run": budget,
             "eval_queries": args.eval_queries, "heldout": heldout, "curve": curve,
             "grpo": {**(VARIANTS[variant][2] or {}), **eval_literal(args.grpo)} if method == "grpo" else None}
 
