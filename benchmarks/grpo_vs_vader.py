@@ -52,12 +52,12 @@ VARIANTS: dict[str, tuple[str, list[str], dict | None]] = {
     # round into several; its recipes sample 12-24 per prompt, more than a 2-core CPU affords)
     "grpo-g8": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 8}),
     # the same 32 videos per round as 8 prompts x 4 videos: more prompts, a noisier group baseline
-    # grpo-g8 with 3x the queries: does GRPO's judged level keep rising past the common budget?
-    "grpo-g8-3x": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 8}),
+    # grpo-g8 with 2x the queries: does GRPO's judged level keep rising past the common budget?
+    "grpo-g8-2x": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"], {"group_size": 8}),
     "grpo-g4": ("grpo", ["--train_batch_size", "2", "--gradient_accumulation_steps", "4"], {"group_size": 4}),
 }
 
-BUDGET = {"grpo-g8-3x": 3}  # variant -> multiple of --queries it runs
+BUDGET = {"grpo-g8-2x": 2}  # variant -> multiple of --queries it runs
 
 
 def parse() -> argparse.Namespace:
@@ -330,7 +330,7 @@ def _show(x: float) -> str:
 # Runs shared the 2 cores with 1-3 others, so a run's wall seconds say as much about its neighbours as about
 # its method. Training seconds are priced instead at each family's least-contended rate (its fastest run's
 # seconds per query); GRPO variants sample and train 32 videos a round alike and share grpo-g8's rate.
-RATE_FAMILY = {"grpo-g8-3x": "grpo-g8", "grpo-g4": "grpo-g8"}
+RATE_FAMILY = {"grpo-g8-2x": "grpo-g8", "grpo-g4": "grpo-g8"}
 
 
 def _price(rate: dict[str, float], variant: str, queries: float | None) -> float:
