@@ -23,7 +23,11 @@ training) and is evaluated every --eval_queries queries, the same interval for e
 
 Variants (VARIANTS): 'vader' (the preset: backprop through the last 3 of 12 steps), 'vader-full' (all
 12 steps with checkpointing: AlignProp / DRaFT-full), and GRPO with Flow-GRPO's defaults at group sizes
-a practitioner picks ('grpo-g8': 8 videos per prompt, 4 prompts per round).
+a practitioner picks: 'grpo-g8' (8 videos per prompt, 4 prompts per round), 'grpo-g4' (4 per prompt, 8
+prompts: the same 32 videos a round) and 'grpo-g8-2x' (grpo-g8 run for twice the queries).
+
+Training seconds: runs share the cores with 1-3 others here, so the report prices each variant's queries at
+its family's least-contended rate (the fastest run's seconds per query) rather than trusting wall time.
 """
 
 from __future__ import annotations
