@@ -119,6 +119,7 @@ def eval_literal(text: str) -> dict:
 def evaluate(t, prompts: list[str], div_samples: int, judge) -> dict:
     """Judged accuracy (per attribute and mean), training reward and diversity of held-out ODE samples."""
     from vader.checkpoint import set_lora_dropout
+    from vader.guards import guards
 
     set_lora_dropout(t.gen.denoiser, False)
     samples = [t.gen.generate(prompts, torch.Generator().manual_seed(10_000 + k)).cpu()
@@ -126,8 +127,11 @@ def evaluate(t, prompts: list[str], div_samples: int, judge) -> dict:
     reward = t.reward(samples[0], t.gen.reward_prompts(prompts)).reward.float().mean().item()
     accuracy = judge(torch.cat(samples), prompts * len(samples))  # every sample judged: finer than 1 / prompts
     pairs = [((a - b) ** 2).mean(dim=(1, 2, 3, 4)).sqrt() for a, b in itertools.combinations(samples, 2)]
+    # the run's own reward-hacking guards (vader.guards) on the same videos, one stack of seeds per prompt
+    by_prompt = list(torch.stack(samples, dim=1).float())
     return {"reward": reward, "judge": statistics.mean(accuracy.values()), "judge_by_attribute": accuracy,
-            "diversity": torch.stack(pairs).mean().item() if pairs else math.nan}
+            "diversity": torch.stack(pairs).mean().item() if pairs else math.nan,
+            **{f"guard_{k}": v for k, v in guards(by_prompt).items()}}
 
 
 def make_judge():
@@ -219,6 +223,15 @@ def tail(run: dict, key: str) -> float:
     return statistics.mean(p[key] for p in run["curve"][-LAST:])
 
 
+def guard_cell(runs: list[dict]) -> str:
+    """The seed-mean guards (vader.guards) at the base and at the end; runs recorded before the study
+    logged them show '—'."""
+    if not all("guard_motion" in r["curve"][0] for r in runs):
+        return "—"
+    mean = lambda i, k: statistics.mean(r["curve"][i][f"guard_{k}"] for r in runs)  # noqa: E731
+    return " / ".join(f"{mean(0, k):.3g} -> {mean(-1, k):.3g}" for k in ("motion", "temporal_consistency", "diversity"))
+
+
 def mean_curve(runs: list[dict], key: str = "judge") -> list[tuple[float, float]]:
     """(queries, seed-mean of `key`) at each evaluation (every run of one setting evaluates at the same queries)."""
     return [(points[0]["queries"], statistics.mean(p[key] for p in points)) for points in zip(*(r["curve"] for r in runs))]
@@ -259,8 +272,8 @@ def report(args) -> None:
              f"{len(runs[0]['heldout'])} held-out prompts; mean over seeds, min-max in brackets). Base model: judge "
              f"{base:.3f}, training reward {base_reward:.3f}, diversity {base_div:.4f}.", "",
              f"| variant | lr | seeds | judge (last {LAST} evals) | reward (last {LAST}) | final diversity | queries | "
-             "train seconds (priced) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "train seconds (priced) | guards: motion / consistency / diversity, base -> end |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (variant, lr), rs in sorted(groups.items()):
         ends = [r["curve"][-1] for r in rs]
         judged = [tail(r, "judge") for r in rs]
@@ -271,7 +284,7 @@ def report(args) -> None:
         lines.append(f"| {variant} | {lr:g}{mark} | {len(rs)} | {statistics.mean(judged):.3f} "
                      f"[{min(judged):.3f}-{max(judged):.3f}] | {statistics.mean(e['reward'] for e in ends):.3f} | "
                      f"{statistics.mean(e['diversity'] for e in ends):.4f} | {ends[0]['queries']} | "
-                     f"{ends[0]['queries'] * rate[variant]:.0f} |")
+                     f"{ends[0]['queries'] * rate[variant]:.0f} | {guard_cell(rs)} |")
     summary: dict = {"base_judge": base, "best_lr": best, "final_judge": {f"{v}@{lr:g}": x for (v, lr), x in final.items()}}
     grpos = [v for v in variants if v.startswith("grpo")]
     vaders = [v for v in variants if v.startswith("vader")]
