@@ -316,7 +316,7 @@ def decide(groups: dict, best: dict, g: str, vaders: list[str], key: str, what: 
     level = best_level(mean_curve(g_runs, key))
     g_q = first_reaching(mean_curve(g_runs, key), level)
     g_base = statistics.mean(r["curve"][0][key] for r in g_runs)
-    lines = ["", f"**{what}, against {g}.** Its best level: {level:.3f} (lr {best[g]:g}, {len(g_runs)} seeds, "
+    lines = ["", f"**{what}, against {g}.** Its best level: {level:.3f} (lr {best[g]:g}, {len(g_runs)} seed(s), "
              f"{g_runs[0]['queries_per_run']} queries a run; seed mean; its base {g_base:.3f}), first reached at {g_q} queries ({_price(rate, g, g_q):.0f} s)."]
     if level <= g_base:
         lines[-1] += (" GRPO never rose above its base model here after training began, so the table only says "
