@@ -2,9 +2,13 @@
 reward never saw: held-out judged accuracy against reward queries and training time, an lr sweep per
 method, several seeds, bootstrap intervals.
 
-    # runs (resumable: a finished run's JSON is skipped; several processes may share one --out)
-    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_vader.py run --out benchmarks/grpo_vs_vader_results \\
-        --variants vader grpo-g8 --seeds 200 201 202 --lrs vader=1e-4,3e-4,1e-3 grpo-g8=3e-4,1e-3,3e-3
+    # runs (resumable: a finished run's JSON is skipped; with --claim several processes share one --out).
+    # The committed sweep (grpo-g8 at 3e-2 ran seed 200 only; grpo-g4 and grpo-g8-2x seeds 200-201):
+    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_vader.py run --out benchmarks/grpo_vs_vader_results --claim \\
+        --queries 768 --eval_queries 32 --seeds 200 201 202 --variants vader grpo-g8 \\
+        --lrs vader=3e-4,1e-3,1e-4 grpo-g8=1e-3,3e-3,1e-2,3e-2
+    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_vader.py run --out benchmarks/grpo_vs_vader_results --claim \\
+        --queries 768 --eval_queries 32 --seeds 200 201 --variants grpo-g8-2x grpo-g4 --lrs grpo-g8-2x=1e-2 grpo-g4=1e-2
     # the report: table.md, curves.png, summary.json from every run JSON in --out
     python benchmarks/grpo_vs_vader.py report --out benchmarks/grpo_vs_vader_results
 
