@@ -349,8 +349,13 @@ def decide(groups: dict, best: dict, g: str, vaders: list[str], key: str, what: 
                          f"{g_q / q:.1f}x [{rlo:.1f}-{rhi:.1f}] |")
         else:
             lines.append(f"| {v} (lr {best[v]:g}) | >{rs[0]['queries_per_run']} | {_show(lo)}-{_show(hi)} | — | — |")
-        out[v] = {"queries": q, "interval": [lo, hi], "grpo_over_this": [g_q / q if q else None, rlo, rhi]}
+        out[v] = {"queries": q, "interval": [_finite(lo), _finite(hi)],  # null: never reached in a resample
+                  "grpo_over_this": [g_q / q if q else None, rlo, rhi]}
     return lines
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isinf(x) else x
 
 
 def _show(x: float) -> str:
